@@ -1,0 +1,22 @@
+"""lorakit: fine-tune causal LMs with the LoRA family of methods.
+
+    import lorakit as lk
+    model, tok = lk.load_model("smollm2-135m")
+    model = lk.apply(model, lk.AdapterConfig(method="lora", r=16, alpha=32))
+    lk.save_adapter(model, "out/adapter")      # a PEFT adapter folder
+"""
+
+__version__ = "0.1.0"
+
+from .config import AdapterConfig  # noqa: E402
+from .errors import LorakitError  # noqa: E402
+from .inject import (apply, count_parameters, disabled, merge, trainable_parameters,  # noqa: E402
+                     unload, unmerge)
+from .io import load_adapter, save_adapter, save_merged  # noqa: E402
+from .models import load_model  # noqa: E402
+
+__all__ = [
+    "AdapterConfig", "LorakitError", "apply", "count_parameters", "disabled", "load_adapter",
+    "load_model", "merge", "save_adapter", "save_merged", "trainable_parameters", "unload",
+    "unmerge", "__version__",
+]

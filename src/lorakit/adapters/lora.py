@@ -1,0 +1,93 @@
+"""LoRA: a frozen base plus a trainable low-rank bypass (Hu et al. 2021, arXiv 2106.09685).
+
+    y = x W0ᵀ + b + s · dropout(x) Aᵀ Bᵀ,    s = alpha / r  (rsLoRA: alpha / sqrt(r))
+
+A (r, d_in) ~ kaiming_uniform(a=√5) and B (d_out, r) = 0, so ΔW = s·BA = 0 at step 0
+(microsoft/LoRA ``loralib/layers.py``). On ``nn.Embedding`` the roles swap: A = 0,
+B ~ N(0, 1), no dropout. Tensor names follow PEFT (``lora_A.weight``, ``lora_embedding_A``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterLayer, copy_into, kaiming_uniform_, linear_dims, make_dropout
+
+
+class LoRALinear(AdapterLayer):
+    """LoRA on ``nn.Linear``, GPT-2 ``Conv1D`` or a bitsandbytes 4-bit linear layer."""
+
+    adapter_param_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, cfg):
+        super().__init__(base_layer, r, alpha, cfg)
+        self.in_features, self.out_features = linear_dims(base_layer)
+        dev = base_layer.weight.device
+        # Adapter weights are fp32 master weights whatever the base dtype; the forward casts
+        # them to the activation dtype (a cheap r-sized cast, never a d-sized one).
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=dev))
+        kaiming_uniform_(self.lora_A)
+        self.dropout = make_dropout(cfg.dropout)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """s · dropout(x) Aᵀ Bᵀ; the scale is applied to the r-sized intermediate."""
+        a = self.lora_A.to(x.dtype)
+        b = self.lora_B.to(x.dtype)
+        return F.linear(F.linear(self.dropout(x), a) * self.scaling, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.bypass():
+            return out
+        return out + self.lora_branch(x).to(out.dtype)
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
+        copy_into(self.lora_A, state["lora_A.weight"])
+        copy_into(self.lora_B, state["lora_B.weight"])
+
+
+class LoRAEmbedding(AdapterLayer):
+    """LoRA on ``nn.Embedding``: y = E[x] + s · Aᵀ[x] Bᵀ (A: (r, vocab), B: (dim, r))."""
+
+    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, cfg):
+        super().__init__(base_layer, r, alpha, cfg)
+        vocab, dim = base_layer.weight.shape
+        dev = base_layer.weight.device
+        self.lora_embedding_A = nn.Parameter(torch.zeros(self.r, vocab, device=dev))
+        self.lora_embedding_B = nn.Parameter(torch.empty(dim, self.r, device=dev))
+        nn.init.normal_(self.lora_embedding_B)
+
+    def base_weight_matrix(self) -> torch.Tensor:
+        return self.base_layer.weight  # (vocab, dim): the layout ΔW is given in
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.bypass():
+            return out
+        emb = self.base_layer
+        after_a = F.embedding(x, self.lora_embedding_A.T, emb.padding_idx, emb.max_norm,
+                              emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
+        b = self.lora_embedding_B.to(after_a.dtype)
+        return out + (F.linear(after_a, b) * self.scaling).to(out.dtype)
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        return {"lora_embedding_A": self.lora_embedding_A,
+                "lora_embedding_B": self.lora_embedding_B}
+
+    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
+        copy_into(self.lora_embedding_A, state["lora_embedding_A"])
+        copy_into(self.lora_embedding_B, state["lora_embedding_B"])

@@ -1,0 +1,294 @@
+"""Find the target modules, wrap them in adapter layers, freeze everything else.
+
+This is the one place that decides what trains (METHODS.md, cross-cutting): adapter parameters,
+modules trained whole (``trainable_modules``, PEFT's ``modules_to_save``), or everything
+(``method: full``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from .adapters.base import AdapterLayer, is_conv1d
+from .config import AdapterConfig, adapter_config
+from .errors import LorakitError
+from .registry import get_method
+
+
+@dataclass
+class LorakitState:
+    """What :func:`apply` did to a model; kept on the model as ``model.lorakit_state``."""
+
+    config: AdapterConfig
+    targets: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
+    extras: dict = field(default_factory=dict)  # method-specific (lorakit.json)
+
+
+class TrainedModule(nn.Module):
+    """A module trained whole (PEFT's ``ModulesToSaveWrapper``): a trainable copy beside the
+    frozen original, so :func:`disabled` still gives the base model and a weight tied to
+    another module (tied embeddings) is untied exactly as PEFT does."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.module = copy.deepcopy(original)
+        for p in self.module.parameters():
+            p.requires_grad_(True)
+        self.disabled = False
+
+    def forward(self, *args, **kwargs):
+        return (self.original_module if self.disabled else self.module)(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("module"), name)
+
+
+def state_of(model: nn.Module) -> LorakitState:
+    st = getattr(model, "lorakit_state", None)
+    if st is None:
+        raise LorakitError("this model has no lorakit adapter; call lorakit.apply first")
+    return st
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _kind(module: nn.Module) -> Optional[str]:
+    if _is_linear(module):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def _module_name(model: nn.Module, module: Optional[nn.Module]) -> Optional[str]:
+    if module is None:
+        return None
+    for n, m in model.named_modules():
+        if m is module:
+            return n
+    return None
+
+
+def _output_layer_name(model: nn.Module) -> Optional[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    return _module_name(model, get()) if callable(get) else None
+
+
+def _input_embedding_name(model: nn.Module) -> Optional[str]:
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        return _module_name(model, get()) if callable(get) else None
+    except NotImplementedError:
+        return None
+
+
+def name_matches(name: str, targets: Union[str, list[str]]) -> bool:
+    """PEFT's rule: a list matches a name equal to an entry or ending in '.' + entry;
+    a string is a full regex match."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """``rank_pattern``/``alpha_pattern``: the first key ``k`` with ``(.*\\.)?(k)$`` matching."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def find_targets(model: nn.Module, target_modules: Union[str, list[str]]) -> list[str]:
+    """Names of the modules ``target_modules`` selects (PEFT semantics, "all-linear")."""
+    modules = dict(model.named_modules())
+    if target_modules == "all-linear":
+        out_name = _output_layer_name(model)
+        names = [n for n, m in modules.items() if _is_linear(m) and n != out_name]
+    else:
+        names = [n for n in modules if n and name_matches(n, target_modules)]
+        bad = [n for n in names if _kind(modules[n]) is None]
+        if bad:
+            raise LorakitError(
+                f"adapter.target_modules selects {bad[0]!r}, a {type(modules[bad[0]]).__name__}; "
+                "only linear, Conv1D and embedding layers can be adapted")
+    if not names:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if _kind(m)})
+        raise LorakitError(f"adapter.target_modules {target_modules!r} matches no module of this "
+                           f"model; its linear/embedding layers are named: {', '.join(leaves)}")
+    return names
+
+
+def _find_trainable(model: nn.Module, entries: list[str]) -> list[str]:
+    found: list[str] = []
+    emb = _input_embedding_name(model)
+    for entry in entries:
+        if entry == "embeddings":
+            hits = [emb] if emb else []
+        elif entry == "norms":
+            hits = [n for n, m in model.named_modules()
+                    if n and "norm" in type(m).__name__.lower() and any(True for _ in
+                                                                       m.parameters())]
+        else:
+            hits = [n for n, _ in model.named_modules() if n and name_matches(n, [entry])]
+        if not hits:
+            raise LorakitError(f"adapter.trainable_modules entry {entry!r} matches no module "
+                               "of this model")
+        found += [h for h in hits if h not in found]
+    # a module inside another selected one is covered by its parent
+    return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+
+
+def apply(model: nn.Module, cfg: Union[AdapterConfig, dict, None] = None, **kwargs) -> nn.Module:
+    """Wrap ``model``'s target layers in place with the configured adapter, freeze the rest.
+
+    Returns the same model object, now carrying ``model.lorakit_state``. Accepts an
+    :class:`AdapterConfig`, a dict, or keyword arguments (``apply(model, method="dora", r=8)``).
+    """
+    cfg = adapter_config(cfg, **kwargs)
+    if getattr(model, "lorakit_state", None) is not None:
+        raise LorakitError("this model already has a lorakit adapter")
+    method = get_method(cfg.method)
+    state = LorakitState(config=cfg)
+
+    if cfg.quantize:
+        from .quant import quantize_model
+
+        quantize_model(model, cfg)
+
+    if method.linear is None:  # full fine-tuning: everything trains, nothing is wrapped
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        targets = find_targets(model, cfg.target_modules)
+        trainable = _find_trainable(model, cfg.trainable_modules)
+        clash = sorted(set(targets) & set(trainable))
+        if clash:
+            raise LorakitError(f"module {clash[0]!r} is both an adapter target and in "
+                               "adapter.trainable_modules; choose one")
+        target_ids = {id(model.get_submodule(n)) for n in targets}
+        outside = {id(p) for m in model.modules() if id(m) not in target_ids
+                   for p in m.parameters(recurse=False)}
+        for name in targets:
+            module = model.get_submodule(name)
+            kind = _kind(module)
+            cls = method.layer_class(kind)
+            if cls is None:
+                raise LorakitError(f"method {cfg.method!r} cannot adapt the {kind} layer "
+                                   f"{name!r}; leave it out of adapter.target_modules")
+            r = pattern_value(cfg.rank_pattern, name, cls.initial_rank(cfg))
+            alpha = pattern_value(cfg.alpha_pattern, name, cfg.alpha)
+            layer = cls(module, r, alpha, cfg)
+            layer.tied_weight = id(getattr(module, "weight", None)) in outside
+            _set_submodule(model, name, layer)
+        for name in trainable:
+            _set_submodule(model, name, TrainedModule(model.get_submodule(name)))
+        state.targets, state.modules_to_save = targets, trainable
+
+    if cfg.s2_attn or cfg.context_length:
+        from .attention.s2 import configure_long_context
+
+        configure_long_context(model, cfg)
+    model.lorakit_state = state
+    return model
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def trained_modules(model: nn.Module) -> Iterator[tuple[str, TrainedModule]]:
+    for name, module in model.named_modules():
+        if isinstance(module, TrainedModule):
+            yield name, module
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{name: Parameter} the optimizer should see; a shared Parameter appears once."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (idempotent, fp32 arithmetic)."""
+    for _, layer in adapter_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge` (idempotent)."""
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Within the block the model computes the base model's outputs."""
+    layers = [m for _, m in adapter_layers(model)] + [m for _, m in trained_modules(model)]
+    was_merged = [getattr(m, "merged", False) for m in layers]
+    try:
+        for m in layers:
+            if isinstance(m, AdapterLayer):
+                m.unmerge()
+            m.disabled = True
+        yield model
+    finally:
+        for m, merged in zip(layers, was_merged):
+            m.disabled = False
+            if merged:
+                m.merge()
+
+
+def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
+    """Replace every wrapper by a plain module (merged when ``merge_adapters``): the result is
+    an ordinary transformers model with no lorakit code in it."""
+    for name, layer in list(adapter_layers(model)):
+        if merge_adapters:
+            layer.merge()
+            if layer.tied_weight and getattr(model, "config", None) is not None:
+                model.config.tie_word_embeddings = False  # the merged copies now differ
+        _set_submodule(model, name, layer.base_layer)
+    for name, wrapper in list(trained_modules(model)):
+        _set_submodule(model, name, wrapper.module if merge_adapters else wrapper.original_module)
+    if hasattr(model, "lorakit_state"):
+        del model.lorakit_state
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared Parameters counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # packed 4-bit: 2 values per byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,323 @@
+"""Adapters on disk in PEFT's layout (PEFT_FORMAT.md), and merged model export.
+
+A lorakit adapter folder is a PEFT adapter folder: ``adapter_config.json`` (only fields PEFT
+knows) and ``adapter_model.safetensors`` with keys ``base_model.model.<module>.<suffix>``.
+lorakit's own extras (method name, LoRA-drop sharing, ...) go to ``lorakit.json``.
+Only safetensors and JSON are ever read or written: no pickle, nothing executed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .config import AdapterConfig, parse
+from .errors import LorakitError
+from .inject import adapter_layers, apply, find_targets, state_of, trained_modules, unload
+from .registry import get_method
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+EXTRAS_NAME = "lorakit.json"
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Write a folder atomically: yield a temporary sibling, rename it into place on success.
+
+    A crash leaves either the old folder or the new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():  # data on disk before the rename makes it visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LorakitError(f"cannot read {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise LorakitError(f"{path} does not hold a JSON object")
+    return obj
+
+
+# ---- saving -------------------------------------------------------------------------------
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the adapter under its PEFT key; shared Parameters written as copies."""
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in adapter_layers(model):
+        for suffix, t in layer.peft_state().items():
+            out[f"{PREFIX}{name}.{suffix}"] = t.detach().to("cpu").contiguous().clone()
+    for name, wrapper in trained_modules(model):
+        for pname, p in wrapper.module.named_parameters():
+            out[f"{PREFIX}{name}.{pname}"] = p.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def _target_list(model: nn.Module, targets: list[str]) -> list[str]:
+    """Short leaf names when they select exactly the targets again (as PEFT writes for
+    "all-linear"), else the full module names."""
+    leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    try:
+        again = find_targets(model, leaves)
+    except LorakitError:
+        again = []
+    return leaves if sorted(again) == sorted(targets) else sorted(targets)
+
+
+def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = None) -> dict:
+    """adapter_config.json: the fields PEFT needs and no field it does not know."""
+    st = state_of(model)
+    cfg = st.config
+    method = get_method(cfg.method)
+    layers = [m for _, m in adapter_layers(model)]
+    # All wrapped layers of a model are of the method's classes: ask the first for extras.
+    extra = type(layers[0]).peft_config_fields(cfg, model) if layers else {}
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    return {
+        "peft_type": method.peft_type,
+        "task_type": "CAUSAL_LM",
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": _target_list(model, st.targets),
+        "bias": "none",
+        "use_dora": False,
+        "use_rslora": cfg.use_rslora,
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in layers),
+        "modules_to_save": list(st.modules_to_save) or None,
+        "rank_pattern": dict(cfg.rank_pattern),
+        "alpha_pattern": dict(cfg.alpha_pattern),
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        **extra,
+    }
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike,
+                 base_model_name_or_path: Optional[str] = None,
+                 summary: Optional[dict] = None) -> Path:
+    """Write ``model``'s adapter to ``path`` (atomically) in PEFT's layout.
+
+    For ``method: full`` the whole model is saved as a plain transformers folder."""
+    st = state_of(model)
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        if st.config.method == "full":
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            save_file(adapter_tensors(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            write_json(tmp / CONFIG_NAME, peft_config_dict(model, base_model_name_or_path))
+            (tmp / "README.md").write_text(_model_card(model, base_model_name_or_path))
+        write_json(tmp / EXTRAS_NAME, {
+            "lorakit_version": __version__,
+            "method": st.config.method,
+            "adapter_config": st.config.model_dump(mode="json"),
+            "targets": st.targets,
+            "modules_to_save": st.modules_to_save,
+            "extras": st.extras,
+            "summary": summary or {},
+        })
+    return path
+
+
+def _model_card(model: nn.Module, base: Optional[str]) -> str:
+    cfg = state_of(model).config
+    return (f"---\nlibrary_name: peft\nbase_model: {base or 'unknown'}\ntags: [lorakit, "
+            f"{cfg.method}]\n---\n\n# {cfg.method} adapter\n\nTrained with lorakit "
+            f"({cfg.method}, r={cfg.r}, alpha={cfg.alpha:g}). Load with "
+            "`peft.PeftModel.from_pretrained(base, path)` or `lorakit.load_adapter(base, path)`.\n")
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+_UNSUPPORTED_PEFT_FIELDS = ("layers_to_transform", "layer_replication", "target_parameters",
+                            "trainable_token_indices", "exclude_modules")
+
+
+def config_from_peft(pc: dict, where: str) -> AdapterConfig:
+    """An AdapterConfig from a PEFT adapter_config.json (fields validated, never evaluated)."""
+    peft_type = pc.get("peft_type")
+    if peft_type not in ("LORA", "ADALORA"):
+        raise LorakitError(f"{where}: peft_type {peft_type!r} is not supported; lorakit loads "
+                           "LORA and ADALORA adapters")
+    for k in _UNSUPPORTED_PEFT_FIELDS:
+        if pc.get(k):
+            raise LorakitError(f"{where}: the PEFT option {k} is not supported by lorakit")
+    if pc.get("bias", "none") != "none":
+        raise LorakitError(f"{where}: bias={pc['bias']!r} adapters are not supported")
+    d: dict[str, Any] = {
+        "method": "adalora" if peft_type == "ADALORA" else
+                  ("dora" if pc.get("use_dora") else "lora"),
+        "r": pc.get("r", 8), "alpha": pc.get("lora_alpha", 8),
+        "dropout": pc.get("lora_dropout", 0.0) or 0.0,
+        "target_modules": pc.get("target_modules") or "all-linear",
+        "trainable_modules": list(pc.get("modules_to_save") or []),
+        "use_rslora": bool(pc.get("use_rslora", False)),
+        "alpha_pattern": pc.get("alpha_pattern") or {},
+    }
+    if peft_type == "ADALORA":
+        for k in ("init_r", "target_r", "tinit", "tfinal", "beta1", "beta2", "orth_reg_weight"):
+            if pc.get(k) is not None:
+                d[k] = pc[k]
+        if pc.get("deltaT") is not None:
+            d["delta_t"] = pc["deltaT"]
+    else:
+        d["rank_pattern"] = pc.get("rank_pattern") or {}
+    if isinstance(d["target_modules"], list):
+        d["target_modules"] = sorted(d["target_modules"])
+    return parse(AdapterConfig, d, prefix=where)
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]]:
+    """Read and validate an adapter folder: (config, lorakit extras, tensors without prefix)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LorakitError(f"adapter folder {str(path)!r} does not exist")
+    extras = read_json(path / EXTRAS_NAME) if (path / EXTRAS_NAME).exists() else {}
+    weights = path / WEIGHTS_NAME
+    if not weights.exists():
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+            raise LorakitError(f"{path} holds only pickle weights, which lorakit never loads "
+                               "(they can run code); convert them to adapter_model.safetensors")
+        raise LorakitError(f"{path} has no {WEIGHTS_NAME}")
+    if not (path / CONFIG_NAME).exists():
+        raise LorakitError(f"{path} has no {CONFIG_NAME}")
+    pc = read_json(path / CONFIG_NAME)
+    if extras.get("adapter_config"):
+        cfg = parse(AdapterConfig, extras["adapter_config"], prefix=f"{path / EXTRAS_NAME}")
+        if extras.get("targets"):
+            cfg = cfg.model_copy(update={"target_modules": list(extras["targets"])})
+        if "modules_to_save" in extras:
+            cfg = cfg.model_copy(update={"trainable_modules": list(extras["modules_to_save"])})
+    else:
+        cfg = config_from_peft(pc, str(path / CONFIG_NAME))
+    try:
+        raw = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LorakitError(f"{weights} is not a valid safetensors file ({e})") from None
+    tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
+    # PEFT's key for a DoRA magnitude may carry ".weight"; adapter names never appear in files.
+    tensors = {k.replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): v
+               for k, v in tensors.items()}
+    return cfg, extras, tensors
+
+
+def _expected(model: nn.Module) -> dict[str, tuple[tuple[int, ...], Any]]:
+    exp: dict[str, tuple[tuple[int, ...], Any]] = {}
+    for name, layer in adapter_layers(model):
+        for suffix, shape in layer.expected_peft_shapes().items():
+            exp[f"{name}.{suffix}"] = (shape, layer)
+    for name, wrapper in trained_modules(model):
+        for pname, p in wrapper.module.named_parameters():
+            exp[f"{name}.{pname}"] = (tuple(p.shape), wrapper)
+    return exp
+
+
+def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy adapter tensors into an applied model, naming the first mismatch on failure."""
+    expected = _expected(model)
+    # PEFT saves the base embedding next to an embedding LoRA ("save_embedding_layers"): the
+    # base is the user's; such keys are checked for shape and otherwise ignored.
+    base_keys = {k for k in tensors if ".base_layer." in k}
+    for key, (shape, _) in expected.items():
+        if key not in tensors:
+            raise LorakitError(f"{where} lacks the tensor {key!r} that this model's adapter needs "
+                               "(is it for another base model?)")
+        got = tuple(tensors[key].shape)
+        if got != shape:
+            raise LorakitError(f"{where}: {key!r} has shape {list(got)} but this base model "
+                               f"expects {list(shape)} (is it for another base model?)")
+    unexpected = sorted(set(tensors) - set(expected) - base_keys)
+    if unexpected:
+        raise LorakitError(f"{where} holds {unexpected[0]!r}, which matches no adapted module of "
+                           "this model (is it for another base model?)")
+    for name, layer in adapter_layers(model):
+        layer.load_peft_state({s: tensors[f"{name}.{s}"] for s in layer.expected_peft_shapes()})
+    for name, wrapper in trained_modules(model):
+        with torch.no_grad():
+            for pname, p in wrapper.module.named_parameters():
+                p.copy_(tensors[f"{name}.{pname}"].to(p.dtype))
+
+
+def load_adapter(base: nn.Module, path: str | os.PathLike,
+                 **overrides) -> nn.Module:
+    """Apply the adapter saved at ``path`` (by lorakit or PEFT) to ``base`` and load its weights.
+
+    ``overrides`` replace config fields (e.g. ``quantize=None`` to load a QLoRA adapter onto the
+    16-bit base). On any error the base model is left as it was."""
+    cfg, extras, tensors = read_adapter(path)
+    if overrides:
+        cfg = parse(AdapterConfig, {**cfg.model_dump(), **overrides}, prefix="adapter")
+    if cfg.method == "full":
+        raise LorakitError(f"{path} is a full fine-tuned model; load it with lorakit.load_model")
+    apply(base, cfg)
+    try:
+        hooks = get_method(cfg.method).hooks_object()
+        if hooks is not None and hasattr(hooks, "on_load"):
+            hooks.on_load(base, extras, tensors)
+        load_state_into(base, tensors, str(Path(path) / WEIGHTS_NAME))
+        state_of(base).extras = dict(extras.get("extras") or {})
+    except BaseException:
+        unload(base, merge_adapters=False)
+        raise
+    return base
+
+
+def save_merged(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
+                dtype: Optional[torch.dtype] = None) -> Path:
+    """Merge the adapter into the base weights and save a plain transformers model folder.
+
+    The model must hold 16-bit or fp32 weights: a QLoRA adapter is merged into the 16-bit base
+    (see :func:`load_adapter` with ``quantize=None``), never re-quantized."""
+    from .quant import is_quantized
+
+    if any(is_quantized(m) for m in model.modules()):
+        raise LorakitError("merging into 4-bit weights would re-quantize them; load the base "
+                           "model in 16 bits (quantize=None) and merge there")
+    unload(model, merge_adapters=True)
+    if dtype is not None:
+        model.to(dtype)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

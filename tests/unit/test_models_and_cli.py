@@ -1,0 +1,39 @@
+"""load_model errors, the embedded model's cache, and the CLI's basic commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import lorakit as lk
+from lorakit.cli import main
+
+
+def test_missing_model_folder_is_one_sentence(tmp_path):
+    with pytest.raises(lk.LorakitError, match="not a model folder"):
+        lk.load_model(str(tmp_path / "nope"))
+
+
+def test_embedded_model_is_cached_as_safetensors(smollm2):
+    from lorakit.models import cache_dir
+
+    model, tok = smollm2
+    assert (cache_dir() / "smollm2-135m" / "model.safetensors").exists()
+    assert model.config.model_type == "llama" and tok.pad_token is not None
+    assert sum(p.numel() for p in model.parameters()) > 100e6
+
+
+def test_cli_methods_lists_every_method(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("lora", "dora", "lora-fa", "adalora", "lora-drop", "full", "qlora", "lora+",
+                 "longlora"):
+        assert any(line.startswith(name + " ") for line in out.splitlines()), name
+
+
+def test_cli_help_runs_as_a_process():
+    r = subprocess.run([sys.executable, "-m", "lorakit", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "methods" in r.stdout
