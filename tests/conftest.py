@@ -81,3 +81,29 @@ def smollm2(_smollm2_once):
 
     model, tok = _smollm2_once
     return copy.deepcopy(model), tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, _smollm2_once):
+    """A saved tiny random Llama with SmolLM2's tokenizer (and chat template): a model folder
+    that ``lorakit train model=<dir>`` trains in seconds."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    _, tok = _smollm2_once
+    d = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def tiny_run_args(model_dir, out, *extra):
+    """CLI overrides for a fast, deterministic run of the built-in task on the tiny model."""
+    return [f"model={model_dir}", f"output_dir={out}", "train.precision=fp32",
+            "train.batch_size=4", "train.max_steps=6", "train.lr=1e-3", "data.limit=64",
+            "eval.limit=8", "eval.max_new_tokens=4", "adapter.r=4", *extra]

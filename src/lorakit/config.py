@@ -135,3 +135,129 @@ def adapter_config(cfg: AdapterConfig | dict | None = None, **kwargs) -> Adapter
     if isinstance(cfg, AdapterConfig):
         return cfg.model_copy(update=kwargs) if kwargs else cfg
     return parse(AdapterConfig, {**(cfg or {}), **kwargs}, prefix="adapter")
+
+
+# ---- the run configuration (lorakit train) ---------------------------------------------------
+
+class DataConfig(_Strict):
+    """Where the examples come from and how they become token sequences."""
+
+    train: str = Field("task:arithmetic", description="a .jsonl/.json/.csv/.parquet file, or "
+                       "task:NAME for a built-in task")
+    valid: Optional[str] = Field(None, description="validation file; default: the task's "
+                                 "validation split, or valid_ratio of the training file")
+    valid_ratio: float = Field(0.05, ge=0, lt=1, description="held out of train when valid is "
+                               "not given")
+    format: Literal["auto", "chat", "alpaca", "prompt_completion", "text"] = Field(
+        "auto", description="row format; auto detects messages / instruction / prompt / text")
+    max_seq_len: int = Field(512, gt=0, description="longer examples are truncated")
+    packing: bool = Field(False, description="concatenate examples into max_seq_len blocks")
+    train_on_prompt: bool = Field(False, description="also compute the loss on prompt tokens")
+    limit: Optional[int] = Field(None, gt=0, description="use only the first N training rows")
+
+
+class TrainConfig(_Strict):
+    """The optimization loop."""
+
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
+    schedule: Literal["constant", "linear", "cosine"] = Field("cosine",
+                                                              description="lr decay after warm-up")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps warming up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only)")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="gradient clipping; null: off")
+    epochs: float = Field(1.0, gt=0, description="passes over the data (when max_steps is null)")
+    max_steps: Optional[int] = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(8, gt=0, description="examples per micro-batch per process")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the hardware runs it fast, else fp32")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+    seed: int = Field(0, description="seed for init, data order and dropout")
+    eval_every: int = Field(0, ge=0, description="validation loss every N steps (0: at the end)")
+    save_every: int = Field(50, ge=0, description="checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = Field(2, gt=0, description="how many recent checkpoints to keep")
+    log_every: int = Field(1, gt=0, description="metrics.jsonl line every N steps")
+    resume: bool = Field(False, description="continue from the last checkpoint in output_dir")
+
+
+class EvalConfig(_Strict):
+    """Evaluation after training (and by lorakit eval)."""
+
+    metric: Optional[Literal["exact_match"]] = Field(
+        "exact_match", description="task metric on the test split (built-in tasks, or any "
+        "data with references); null: loss only")
+    limit: int = Field(200, gt=0, description="examples for the generation metric")
+    batch_size: int = Field(32, gt=0, description="examples per generation batch")
+    max_new_tokens: int = Field(16, gt=0, description="greedy tokens generated per answer")
+    compare_base: bool = Field(True, description="also evaluate the base model (before/after)")
+
+
+class RunConfig(_Strict):
+    """A whole run: ``lorakit train CONFIG.yaml key=value ...``."""
+
+    model: str = Field("smollm2-135m", description="embedded name, HF id or local folder")
+    trust_remote_code: bool = Field(False, description="let transformers run the model "
+                                    "repository's code (only for models you trust)")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str = Field("runs/default", description="where the run writes everything")
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise LorakitError(f"invalid override {dotted!r}: {p!r} is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.max_steps=200", "adapter.target_modules=[q_proj,v_proj]"]`` -> nested dict.
+
+    Values are read as YAML scalars/lists (safe_load: data only, never code)."""
+    import yaml
+
+    out: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise LorakitError(f"override {item!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(out, key.strip(), value)
+    return out
+
+
+def _deep_merge(base: dict, upd: dict) -> dict:
+    out = dict(base)
+    for k, v in upd.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k),
+                                                                              dict) else v
+    return out
+
+
+def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] = None
+                    ) -> RunConfig:
+    """Read a YAML run config (optional) and apply ``key=value`` overrides, validated."""
+    import yaml
+
+    data: dict = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise LorakitError(f"cannot read config {path}: {e.strerror}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise LorakitError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise LorakitError(f"{path} must hold a mapping of sections (model, adapter, ...)")
+    data = _deep_merge(data, parse_overrides(overrides or []))
+    return parse(RunConfig, data)

@@ -1,0 +1,269 @@
+"""Datasets -> token sequences with prompt masking, truncation, packing and batching.
+
+Rows come from a built-in task (``task:NAME``) or a local file. JSONL is read line by line
+(``json.loads``: data only) so that a malformed line is reported with its number and skipped
+while the rest is used; JSON arrays, CSV and Parquet are read with ``datasets``.
+
+Formats (``data.format: auto`` detects them from the first usable row):
+- ``chat``: ``{"messages": [{"role": ..., "content": ...}, ...]}``, rendered with the tokenizer's
+  chat template; the loss is on the last assistant message.
+- ``alpaca``: ``{"instruction", "input"?, "output"}``, rendered as a user/assistant chat.
+- ``prompt_completion``: ``{"prompt", "completion"}``, concatenated as plain text.
+- ``text``: ``{"text"}``, loss on every token.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import LorakitError
+
+IGNORE = -100
+FORMAT_FIELDS = {"chat": ("messages",), "alpaca": ("instruction", "output"),
+                 "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+
+
+@dataclass
+class Rows:
+    """Usable rows plus the skipped ones: [(line number, reason)]."""
+
+    rows: list[dict]
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    source: str = ""
+
+    def report(self) -> Optional[str]:
+        if not self.skipped:
+            return None
+        shown = "; ".join(f"line {n}: {why}" for n, why in self.skipped[:5])
+        more = f" (and {len(self.skipped) - 5} more)" if len(self.skipped) > 5 else ""
+        return f"{self.source}: skipped {len(self.skipped)} bad row(s): {shown}{more}"
+
+
+def _read_jsonl(path: Path) -> Rows:
+    rows, skipped = [], []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                skipped.append((n, "not UTF-8"))
+                continue
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                skipped.append((n, f"malformed JSON ({e.msg})"))
+                continue
+            if not isinstance(obj, dict):
+                skipped.append((n, "not a JSON object"))
+                continue
+            obj["_line"] = n
+            rows.append(obj)
+    return Rows(rows, skipped, str(path))
+
+
+def read_rows(spec: str, split: str = "train") -> Rows:
+    """Rows of a built-in task split or of a local data file."""
+    if spec.startswith("task:"):
+        from .tasks import get_task
+
+        rows = get_task(spec[5:]).rows(split)
+        return Rows([dict(r, _line=i + 1) for i, r in enumerate(rows)], [], spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise LorakitError(f"data file {spec!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        out = _read_jsonl(path)
+    elif suffix in (".json", ".csv", ".parquet"):
+        import datasets
+
+        datasets.disable_progress_bars()
+        kind = {".json": "json", ".csv": "csv", ".parquet": "parquet"}[suffix]
+        try:
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        except Exception as e:  # datasets raises many types for unreadable files
+            raise LorakitError(f"cannot read {spec}: {str(e).splitlines()[0][:200]}") from None
+        out = Rows([dict(r, _line=i + 1) for i, r in enumerate(ds)], [], str(path))
+    else:
+        raise LorakitError(f"data file {spec!r} has an unknown format; use .jsonl, .json, .csv "
+                           "or .parquet")
+    if not out.rows:
+        raise LorakitError(f"data file {spec!r} has no usable rows"
+                           + (f" ({out.report()})" if out.skipped else ""))
+    return out
+
+
+def detect_format(row: dict) -> str:
+    for fmt, fields in FORMAT_FIELDS.items():
+        if all(f in row for f in fields):
+            return fmt
+    keys = ", ".join(sorted(k for k in row if k != "_line"))
+    raise LorakitError(f"cannot tell the data format from the fields ({keys}); expected "
+                       "messages, instruction/output, prompt/completion or text")
+
+
+def _check_row(row: dict, fmt: str) -> Optional[str]:
+    for f in FORMAT_FIELDS[fmt]:
+        if f not in row or row[f] is None:
+            return f"missing field {f!r}"
+    if fmt == "chat":
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            return "messages must be a list of {role, content}"
+        if msgs[-1]["role"] != "assistant":
+            return "the last message must be the assistant's"
+    elif not all(isinstance(row[f], str) for f in FORMAT_FIELDS[fmt]):
+        return "fields must be strings"
+    return None
+
+
+def _as_chat(row: dict, fmt: str) -> Optional[list[dict]]:
+    if fmt == "chat":
+        return row["messages"]
+    if fmt == "alpaca":
+        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+    return None
+
+
+def prompt_and_answer(row: dict, fmt: str, tokenizer) -> tuple[str, str]:
+    """(prompt text, reference answer text): the generation metric's input and target."""
+    chat = _as_chat(row, fmt)
+    if chat is not None:
+        if getattr(tokenizer, "chat_template", None):
+            prompt = tokenizer.apply_chat_template(chat[:-1], add_generation_prompt=True,
+                                                   tokenize=False)
+        else:
+            prompt = "".join(f"{m['role']}: {m['content']}\n" for m in chat[:-1]) + "assistant: "
+        return prompt, chat[-1]["content"]
+    if fmt == "prompt_completion":
+        return row["prompt"], row["completion"]
+    return "", row["text"]
+
+
+def encode_row(row: dict, fmt: str, tokenizer, max_len: int, train_on_prompt: bool
+               ) -> Optional[dict]:
+    """input_ids and labels (prompt tokens -> -100 unless train_on_prompt); None if nothing
+    of the answer survives truncation."""
+    prompt, answer = prompt_and_answer(row, fmt, tokenizer)
+    chat = _as_chat(row, fmt)
+    if chat is not None and getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template(chat, tokenize=False)
+        if not full.startswith(prompt):  # templates that rewrite history: fall back
+            full = prompt + answer + (tokenizer.eos_token or "")
+    else:
+        full = prompt + answer + (tokenizer.eos_token or "")
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    if not ids:
+        return None
+    if (tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)
+            and ids[0] != tokenizer.bos_token_id):
+        ids, p_ids = [tokenizer.bos_token_id] + ids, [tokenizer.bos_token_id] + p_ids
+    n_prompt = len(p_ids) if ids[:len(p_ids)] == p_ids else 0
+    ids = ids[:max_len]
+    labels = list(ids) if train_on_prompt else [IGNORE] * min(n_prompt, len(ids)) + ids[n_prompt:]
+    if all(t == IGNORE for t in labels[1:]):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+@dataclass
+class Encoded:
+    examples: list[dict]
+    fmt: str
+    rows: list[dict]
+    skipped: list[tuple[int, str]]
+    source: str
+
+    def report(self) -> Optional[str]:
+        return Rows(self.rows, self.skipped, self.source).report()
+
+
+def encode(rows: Rows, tokenizer, fmt: str = "auto", max_len: int = 512,
+           train_on_prompt: bool = False, packing: bool = False) -> Encoded:
+    """Check, render and tokenize rows; bad rows are skipped and reported with line numbers."""
+    fmt = detect_format(rows.rows[0]) if fmt == "auto" else fmt
+    examples, kept, skipped = [], [], list(rows.skipped)
+    for row in rows.rows:
+        why = _check_row(row, fmt)
+        ex = None if why else encode_row(row, fmt, tokenizer, max_len, train_on_prompt)
+        if ex is None:
+            skipped.append((row.get("_line", 0), why or "nothing left to learn after truncation"))
+            continue
+        examples.append(ex)
+        kept.append(row)
+    if not examples:
+        raise LorakitError(f"{rows.source}: no usable rows in format {fmt!r}"
+                           + (f" ({Rows([], skipped, rows.source).report()})" if skipped else ""))
+    if packing:
+        examples = pack(examples, max_len)
+    return Encoded(examples, fmt, kept, sorted(skipped), rows.source)
+
+
+def pack(examples: list[dict], max_len: int) -> list[dict]:
+    """Concatenate examples into blocks of max_len tokens (the last block may be shorter)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for ex in examples:
+        ids += ex["input_ids"]
+        labels += ex["labels"]
+    return [{"input_ids": ids[i:i + max_len], "labels": labels[i:i + max_len]}
+            for i in range(0, len(ids), max_len)]
+
+
+def split_valid(examples: list, ratio: float, seed: int) -> tuple[list, list]:
+    """A deterministic validation split of ``ratio`` (at least one example when ratio > 0)."""
+    if ratio <= 0 or len(examples) < 2:
+        return examples, []
+    idx = list(range(len(examples)))
+    random.Random(seed).shuffle(idx)
+    n = max(1, int(len(examples) * ratio))
+    held = set(idx[:n])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding gets attention 0 and label -100."""
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k] = torch.tensor(e["input_ids"])
+        labels[i, :k] = torch.tensor(e["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class StepSampler:
+    """Which examples each optimizer step uses: a seeded permutation per epoch, cut into
+    global batches (``per_step`` examples; the last partial batch of an epoch is dropped).
+
+    Everything is a function of (seed, step), so a resumed run reads exactly the batches an
+    uninterrupted one would, and every process agrees on them without communicating."""
+
+    def __init__(self, n: int, per_step: int, seed: int):
+        if n < per_step:
+            raise LorakitError(f"the training data has {n} examples, fewer than one optimizer "
+                               f"step needs ({per_step} = batch_size x grad_accum x processes)")
+        self.n, self.per_step, self.seed = n, per_step, seed
+        self.steps_per_epoch = n // per_step
+        self._perm_epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
+        return self._perm[k * self.per_step:(k + 1) * self.per_step]

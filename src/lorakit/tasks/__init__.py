@@ -1,0 +1,20 @@
+"""Built-in tasks: deterministic data with a verifiable metric, usable as ``data.train: task:NAME``.
+
+A task gives chat-format rows (``{"messages": [user, assistant]}``) for the splits
+``train``, ``valid`` and ``test``; the test split is scored by exact match of the greedy answer.
+"""
+
+from __future__ import annotations
+
+from .arithmetic import Arithmetic
+from .general_text import GeneralText
+
+TASKS = {t.name: t for t in (Arithmetic(), GeneralText())}
+
+
+def get_task(name: str):
+    from ..errors import LorakitError
+
+    if name not in TASKS:
+        raise LorakitError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
+    return TASKS[name]

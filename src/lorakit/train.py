@@ -1,0 +1,343 @@
+"""The training run: ``lorakit train`` end to end, as one story.
+
+load model -> apply the method -> read and encode data -> (base metrics) -> optimize with
+checkpoints -> save adapter -> tuned metrics -> summary. Devices, DDP and mixed precision come
+from accelerate (``accelerate launch --num_processes 2 -m lorakit train ...`` runs two
+processes; on CPU they talk over gloo).
+
+# Note: the loss is normalized by the global token count
+Each micro-batch contributes (sum of its token losses) / (labelled tokens in the whole global
+batch) x processes; DDP's gradient mean then gives exactly the token-mean loss of the global
+batch, however it is split across processes and accumulation steps. So one process with batch
+8 and two processes with batch 4 follow the same curve.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .config import RunConfig
+from .data import IGNORE, StepSampler, collate, encode, read_rows, split_valid
+from .errors import LorakitError
+from .evaluate import eval_loss, exact_match
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Run:
+    """Everything a phase of training needs; method hooks (``prepare``) receive it too."""
+
+    cfg: RunConfig
+    model: nn.Module
+    tokenizer: Any
+    accelerator: Any
+    dtype: torch.dtype
+    train_examples: list[dict]
+    valid_examples: list[dict]
+    test_rows: list[dict]
+    fmt: str
+    out_dir: Path
+    log: Log = print
+    hooks: Any = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def resolve_precision(precision: str) -> torch.dtype:
+    """auto: bf16 on a GPU that has it or a CPU with native bf16 matmuls, else fp32."""
+    if precision == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        fast = getattr(torch.backends.mkldnn, "is_available", lambda: False)() and getattr(
+            torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        return torch.bfloat16 if fast else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store frozen floating-point weights in the compute dtype (trainables stay fp32)."""
+    if dtype == torch.float32:
+        return
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropies over labelled tokens, how many tokens)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                       ignore_index=IGNORE, reduction="sum")
+    return loss, int((labels != IGNORE).sum())
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, max RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def optimize(run: Run, examples: list[dict], total_steps: int, lr: Optional[float] = None,
+             checkpoints: bool = False, desc: str = "train") -> dict:
+    """Train ``run.model`` for ``total_steps`` optimizer steps on ``examples``.
+
+    With ``checkpoints`` the run saves every ``train.save_every`` steps and resumes from the
+    last checkpoint when ``train.resume`` is set. Returns timing and loss statistics."""
+    from tqdm.auto import tqdm
+
+    from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    from .optim import build_optimizer, build_scheduler
+
+    tc, acc, model = run.cfg.train, run.accelerator, run.model
+    world = acc.num_processes
+    per_step = tc.batch_size * tc.grad_accum * world
+    sampler = StepSampler(len(examples), per_step, tc.seed)
+    optimizer = build_optimizer(model, lr or tc.lr, tc.weight_decay)
+    scheduler = build_scheduler(optimizer, tc.schedule, int(tc.warmup_ratio * total_steps),
+                                total_steps)
+    ddp_model, optimizer = acc.prepare(model, optimizer)
+    start = 0
+    if checkpoints and tc.resume and list_checkpoints(run.out_dir):
+        last = list_checkpoints(run.out_dir)[-1]
+        start = load_checkpoint(last, model, optimizer, scheduler, run.hooks)["step"]
+        run.log(f"resumed from {last} (step {start} of {total_steps})")
+    pad_id = run.tokenizer.pad_token_id
+    metrics_path = run.out_dir / "metrics.jsonl"
+    step_times, tokens_seen, losses = [], 0, []
+    bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not run.is_main,
+               dynamic_ncols=True)
+    model.train()
+    for step in range(start, total_steps):
+        t0 = time.perf_counter()
+        idx = sampler.indices(step)
+        n_tokens = sum(sum(1 for t in examples[i]["labels"][1:] if t != IGNORE) for i in idx)
+        micro = [idx[(j * world + acc.process_index) * tc.batch_size:
+                     (j * world + acc.process_index + 1) * tc.batch_size]
+                 for j in range(tc.grad_accum)]
+        step_loss = torch.zeros((), device=acc.device)
+        for j, mb in enumerate(micro):
+            batch = {k: v.to(acc.device) for k, v in collate([examples[i] for i in mb],
+                                                             pad_id).items()}
+            sync = acc.no_sync(ddp_model) if j < len(micro) - 1 else _null()
+            with sync:
+                s, _ = loss_sum(ddp_model, batch)
+                loss = s * world / max(1, n_tokens)
+                if run.hooks is not None and hasattr(run.hooks, "regularizer"):
+                    reg = run.hooks.regularizer(model)
+                    if reg is not None:
+                        loss = loss + reg / len(micro)
+                acc.backward(loss)
+            step_loss += s.detach()
+        step_loss = acc.reduce(step_loss, reduction="sum").item() / max(1, n_tokens)
+        if not math.isfinite(step_loss):
+            raise LorakitError(f"the loss became {step_loss} at step {step + 1}; stopping "
+                               "(lower train.lr or use fp32); the last good checkpoint is kept")
+        if tc.max_grad_norm:
+            acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+        optimizer.step()
+        if run.hooks is not None and hasattr(run.hooks, "after_optimizer_step"):
+            run.hooks.after_optimizer_step(model, step + 1, total_steps)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        step_times.append(dt)
+        tokens_seen += sum(len(examples[i]["input_ids"]) for i in idx)
+        losses.append(step_loss)
+        lr_now = scheduler.get_last_lr()[0]
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_now:.2e}",
+                        tok_s=f"{sum(len(examples[i]['input_ids']) for i in idx) / dt:.0f}")
+        bar.update(1)
+        done = step + 1
+        if run.is_main and (done % tc.log_every == 0 or done == total_steps):
+            _append_jsonl(metrics_path, {"phase": desc, "step": done, "loss": step_loss,
+                                         "lr": lr_now, "step_time_s": dt, "tokens": tokens_seen})
+        if tc.eval_every and done % tc.eval_every == 0 and run.valid_examples and run.is_main:
+            vl = eval_loss(model, run.valid_examples, pad_id, dtype=run.dtype)
+            _append_jsonl(metrics_path, {"phase": desc, "step": done, "valid_loss": vl})
+        if checkpoints and tc.save_every and done % tc.save_every == 0 and done < total_steps:
+            if run.is_main:
+                save_checkpoint(run.out_dir, done, model, optimizer, scheduler, run.hooks,
+                                keep=tc.keep_checkpoints)
+            acc.wait_for_everyone()
+    bar.close()
+    # drop DDP and the autocast wrapper accelerate put on forward; run.model is what we keep
+    acc.unwrap_model(ddp_model, keep_fp32_wrapper=False)
+    acc.free_memory()
+    return {"steps": total_steps - start, "median_step_time_s":
+            statistics.median(step_times) if step_times else None,
+            "tokens_per_s": tokens_seen / sum(step_times) if step_times else None,
+            "final_train_loss": losses[-1] if losses else None,
+            "loss_curve": losses}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _append_jsonl(path: Path, obj: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def measure(run: Run, label: str) -> dict:
+    """Validation loss, forgetting loss (general text) and the task metric of run.model."""
+    from .data import Rows
+    from .tasks import get_task
+
+    model, tok, ec = run.model, run.tokenizer, run.cfg.eval
+    out: dict[str, Any] = {}
+    if run.valid_examples:
+        out["valid_loss"] = eval_loss(model, run.valid_examples, tok.pad_token_id,
+                                      dtype=run.dtype)
+    general = encode(Rows(get_task("general-text").rows("test"), [], "general-text"), tok,
+                     "text", run.cfg.data.max_seq_len, train_on_prompt=True)
+    out["general_text_loss"] = eval_loss(model, general.examples, tok.pad_token_id,
+                                         dtype=run.dtype)
+    if ec.metric == "exact_match" and run.test_rows:
+        out["exact_match"] = exact_match(model, tok, run.test_rows, run.fmt, ec.limit,
+                                         ec.batch_size, ec.max_new_tokens, dtype=run.dtype)
+    run.log(f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+    return out
+
+
+def _lock(out_dir: Path):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(out_dir / ".lock", "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise LorakitError(f"another lorakit run is using {out_dir}; wait for it or choose "
+                           "another output_dir") from None
+    return fh
+
+
+def prepare_data(cfg: RunConfig, tokenizer, log: Log) -> tuple[list, list, list, str]:
+    """(train examples, valid examples, test rows for the metric, format)."""
+    dc = cfg.data
+    rows = read_rows(dc.train, "train")
+    if dc.limit:
+        rows.rows = rows.rows[:dc.limit]
+    enc = encode(rows, tokenizer, dc.format, dc.max_seq_len, dc.train_on_prompt, dc.packing)
+    if enc.report():
+        log(enc.report())
+    train_ex = enc.examples
+    if dc.valid:
+        valid_ex = encode(read_rows(dc.valid, "valid"), tokenizer, enc.fmt, dc.max_seq_len,
+                          dc.train_on_prompt).examples
+    elif dc.train.startswith("task:"):
+        valid_ex = encode(read_rows(dc.train, "valid"), tokenizer, enc.fmt,
+                          dc.max_seq_len).examples
+    else:
+        train_ex, valid_ex = split_valid(train_ex, dc.valid_ratio, cfg.train.seed)
+    test_rows = read_rows(dc.train, "test").rows if dc.train.startswith("task:") else []
+    return train_ex, valid_ex, test_rows, enc.fmt
+
+
+def train(cfg: RunConfig, log: Log = print) -> dict:
+    """Run a whole training job; returns the summary (also written to summary.json)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from . import inject, io, models
+    from .registry import get_method
+
+    out = Path(cfg.output_dir)
+    tc = cfg.train
+    if not tc.resume and ((out / "summary.json").exists() or (out / "checkpoints").exists()):
+        raise LorakitError(f"{out} already holds a run; set train.resume=true to continue it "
+                           "or choose another output_dir")
+    dtype = resolve_precision(tc.precision)
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        raise LorakitError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    acc = Accelerator(mixed_precision={torch.float32: "no", torch.bfloat16: "bf16",
+                                       torch.float16: "fp16"}[dtype])
+    lock = _lock(out) if acc.is_main_process else None
+    log = log if acc.is_main_process else (lambda *_: None)
+    try:
+        set_seed(tc.seed)
+        model, tok = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        train_ex, valid_ex, test_rows, fmt = prepare_data(cfg, tok, log)
+        run = Run(cfg, model, tok, acc, dtype, train_ex, valid_ex, test_rows, fmt, out, log)
+        if acc.is_main_process:
+            (out / "config.yaml").write_text(_yaml(cfg))
+        base_metrics = None
+        if cfg.eval.compare_base and acc.is_main_process:
+            cached = out / "base_metrics.json"
+            base_metrics = (json.loads(cached.read_text()) if cached.exists()
+                            else measure(run, "base model"))
+            _write_json_atomic(cached, base_metrics)
+        set_seed(tc.seed)
+        inject.apply(model, cfg.adapter)
+        run.hooks = get_method(cfg.adapter.method).hooks_object()
+        if run.hooks is not None and hasattr(run.hooks, "prepare"):
+            run.hooks.prepare(run)  # e.g. LoRA-drop's importance phase
+        model.to(acc.device)
+        cast_frozen(model, dtype)
+        if tc.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+                "use_reentrant": False})
+        per_step = tc.batch_size * tc.grad_accum * acc.num_processes
+        total = tc.max_steps or max(1, math.ceil(tc.epochs * (len(train_ex) // per_step)))
+        trainable, n_total = inject.count_parameters(model)
+        log(f"{cfg.adapter.method}: {trainable:,} trainable of {n_total:,} parameters "
+            f"({100 * trainable / n_total:.3f}%), {len(train_ex)} examples, {total} steps, "
+            f"{str(dtype).replace('torch.', '')}, {acc.num_processes} process(es)")
+        stats = optimize(run, train_ex, total, checkpoints=True)
+        if tc.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        summary: dict[str, Any] = {
+            "method": cfg.adapter.method, "model": cfg.model,
+            "trainable_params": trainable, "total_params": n_total,
+            "peak_memory_mb": peak_memory_mb(), "precision": str(dtype).replace("torch.", ""),
+            "processes": acc.num_processes, "total_steps": total, **stats, **run.info}
+        if run.hooks is not None and hasattr(run.hooks, "summary"):
+            summary["method_summary"] = run.hooks.summary(model)
+        if acc.is_main_process:
+            io.save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model,
+                            summary={k: v for k, v in summary.items() if k != "loss_curve"})
+            tok.save_pretrained(out / "adapter") if cfg.adapter.method == "full" else None
+            summary["tuned"] = measure(run, "tuned model")
+            summary["base"] = base_metrics
+            _write_json_atomic(out / "summary.json", summary)
+        acc.wait_for_everyone()
+        return summary
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _yaml(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

