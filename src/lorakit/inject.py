@@ -200,6 +200,7 @@ def apply(model: nn.Module, cfg: Union[AdapterConfig, dict, None] = None, **kwar
             r = pattern_value(cfg.rank_pattern, name, cls.initial_rank(cfg))
             alpha = pattern_value(cfg.alpha_pattern, name, cfg.alpha)
             layer = cls(module, r, alpha, cfg)
+            layer.train(module.training)  # a new module starts in train mode: keep the model's
             layer.tied_weight = id(getattr(module, "weight", None)) in outside
             _set_submodule(model, name, layer)
         for name in trainable:

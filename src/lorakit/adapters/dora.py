@@ -1,0 +1,154 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv 2402.09353;
+reference NVlabs/DoRA and PEFT ``tuners/lora/dora.py``).
+
+The adapted weight is a magnitude times a direction (METHODS.md §7):
+
+    W' = m ⊙_row V / ||V||_row,    V = W0 + s·BA
+
+with the norm taken over d_in for each OUTPUT row (``dim=1`` of the (d_out, d_in) weight) and
+m (d_out) initialized to the row norms of W0, so W' = W0 at step 0. Trainable: m, A, B.
+Following §4.3 of the paper, ||V|| is treated as a constant in backward (detached).
+
+Forward without materializing W' (k = m / stopgrad(||V||), x̃ = dropout(x)):
+
+    y = x W0ᵀ + b + (k - 1) ⊙ (x̃ W0ᵀ) + k ⊙ s·x̃ Aᵀ Bᵀ
+
+When dropout is off (or in eval mode) x̃ = x and ``x W0ᵀ`` is the base layer's output minus
+its bias: no second matmul with W0. With dropout PEFT recomputes ``x̃ W0ᵀ``; so do we.
+
+# Note: row norms without a weight-sized temporary
+||W0 + s·BA||²_row = ||W0||²_row + 2s·rowsum(B ⊙ (W0 Aᵀ)) + s²·rowsum((B·AAᵀ) ⊙ B).
+``||W0||²`` is cached (W0 is frozen; the cache is keyed on the weight's storage and version
+counter, so an in-place change or a merge invalidates it), ``W0 Aᵀ`` is (d_out, r) and AAᵀ is
+(r, r): per forward the only weight-sized tensor is the dequantized W0 of a 4-bit base (a bf16
+base is read in row chunks and never copied whole to fp32). PEFT materializes BA and W0 + s·BA
+(two weight-sized temporaries, plus a d_in² identity product); see docs/methods/dora.md for
+measured time and memory. Rows where V shrank far below W0 lose precision to cancellation in
+this sum: those few rows are recomputed directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import copy_into
+from .lora import LoRALinear
+
+#: Norms below this are clamped: a zero row (Llama-3.1 o_proj has 511) gives k = m/EPS, and m
+#: starts at that row's norm, 0, so k = 0 instead of 0/0 = NaN.
+EPS = 1e-12
+#: Rows with ||V||² < CANCEL·||W0||² are recomputed exactly (see Note above).
+CANCEL = 0.25
+#: Elements per chunk when a weight is read in row blocks (16 MB of fp32).
+CHUNK_ELEMS = 1 << 22
+
+
+def _row_chunks(w: torch.Tensor):
+    rows = max(1, CHUNK_ELEMS // max(1, w.shape[1]))
+    return w.split(rows, dim=0)
+
+
+@torch.no_grad()
+def row_sq_norms(w: torch.Tensor) -> torch.Tensor:
+    """fp32 ||w_i||² per row of a (d_out, d_in) matrix, read in row chunks."""
+    return torch.cat([c.float().pow(2).sum(dim=1) for c in _row_chunks(w)])
+
+
+class DoRALinear(LoRALinear):
+    """DoRA on ``nn.Linear``, GPT-2 ``Conv1D`` or a bitsandbytes 4-bit linear layer.
+
+    ``lora_magnitude_vector`` (d_out, fp32) is m; ``lora_A``/``lora_B`` are LoRA's.
+    """
+
+    adapter_param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, cfg):
+        super().__init__(base_layer, r, alpha, cfg)
+        self._w0_cache: tuple | None = None
+        # B = 0 at init, so ||W0 + s·BA|| = ||W0||: m starts at the (dequantized) W0 row norms.
+        m = self._w0_sq_norms(self.base_weight_matrix()).sqrt()
+        self.lora_magnitude_vector = nn.Parameter(m.to(self.lora_A.device))
+
+    @classmethod
+    def peft_config_fields(cls, cfg, model: nn.Module) -> dict:
+        return {"use_dora": True}
+
+    # ---- the norm ------------------------------------------------------------------------
+    def _w0_sq_norms(self, w0: torch.Tensor) -> torch.Tensor:
+        """||W0||²_row, cached while the base weight's storage and version are unchanged."""
+        weight = self.base_layer.weight
+        key = (weight.data_ptr(), weight._version, weight.device, w0.dtype)
+        if self._w0_cache is None or self._w0_cache[0] != key:
+            self._w0_cache = (key, row_sq_norms(w0))
+        return self._w0_cache[1]
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """||W0 + s·BA||_row in fp32, detached (See Note: row norms without a weight-sized
+        temporary)."""
+        w0 = self.base_weight_matrix()
+        a = self.lora_A.float()
+        b = self.lora_B.float()
+        s = self.scaling
+        w0_sq = self._w0_sq_norms(w0)
+        w0_at = torch.cat([c.float() @ a.T for c in _row_chunks(w0)])  # (d_out, r)
+        sq = w0_sq + 2 * s * (b * w0_at).sum(dim=1) + s * s * ((b @ (a @ a.T)) * b).sum(dim=1)
+        bad = (sq < CANCEL * w0_sq).nonzero().flatten()
+        if bad.numel():  # cancellation: W0 ≈ -s·BA in these rows; compute them directly
+            v = w0[bad].float() + s * (b[bad] @ a)
+            sq[bad] = v.pow(2).sum(dim=1)
+        return sq.clamp_min(0).sqrt()
+
+    def magnitude_scale(self) -> torch.Tensor:
+        """k = m / stopgrad(||W0 + s·BA||_row), fp32, differentiable in m only."""
+        return self.lora_magnitude_vector / self.weight_norm().clamp_min(EPS)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.bypass():
+            return out
+        k = self.magnitude_scale().to(out.dtype)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            x_d = x
+            bias = getattr(self.base_layer, "bias", None)
+            base_part = out if bias is None else out - bias.to(out.dtype)
+        else:
+            x_d = self.dropout(x)
+            base_part = F.linear(x_d, self.base_weight_matrix().to(x_d.dtype))
+        lora = F.linear(F.linear(x_d, self.lora_A.to(x_d.dtype)) * self.scaling,
+                        self.lora_B.to(x_d.dtype))
+        return out + (k - 1) * base_part.to(out.dtype) + k * lora.to(out.dtype)
+
+    # ---- merge ------------------------------------------------------------------------------
+    # Merging needs ||V|| of the UNmerged weight, which cannot be recovered from W' (its row
+    # norms are |m|): keep k from merge time, as PEFT does. Rows with k == 0 (a zero row with
+    # m = 0) carry no information in W', so their original values are kept too.
+    def merged_weight(self) -> torch.Tensor:
+        v = self.base_weight_matrix().float() + self.delta_weight()
+        k = self.lora_magnitude_vector.detach().float() / v.norm(dim=1).clamp_min(EPS)
+        dead = (k.abs() < torch.finfo(torch.float32).tiny).nonzero().flatten()
+        self._merge_state = (k, dead, self.base_weight_matrix()[dead].float().clone())
+        return v.mul_(k[:, None])
+
+    def unmerged_weight(self) -> torch.Tensor:
+        k, dead, rows = self.__dict__.pop("_merge_state")
+        safe = torch.where(k.abs() < torch.finfo(torch.float32).tiny, torch.ones_like(k), k)
+        w = self.base_weight_matrix().float() / safe[:, None] - self.delta_weight()
+        w[dead] = rows
+        return w
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        super().unmerge()
+        self.__dict__.pop("_merge_state", None)  # a tied weight is restored without it
+
+    # ---- PEFT tensors -----------------------------------------------------------------------
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        return {**super().peft_state(), "lora_magnitude_vector": self.lora_magnitude_vector}
+
+    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_peft_state(state)
+        copy_into(self.lora_magnitude_vector, state["lora_magnitude_vector"])

@@ -1,0 +1,105 @@
+"""LoRA-FA: LoRA with a frozen random A (Zhang et al. 2023, arXiv 2308.03303).
+
+The forward is LoRA's, ``y = x W0ᵀ + b + s·drop(x Aᵀ) Bᵀ``; A (r, d_in) keeps its kaiming init
+and never trains, B (d_out, r) starts at zero and is the only adapter weight that learns: half
+of LoRA's trainable parameters, and ΔW = s·BA stays in the row space of A (METHODS.md §4).
+
+# Note: what backward needs
+dL/dB = s·dYᵀ h with h = x Aᵀ (r values per token), and dL/dx = s·(dY B) A needs weights only.
+dL/dA, the one term that needs the layer input x (d_in values per token), is never computed.
+:class:`FrozenABranch` therefore saves h, A and B (and an r-sized dropout mask), never x:
+activation memory of the branch drops from b·t·(d_in + r) to b·t·r per adapted layer. Dropout
+is applied to h, not to x, since a mask over x would itself be d_in-sized.
+(On torch 2.13 plain autograd also skips saving x for ``F.linear(x, A)`` once A has
+``requires_grad=False``; the Function makes the saving explicit and independent of that, and
+keeps the dropout mask r-sized.)
+
+Optional LoRA-FA v2 gradient projection (``lorafa_projection``; PEFT ``LoraFAOptimizer``): B's
+gradient is replaced by g̃_B = (1/s²)·g_B·pinv(AAᵀ + 1e-8·I), the least-squares B-gradient
+whose update s·g̃_B·A best matches full fine-tuning's gradient projected on A's row space.
+It is applied in the branch's backward, i.e. before accumulation (it is linear, so gradient
+accumulation is unaffected) and before any optimizer, which then runs unchanged (AdamW).
+
+Saved adapters are plain PEFT LoRA adapters (A included).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import LoRALinear
+
+#: Ridge of the v2 projection, as in PEFT's LoraFAOptimizer.
+PROJECTION_DELTA = 1e-8
+
+
+def projected_b_grad(grad_b: torch.Tensor, a: torch.Tensor, scaling: float) -> torch.Tensor:
+    """LoRA-FA v2: (1/s²)·g_B·pinv(AAᵀ + δI), computed in fp32, returned in g_B's dtype."""
+    a = a.float()
+    gram = a @ a.T + PROJECTION_DELTA * torch.eye(a.shape[0], device=a.device)
+    return (grad_b.float() @ torch.linalg.pinv(gram) / scaling**2).to(grad_b.dtype)
+
+
+class FrozenABranch(torch.autograd.Function):
+    """s · drop(x Aᵀ) Bᵀ for a frozen A, saving h = drop(x Aᵀ), A, B and the mask: never x.
+
+    (See Note: what backward needs.) Returns no gradient for A.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, b, scaling: float, p: float, project: bool):
+        h = F.linear(x, a)  # (..., r)
+        mask = None
+        if p > 0:
+            mask = torch.rand_like(h) >= p  # bool, r per token
+            h = h * mask / (1 - p)
+        ctx.save_for_backward(h, a, b, mask)
+        ctx.scaling, ctx.p, ctx.project = scaling, p, project
+        return F.linear(h * scaling, b)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, a, b, mask = ctx.saved_tensors
+        s = ctx.scaling
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[2]:
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_b = s * (g2.T @ h.reshape(-1, h.shape[-1]))  # (d_out, r)
+            if ctx.project:
+                grad_b = projected_b_grad(grad_b, a, s)
+        if ctx.needs_input_grad[0]:
+            grad_h = (grad_out @ b) * s  # (..., r)
+            if mask is not None:
+                grad_h = grad_h * mask / (1 - ctx.p)
+            grad_x = grad_h @ a  # weights only
+        return grad_x, None, grad_b, None, None, None
+
+
+class LoRAFALinear(LoRALinear):
+    """LoRA-FA on ``nn.Linear``, GPT-2 ``Conv1D`` or a bitsandbytes 4-bit linear layer.
+
+    If a user unfreezes ``lora_A`` the layer falls back to plain LoRA (which trains A and, by
+    necessity, saves x): A frozen is what makes the branch cheap.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, cfg):
+        super().__init__(base_layer, r, alpha, cfg)
+        self.lora_A.requires_grad_(False)  # random projection, kept as initialized
+        self.dropout_p = float(cfg.dropout)
+        self.projection = bool(cfg.lorafa_projection)
+
+    def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_A.requires_grad:
+            return super().lora_branch(x)
+        p = self.dropout_p if self.training else 0.0
+        return FrozenABranch.apply(x, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype),
+                                   self.scaling, p, self.projection)
+
+    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_peft_state(state)
+        self.lora_A.requires_grad_(False)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", frozen_A=True, projection={self.projection}"
