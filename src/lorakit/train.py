@@ -280,7 +280,10 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
     dtype = resolve_precision(tc.precision)
     if dtype == torch.float16 and not torch.cuda.is_available():
         raise LorakitError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
-    acc = Accelerator(mixed_precision={torch.float32: "no", torch.bfloat16: "bf16",
+    # cpu=True on a machine without CUDA: accelerate then forms a gloo group (MULTI_CPU) when
+    # launched with several processes, instead of silently running each one alone.
+    acc = Accelerator(cpu=not torch.cuda.is_available(),
+                      mixed_precision={torch.float32: "no", torch.bfloat16: "bf16",
                                        torch.float16: "fp16"}[dtype])
     lock = _lock(out) if acc.is_main_process else None
     log = log if acc.is_main_process else (lambda *_: None)
