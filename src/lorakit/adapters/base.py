@@ -96,6 +96,13 @@ class AdapterLayer(nn.Module):
 
     def _write_base_weight(self, new_w: torch.Tensor) -> None:
         """Store a (d_out, d_in) fp32 matrix back into the base layer's weight, in its dtype."""
+        from ..quant import is_quantized
+
+        if is_quantized(self.base_layer):  # METHODS.md §2: never re-quantize silently
+            from ..errors import LorakitError
+
+            raise LorakitError("merging into 4-bit NF4 weights would re-quantize them; load the "
+                               "adapter onto the 16-bit base model (quantize=None) and merge there")
         weight = self.base_layer.weight
         if new_w.shape != self.base_weight_matrix().shape:
             raise ValueError("merged weight has the wrong shape")
