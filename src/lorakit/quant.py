@@ -148,15 +148,15 @@ def quantize_model(model: nn.Module, cfg) -> nn.Module:
     """Replace every linear layer of ``model`` except the output head by an NF4 ``Linear4bit``.
 
     In place, layer by layer (the 16-bit weight of one layer is freed before the next is
-    quantized). Embeddings, norms and the output layer are left as they are. Layers that are
-    already bitsandbytes 4-bit are kept. ``cfg.quant_compute_dtype`` (default bfloat16) is the
+    quantized), once every layer has been checked: on an error the model is unchanged.
+    Embeddings, norms and the output layer are left as they are; layers that are already
+    bitsandbytes 4-bit are kept. ``cfg.quant_compute_dtype`` (default bfloat16) is the
     dtype each weight is dequantized to for its matmul."""
     require_bitsandbytes()
     compute_dtype = getattr(torch, cfg.quant_compute_dtype)
     output = _output_layer(model)
-    tables: dict = {}
-    replaced = 0
-    for name, module in list(model.named_modules()):
+    chosen = []
+    for name, module in model.named_modules():
         if module is output or is_quantized(module):
             continue
         if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
@@ -169,13 +169,17 @@ def quantize_model(model: nn.Module, cfg) -> nn.Module:
             raise LorakitError(f"layer {name!r} holds {module.weight.dtype} weights on "
                                f"{module.weight.device}; load the model's real 16/32-bit "
                                "weights before using quantize: nf4")
+        d_in = module.weight.shape[0] if _is_conv1d(module) else module.in_features
+        blocksize_for(d_in, module.weight.device)  # refuse before changing anything
+        chosen.append(name)
+    tables: dict = {}
+    for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        new = nf4_linear(module, compute_dtype)
+        new = nf4_linear(getattr(parent, child), compute_dtype)
         _share_code_tables(new.weight.quant_state, tables)
         setattr(parent, child, new)
-        replaced += 1
-    if replaced == 0 and not any(is_quantized(m) for m in model.modules()):
+    if not chosen and not any(is_quantized(m) for m in model.modules()):
         raise LorakitError("quantize: nf4 found no linear layer to quantize in this model "
                            "(only nn.Linear and GPT-2 Conv1D layers can be stored in NF4)")
     return model

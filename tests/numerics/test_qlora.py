@@ -193,9 +193,10 @@ def test_errors_name_the_fix(monkeypatch):
     class Int8Linear(nn.Linear):
         pass
 
-    model = nn.Sequential(Int8Linear(4, 4))
+    model = nn.Sequential(nn.Linear(64, 4), Int8Linear(4, 4))
     with pytest.raises(lk.LorakitError, match="Int8Linear"):
         quantize_model(model, lk.AdapterConfig(quantize="nf4"))
+    assert type(model[0]) is nn.Linear  # checked first, nothing changed
     with pytest.raises(lk.LorakitError, match="no linear layer"):
         quantize_model(nn.Sequential(nn.ReLU()), lk.AdapterConfig(quantize="nf4"))
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
