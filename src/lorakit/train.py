@@ -291,22 +291,34 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
         set_seed(tc.seed)
         model, tok = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
         train_ex, valid_ex, test_rows, fmt = prepare_data(cfg, tok, log)
-        run = Run(cfg, model, tok, acc, dtype, train_ex, valid_ex, test_rows, fmt, out, log)
+
+        def run_for(m: nn.Module) -> Run:
+            return Run(cfg, m, tok, acc, dtype, train_ex, valid_ex, test_rows, fmt, out, log)
+
         if acc.is_main_process:
             (out / "config.yaml").write_text(_yaml(cfg))
+        set_seed(tc.seed)
+        full = cfg.adapter.method == "full"
+        if not full:
+            inject.apply(model, cfg.adapter)
+        model.to(acc.device)
+        cast_frozen(model, dtype)  # frozen weights in bf16: the fast path, also for eval
         base_metrics = None
         if cfg.eval.compare_base and acc.is_main_process:
             cached = out / "base_metrics.json"
-            base_metrics = (json.loads(cached.read_text()) if cached.exists()
-                            else measure(run, "base model"))
-            _write_json_atomic(cached, base_metrics)
-        set_seed(tc.seed)
-        inject.apply(model, cfg.adapter)
+            if cached.exists():
+                base_metrics = json.loads(cached.read_text())
+            else:
+                with inject.disabled(model):  # the base model's outputs (quantized for QLoRA)
+                    base_metrics = measure(run_for(model), "base model")
+                _write_json_atomic(cached, base_metrics)
+        if full:
+            inject.apply(model, cfg.adapter)
+        run = run_for(model)
         run.hooks = get_method(cfg.adapter.method).hooks_object()
         if run.hooks is not None and hasattr(run.hooks, "prepare"):
             run.hooks.prepare(run)  # e.g. LoRA-drop's importance phase
-        model.to(acc.device)
-        cast_frozen(model, dtype)
+            cast_frozen(model, dtype)
         if tc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
                 "use_reentrant": False})
@@ -329,7 +341,8 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
         if acc.is_main_process:
             io.save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model,
                             summary={k: v for k, v in summary.items() if k != "loss_curve"})
-            tok.save_pretrained(out / "adapter") if cfg.adapter.method == "full" else None
+            if cfg.adapter.method == "full":  # a full model folder wants its tokenizer
+                tok.save_pretrained(out / "adapter")
             summary["tuned"] = measure(run, "tuned model")
             summary["base"] = base_metrics
             _write_json_atomic(out / "summary.json", summary)
