@@ -12,6 +12,7 @@ Folders whose names start with '.' are unfinished writes and are never read.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -64,6 +65,31 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module,
               if p.requires_grad}
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     path = Path(out_dir) / "checkpoints" / f"step-{step:06d}"
+    try:
+        _write_checkpoint(path, params, opt_tensors, opt_meta, model, scheduler, hooks, step,
+                          extra)
+    except OSError as e:
+        raise LorakitError(f"could not write checkpoint {path} ({e.strerror or e}); the previous "
+                           "checkpoint is intact") from None
+    for old in list_checkpoints(out_dir)[:-keep]:
+        # rename first (atomic): a kill during the deletion leaves a '.'-folder, never a
+        # checkpoint with missing files that would look complete
+        trash = old.with_name(f".{old.name}.deleting")
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return path
+
+
+def remove_partial(out_dir: Path) -> None:
+    """Delete what an interrupted write or deletion left behind ('.'-folders)."""
+    root = Path(out_dir) / "checkpoints"
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith("."):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _write_checkpoint(path, params, opt_tensors, opt_meta, model, scheduler, hooks, step, extra):
     with atomic_dir(path) as tmp:
         save_file(params, str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -80,9 +106,6 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module,
             "step": step, "scheduler": scheduler.state_dict(),
             "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
             **(extra or {})})
-    for old in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,

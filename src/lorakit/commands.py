@@ -19,9 +19,28 @@ from .errors import LorakitError
 
 @command("train", "fine-tune a model: lorakit train [CONFIG.yaml] [section.key=value ...]")
 def _train_args(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = config_reference()
     p.add_argument("items", nargs="*", metavar="CONFIG|key=value",
                    help="an optional YAML run config, then dotted overrides such as "
                         "adapter.method=dora train.max_steps=200 data.train=my.jsonl")
+
+
+def config_reference() -> str:
+    """Every run-config key with its default and description, from the pydantic models (the
+    single source of truth for YAML files, overrides and this help)."""
+    from .config import RunConfig
+
+    lines = ["run config keys (YAML sections, or section.key=value overrides):"]
+    for name, f in RunConfig.model_fields.items():
+        sub = getattr(f.annotation, "model_fields", None)
+        if sub is None:
+            lines.append(f"  {name} = {f.default!r}: {f.description}")
+            continue
+        for k, sf in sub.items():
+            default = sf.default_factory() if sf.default_factory else sf.default
+            lines.append(f"  {name}.{k} = {default!r}: {sf.description}")
+    return "\n".join(lines)
 
 
 def split_config_args(items: list[str]) -> tuple[Optional[str], list[str]]:

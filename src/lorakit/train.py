@@ -105,7 +105,7 @@ def optimize(run: Run, examples: list[dict], total_steps: int, lr: Optional[floa
     last checkpoint when ``train.resume`` is set. Returns timing and loss statistics."""
     from tqdm.auto import tqdm
 
-    from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
     from .optim import build_optimizer, build_scheduler
 
     tc, acc, model = run.cfg.train, run.accelerator, run.model
@@ -117,12 +117,16 @@ def optimize(run: Run, examples: list[dict], total_steps: int, lr: Optional[floa
                                 total_steps)
     ddp_model, optimizer = acc.prepare(model, optimizer)
     start = 0
-    if checkpoints and tc.resume and list_checkpoints(run.out_dir):
-        last = list_checkpoints(run.out_dir)[-1]
-        start = load_checkpoint(last, model, optimizer, scheduler, run.hooks)["step"]
-        run.log(f"resumed from {last} (step {start} of {total_steps})")
-    pad_id = run.tokenizer.pad_token_id
     metrics_path = run.out_dir / "metrics.jsonl"
+    if checkpoints and tc.resume:
+        remove_partial(run.out_dir)
+        if list_checkpoints(run.out_dir):
+            last = list_checkpoints(run.out_dir)[-1]
+            start = load_checkpoint(last, model, optimizer, scheduler, run.hooks)["step"]
+            run.log(f"resumed from {last} (step {start} of {total_steps})")
+        if run.is_main:
+            _truncate_metrics(metrics_path, desc, start)
+    pad_id = run.tokenizer.pad_token_id
     step_times, tokens_seen, losses = [], 0, []
     bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not run.is_main,
                dynamic_ncols=True)
@@ -198,6 +202,23 @@ class _null:
         return False
 
 
+def _truncate_metrics(path: Path, phase: str, step: int) -> None:
+    """Drop the lines of ``phase`` after ``step`` (logged by the run that was interrupted)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if row.get("phase") != phase or row.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)
+
+
 def _append_jsonl(path: Path, obj: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(obj) + "\n")
@@ -265,7 +286,10 @@ def prepare_data(cfg: RunConfig, tokenizer, log: Log) -> tuple[list, list, list,
 
 
 def train(cfg: RunConfig, log: Log = print) -> dict:
-    """Run a whole training job; returns the summary (also written to summary.json)."""
+    """Run a whole training job; returns the summary (also written to summary.json).
+
+    Everything that can be wrong with the input (model, data, adapter config) is found before
+    anything is written to ``output_dir``."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -274,6 +298,9 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
 
     out = Path(cfg.output_dir)
     tc = cfg.train
+    if tc.resume and (out / "summary.json").exists():
+        log(f"{out} holds a finished run; nothing to resume")
+        return json.loads((out / "summary.json").read_text())
     if not tc.resume and ((out / "summary.json").exists() or (out / "checkpoints").exists()):
         raise LorakitError(f"{out} already holds a run; set train.resume=true to continue it "
                            "or choose another output_dir")
@@ -285,22 +312,27 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       mixed_precision={torch.float32: "no", torch.bfloat16: "bf16",
                                        torch.float16: "fp16"}[dtype])
-    lock = _lock(out) if acc.is_main_process else None
     log = log if acc.is_main_process else (lambda *_: None)
+
+    # ---- everything below until the lock only reads and checks ----
+    set_seed(tc.seed)
+    model, tok = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    train_ex, valid_ex, test_rows, fmt = prepare_data(cfg, tok, log)
+    per_step = tc.batch_size * tc.grad_accum * acc.num_processes
+    StepSampler(len(train_ex), per_step, tc.seed)  # enough data for one step?
+    total = tc.max_steps or max(1, math.ceil(tc.epochs * (len(train_ex) // per_step)))
+    set_seed(tc.seed)
+    full = cfg.adapter.method == "full"
+    if not full:
+        inject.apply(model, cfg.adapter)
+
+    def run_for(m: nn.Module) -> Run:
+        return Run(cfg, m, tok, acc, dtype, train_ex, valid_ex, test_rows, fmt, out, log)
+
+    lock = _lock(out) if acc.is_main_process else None
     try:
-        set_seed(tc.seed)
-        model, tok = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        train_ex, valid_ex, test_rows, fmt = prepare_data(cfg, tok, log)
-
-        def run_for(m: nn.Module) -> Run:
-            return Run(cfg, m, tok, acc, dtype, train_ex, valid_ex, test_rows, fmt, out, log)
-
         if acc.is_main_process:
             (out / "config.yaml").write_text(_yaml(cfg))
-        set_seed(tc.seed)
-        full = cfg.adapter.method == "full"
-        if not full:
-            inject.apply(model, cfg.adapter)
         model.to(acc.device)
         cast_frozen(model, dtype)  # frozen weights in bf16: the fast path, also for eval
         base_metrics = None
@@ -322,8 +354,6 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
         if tc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
                 "use_reentrant": False})
-        per_step = tc.batch_size * tc.grad_accum * acc.num_processes
-        total = tc.max_steps or max(1, math.ceil(tc.epochs * (len(train_ex) // per_step)))
         trainable, n_total = inject.count_parameters(model)
         log(f"{cfg.adapter.method}: {trainable:,} trainable of {n_total:,} parameters "
             f"({100 * trainable / n_total:.3f}%), {len(train_ex)} examples, {total} steps, "
@@ -341,7 +371,7 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
         if acc.is_main_process:
             io.save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model,
                             summary={k: v for k, v in summary.items() if k != "loss_curve"})
-            if cfg.adapter.method == "full":  # a full model folder wants its tokenizer
+            if full:  # a full model folder wants its tokenizer
                 tok.save_pretrained(out / "adapter")
             summary["tuned"] = measure(run, "tuned model")
             summary["base"] = base_metrics
