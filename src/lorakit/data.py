@@ -25,6 +25,7 @@ import torch
 from .errors import LorakitError
 
 IGNORE = -100
+MAX_LINE_BYTES = 16 * 2**20  # a JSONL line longer than this is skipped and reported
 FORMAT_FIELDS = {"chat": ("messages",), "alpaca": ("instruction", "output"),
                  "prompt_completion": ("prompt", "completion"), "text": ("text",)}
 
@@ -49,6 +50,9 @@ def _read_jsonl(path: Path) -> Rows:
     rows, skipped = [], []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                skipped.append((n, f"line longer than {MAX_LINE_BYTES // 2**20} MiB"))
+                continue
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError:

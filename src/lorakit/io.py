@@ -222,14 +222,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict, dict[str
     if not (path / CONFIG_NAME).exists():
         raise LorakitError(f"{path} has no {CONFIG_NAME}")
     pc = read_json(path / CONFIG_NAME)
-    if extras.get("adapter_config"):
+    cfg = config_from_peft(pc, str(path / CONFIG_NAME))  # validated even when lorakit.json
+    if extras.get("adapter_config"):  # lorakit's own record is exact (method, targets)
         cfg = parse(AdapterConfig, extras["adapter_config"], prefix=f"{path / EXTRAS_NAME}")
         if extras.get("targets"):
             cfg = cfg.model_copy(update={"target_modules": list(extras["targets"])})
         if "modules_to_save" in extras:
             cfg = cfg.model_copy(update={"trainable_modules": list(extras["modules_to_save"])})
-    else:
-        cfg = config_from_peft(pc, str(path / CONFIG_NAME))
     try:
         raw = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:

@@ -307,6 +307,12 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
     dtype = resolve_precision(tc.precision)
     if dtype == torch.float16 and not torch.cuda.is_available():
         raise LorakitError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps one global state per process; a second in-process run (a notebook,
+        # the test suite) may ask for another precision
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     # cpu=True on a machine without CUDA: accelerate then forms a gloo group (MULTI_CPU) when
     # launched with several processes, instead of silently running each one alone.
     acc = Accelerator(cpu=not torch.cuda.is_available(),
