@@ -112,12 +112,16 @@ class DoRALinear(LoRALinear):
             return out
         k = self.magnitude_scale().to(out.dtype)
         if isinstance(self.dropout, nn.Identity) or not self.training:
-            x_d = x
+            # x̃ = x: y = (k-1)(out - b) + out + k·lora = k·(out - b + lora) + b, one multiply
+            # and one add over the output (autograd keeps one output-sized tensor, for dk)
+            lora = self.lora_branch(x).to(out.dtype)
             bias = getattr(self.base_layer, "bias", None)
-            base_part = out if bias is None else out - bias.to(out.dtype)
-        else:
-            x_d = self.dropout(x)
-            base_part = F.linear(x_d, self.base_weight_matrix().to(x_d.dtype))
+            if bias is None:
+                return (out + lora) * k
+            bias = bias.to(out.dtype)
+            return (out - bias + lora) * k + bias
+        x_d = self.dropout(x)
+        base_part = F.linear(x_d, self.base_weight_matrix().to(x_d.dtype))
         lora = F.linear(F.linear(x_d, self.lora_A.to(x_d.dtype)) * self.scaling,
                         self.lora_B.to(x_d.dtype))
         return out + (k - 1) * base_part.to(out.dtype) + k * lora.to(out.dtype)
