@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from common import status_kib  # noqa: E402  (benchmarks/common.py)
+
 CONFIGS = [  # (label, library, method, dropout)
     ("lorakit LoRA", "lorakit", "lora", 0.0),
     ("lorakit LoRA-FA", "lorakit", "lora-fa", 0.0),
@@ -34,14 +36,6 @@ CONFIGS = [  # (label, library, method, dropout)
     ("lorakit LoRA-FA, dropout 0.1", "lorakit", "lora-fa", 0.1),
     ("PEFT LoRA, A frozen, dropout 0.1", "peft", "lora-fa", 0.1),
 ]
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def one(library: str, method: str, dropout: float, seq: int, r: int) -> dict:
@@ -74,7 +68,7 @@ def one(library: str, method: str, dropout: float, seq: int, r: int) -> dict:
         seen[st.data_ptr()] = st.nbytes()
         return t
 
-    rss0 = _rss_kib("VmRSS")
+    rss0 = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (the peak) to the current resident set
     t0 = time.perf_counter()
@@ -84,7 +78,7 @@ def one(library: str, method: str, dropout: float, seq: int, r: int) -> dict:
     opt.step()
     secs = time.perf_counter() - t0
     return {"saved_mib": sum(seen.values()) / 2**20,
-            "step_peak_mib": (_rss_kib("VmHWM") - rss0) / 1024,
+            "step_peak_mib": (status_kib("VmHWM") - rss0) / 1024,
             "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "trainable": sum(p.numel() for p in params), "step_s": secs}
 

@@ -36,20 +36,14 @@ import subprocess
 import sys
 import time
 
+from common import status_kib  # noqa: E402  (benchmarks/common.py)
+
 CONFIGS = [  # (label, load dtype, quantize)
     ("fp32 base + LoRA", None, None),
     ("bf16 base + LoRA", "bf16", None),
     ("NF4 base + LoRA (QLoRA)", None, "nf4"),
     ("NF4 base, rest bf16 + LoRA", "bf16", "nf4"),
 ]
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def _model_bytes(model) -> int:
@@ -93,7 +87,7 @@ def one(dtype, quantize, batch: int, seq: int, r: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
     model.train()
 
-    rss_before = _status_kib("VmRSS")
+    rss_before = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
     t0 = time.perf_counter()
@@ -102,7 +96,7 @@ def one(dtype, quantize, batch: int, seq: int, r: int) -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
     step_s = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return {
         "linear_bytes": linear_weight_bytes(model),
         "bf16_linear_bytes": bf16_linear,

@@ -1,0 +1,50 @@
+"""Shared helpers of the benchmark scripts: peak resident memory on Linux, model variants.
+
+Peak memory on CPU: the resident-set high-water mark (VmHWM) is reset through
+/proc/self/clear_refs just before the measured work, then read after it; the figure is
+VmHWM - VmRSS(before). Each variant runs in its own process so that nothing else lives there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak() -> int:
+    """Reset the high-water mark; returns VmRSS (KiB) right after."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_kib("VmRSS")
+
+
+def peak_since_mib(rss_before_kib: int) -> float:
+    return (status_kib("VmHWM") - rss_before_kib) / 1024
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, Python "
+            f"{platform.python_version()}")
