@@ -270,12 +270,22 @@ def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
     for name, layer in list(adapter_layers(model)):
         if merge_adapters:
             layer.merge()
-            if layer.tied_weight and getattr(model, "config", None) is not None:
-                model.config.tie_word_embeddings = False  # the merged copies now differ
         _set_submodule(model, name, layer.base_layer)
     for name, wrapper in list(trained_modules(model)):
         _set_submodule(model, name, wrapper.module if merge_adapters else wrapper.original_module)
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "tie_word_embeddings", False):
+        # a trained copy of a tied embedding (TrainedModule) or a merged embedding LoRA now
+        # differs from the output layer: the saved model must not tie them again
+        inp = getattr(model, "get_input_embeddings", lambda: None)()
+        outp = getattr(model, "get_output_embeddings", lambda: None)()
+        if inp is not None and outp is not None and inp.weight is not outp.weight:
+            cfg.tie_word_embeddings = False
     if hasattr(model, "lorakit_state"):
+        if model.lorakit_state.config.s2_attn:
+            from .attention.s2 import disable_s2_attention
+
+            disable_s2_attention(model)  # RoPE interpolation stays: the weights learned it
         del model.lorakit_state
     return model
 

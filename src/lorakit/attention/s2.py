@@ -235,6 +235,15 @@ def enable_s2_attention(model: nn.Module, ratio: float = 0.25) -> str:
     return name
 
 
+def disable_s2_attention(model: nn.Module) -> None:
+    """Select the plain attention S2-Attn wrapped again (for export: a saved model must not
+    name an attention function only lorakit registers)."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None) or ""
+    if current.startswith(PREFIX):
+        model.set_attn_implementation(current[len(PREFIX):])
+
+
 # ---- RoPE position interpolation ----------------------------------------------------------------
 
 def interpolate_rope(model: nn.Module, context_length: int) -> Optional[int]:
