@@ -79,6 +79,11 @@ class AdapterConfig(_Strict):
     sample_ratio: float = Field(0.1, gt=0, le=1, description="LoRA-drop: data sampled")
     threshold: float = Field(0.9, gt=0, le=1, description="LoRA-drop: cumulative importance kept")
     top_n: Optional[int] = Field(None, gt=0, description="LoRA-drop: keep a fixed number of layers")
+    carry_over: bool = Field(False, description="LoRA-drop: kept layers start the main training "
+                             "from their sample-phase weights (default: fresh adapters)")
+    importance_scope: Literal["global", "module_type"] = Field(
+        "global", description="LoRA-drop: normalize importance over all adapted layers, or "
+        "within each module type (q_proj, ...) with threshold/top_n applied per type")
     # LoRA-FA (Zhang et al. 2023)
     lorafa_projection: bool = Field(False, description="LoRA-FA v2 gradient projection of B")
 
