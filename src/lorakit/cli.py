@@ -39,6 +39,7 @@ def run_methods(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from . import commands  # noqa: F401  registers the remaining subcommands
+    from . import commands_report  # noqa: F401  compare, inspect
 
     parser = argparse.ArgumentParser(
         prog="lorakit", description="Fine-tune causal LMs with LoRA, QLoRA, LoRA+, LoRA-FA, "

@@ -1,0 +1,64 @@
+"""``lorakit compare`` and ``lorakit inspect``: the side-by-side report and the per-layer analysis.
+
+Each parses its arguments and calls compare.py / inspect.py; heavy imports happen in ``run_*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .cli import command
+
+
+@command("compare", "train several methods on the same model, data, seed and budget, and "
+         "write a report (Markdown + HTML with plots)")
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    from .compare import COMPARE_DEFAULTS, DEFAULT_METHODS
+
+    p.add_argument("items", nargs="*", metavar="CONFIG|key=value",
+                   help="an optional YAML run config, then dotted overrides applied to every "
+                        "method's run; compare's budget "
+                        + ", ".join(f"{k}={v}" for k, v in COMPARE_DEFAULTS.items())
+                        + " applies where these leave it unset")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated methods and presets (default: %(default)s)")
+    p.add_argument("--out", default="runs/compare",
+                   help="folder of the runs and the report; finished methods in it are not "
+                        "run again (default: %(default)s)")
+
+
+def run_compare(args) -> int:
+    from .commands import split_config_args
+    from .compare import compare
+
+    config, overrides = split_config_args(args.items)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    report = compare(config, overrides, methods, args.out,
+                     log=lambda s: print(s, file=sys.stderr, flush=True))
+    from .report import main_table, md_table
+
+    print(md_table(*main_table(report["rows"])))
+    for x in report["missing"]:
+        print(f"{x['method']}: {x['status']} {x['reason']}".rstrip())
+    return 0 if not any(x["status"] == "failed" for x in report["missing"]) else 1
+
+
+@command("inspect", "per-layer analysis of an adapter: ||ΔW||, effective rank, AdaLoRA ranks, "
+         "LoRA-drop importance, DoRA magnitude/direction; text and PNG plots")
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter folder (or a full fine-tuned model folder)")
+    p.add_argument("--vs", metavar="OTHER", help="a second adapter of the same base, overlaid "
+                   "in every plot")
+    p.add_argument("--out", help="folder for the plots, inspect.txt/json/html (default: "
+                   "'inspect' next to the adapter folder)")
+    p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+
+
+def run_inspect(args) -> int:
+    from .inspect import inspect_adapters, text_report
+
+    results, out = inspect_adapters(args.adapter, args.vs, args.out, args.model)
+    print("\n\n".join(text_report(r) for r in results))
+    print(f"plots: {out}")
+    return 0

@@ -1,0 +1,248 @@
+"""``lorakit compare``: every method trained on the same model, data, seed and budget, side by side.
+
+Each method runs as its own ``lorakit train`` process (so its peak memory is its own) into
+``<out>/<method>/``, one after another. The folder is resumable: a method whose run holds a
+summary.json is not run again, an interrupted one continues from its last checkpoint
+(``train.resume=true``), a failed one is retried. The report (``report.md``, a self-contained
+``report.html`` and the PNG plots beside them) is rebuilt from the runs' summary.json files
+on every call, so it always shows exactly what the runs measured.
+
+Forgetting (after Biderman et al. 2024, "LoRA Learns Less and Forgets Less") is the change of
+the loss on held-out general English text that the task does not cover:
+``tuned.general_text_loss - base.general_text_loss``; positive means the model got worse there.
+
+# Note: the base model is measured once per distinct base
+Every run measures the base model before training (``base_metrics.json`` in its folder), and
+train.py reuses that file when it exists. Runs whose base is the same model with the same
+data, evaluation and precision (every method here but QLoRA, whose base is the 4-bit model)
+would measure the same numbers, so compare copies the first such file into the next run's
+folder instead of spending minutes of generation on it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import LorakitError
+
+DEFAULT_METHODS = ("lora", "dora", "lora-fa", "lora+", "qlora", "adalora", "lora-drop",
+                   "longlora", "full")
+#: The compare budget, applied only where the user's config and overrides leave the key unset:
+#: 9 methods of the embedded model on the built-in task fit in 45 minutes on 2 CPU cores.
+COMPARE_DEFAULTS = {"train.max_steps": 150, "eval.limit": 100}
+STATE_NAME = "compare.json"
+
+Log = Callable[[str], None]
+
+
+# ---- which methods can run here ------------------------------------------------------------
+
+def unavailable_reason(cfg) -> Optional[str]:
+    """Why the method of run config ``cfg`` cannot run on this machine, or None."""
+    from .registry import get_method
+
+    if cfg.adapter.quantize:
+        try:
+            importlib.import_module("bitsandbytes")
+        except Exception as e:  # noqa: BLE001 - any import failure means "not here"
+            return f"4-bit base weights need bitsandbytes, which does not import ({e})"
+    method = get_method(cfg.adapter.method)
+    for path in (method.linear, method.embedding, method.hooks):
+        if path:
+            module = path.partition(":")[0]
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                return f"{module} cannot be imported ({e})"
+    return None
+
+
+def _has_key(data: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def method_overrides(config: Optional[str], overrides: list[str], method: str,
+                     run_dir: Path) -> list[str]:
+    """The ``lorakit train`` overrides of one method's run: the compare budget where the user
+    set nothing, then the user's overrides, then the method and its folder."""
+    import yaml
+
+    from .config import parse_overrides
+
+    user: dict = {}
+    if config:
+        try:
+            user = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            user = {}  # load_run_config reports it properly
+    given = parse_overrides(overrides)
+    budget = [f"{k}={v}" for k, v in COMPARE_DEFAULTS.items()
+              if not _has_key(user, k) and not _has_key(given, k)]
+    return [*budget, *overrides, f"adapter.method={method}", f"output_dir={run_dir}",
+            "train.resume=true"]
+
+
+def _base_key(cfg) -> str:
+    """Runs with equal keys measure the same base model (See Note: the base model ...)."""
+    a = cfg.adapter
+    return json.dumps({"model": cfg.model, "quantize": a.quantize, "dtype": a.quant_compute_dtype,
+                       "context_length": a.context_length, "data": cfg.data.model_dump(),
+                       "eval": cfg.eval.model_dump(), "precision": cfg.train.precision},
+                      sort_keys=True)
+
+
+def _last_error(text: str) -> str:
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", text) if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith("lorakit: error:"):
+            return ln[len("lorakit: error:"):].strip()
+    return lines[-1] if lines else "the run failed without a message"
+
+
+# ---- running -------------------------------------------------------------------------------
+
+def compare(config: Optional[str], overrides: list[str], methods: list[str], out: str | Path,
+            log: Log = print, python: str = sys.executable) -> dict:
+    """Train each method (skipping finished ones) and write the report; returns the report's
+    data (also ``report.json``)."""
+    import yaml
+
+    from .config import load_run_config
+
+    out = Path(out)
+    if not methods:
+        raise LorakitError("--methods names no method")
+    if len(set(methods)) != len(methods):
+        raise LorakitError("--methods names a method twice")
+    # Resolve every run's config first: a bad override fails before any training.
+    plans = []
+    for m in methods:
+        run_dir = out / m
+        args = method_overrides(config, overrides, m, run_dir)
+        cfg = load_run_config(config, args)
+        old = run_dir / "config.yaml"
+        if old.exists() and yaml.safe_load(old.read_text()) != cfg.model_dump(mode="json"):
+            raise LorakitError(f"{run_dir} was run with other settings; use another --out or "
+                               "delete that folder")
+        plans.append((m, run_dir, args, cfg))
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE_NAME
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"runs": {}}
+    t_all = time.perf_counter()
+    for i, (m, run_dir, args, cfg) in enumerate(plans, 1):
+        rec = state["runs"].setdefault(m, {})
+        if (run_dir / "summary.json").exists():
+            log(f"[{i}/{len(plans)}] {m}: finished earlier, not run again")
+            rec["status"] = "done"
+            continue
+        reason = unavailable_reason(cfg)
+        if reason:
+            log(f"[{i}/{len(plans)}] {m}: not available here: {reason}")
+            state["runs"][m] = {"status": "unavailable", "error": reason}
+            continue
+        logs = out / "logs"
+        logs.mkdir(exist_ok=True)
+        if not _reuse_base(run_dir, cfg, plans):
+            log(f"[{i}/{len(plans)}] {m}: measuring the base model")
+            cmd = [python, "-m", "lorakit.compare", "--measure-base",
+                   *([config] if config else []), *args]
+            with open(logs / f"{m}.base.log", "w", encoding="utf-8") as fh:
+                subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+            # on failure the training run measures the base itself (and reports the error)
+        log_file = logs / f"{m}.log"
+        log(f"[{i}/{len(plans)}] {m}: training (log: {log_file})")
+        cmd = [python, "-m", "lorakit", "train", *([config] if config else []), *args]
+        t0 = time.perf_counter()
+        with open(log_file, "w", encoding="utf-8") as fh:
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, TOKENIZERS_PARALLELISM="false")).returncode
+        wall = time.perf_counter() - t0
+        if rc == 0 and (run_dir / "summary.json").exists():
+            state["runs"][m] = {"status": "done", "wall_s": wall}
+            log(f"[{i}/{len(plans)}] {m}: done in {wall:.0f} s")
+        else:
+            err = _last_error(log_file.read_text(encoding="utf-8", errors="replace"))
+            state["runs"][m] = {"status": "failed", "wall_s": wall, "error": err}
+            log(f"[{i}/{len(plans)}] {m}: FAILED ({err})")
+        _write_state(state_path, state)
+    state["last_call_wall_s"] = time.perf_counter() - t_all
+    _write_state(state_path, state)
+    from .report import write_report
+
+    report = write_report(out, [m for m, *_ in plans], state)
+    log(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    return report
+
+
+def _reuse_base(run_dir: Path, cfg, plans) -> bool:
+    """Put the base metrics of an equal base into ``run_dir``; False if none is measured yet
+    (See Note: the base model is measured once per distinct base)."""
+    target = run_dir / "base_metrics.json"
+    if target.exists() or not cfg.eval.compare_base:
+        return True
+    key = _base_key(cfg)
+    for _, other_dir, _, other_cfg in plans:
+        src = other_dir / "base_metrics.json"
+        if other_dir != run_dir and src.exists() and _base_key(other_cfg) == key:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target)
+            return True
+    return False
+
+
+def measure_base(cfg, log: Log = print) -> dict:
+    """The base model's metrics exactly as train.py measures them before training (the
+    adapter applied and disabled, so QLoRA's base is the 4-bit model), in
+    ``<output_dir>/base_metrics.json``. Run in its own process by :func:`compare`, so that no
+    training run's peak memory includes this evaluation."""
+    import torch
+
+    from . import inject, models
+    from .train import Run, _write_json_atomic, cast_frozen, measure, prepare_data, \
+        resolve_precision
+
+    dtype = resolve_precision(cfg.train.precision)
+    torch.manual_seed(cfg.train.seed)
+    model, tok = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    train_ex, valid_ex, test_rows, fmt = prepare_data(cfg, tok, log)
+    if cfg.adapter.method != "full":
+        inject.apply(model, cfg.adapter)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    cast_frozen(model, dtype)
+    out = Path(cfg.output_dir)
+    run = Run(cfg, model, tok, None, dtype, train_ex, valid_ex, test_rows, fmt, out, log)
+    with (inject.disabled(model) if cfg.adapter.method != "full" else contextlib.nullcontext()):
+        metrics = measure(run, "base model")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(out / "base_metrics.json", metrics)
+    return metrics
+
+
+def _write_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":  # python -m lorakit.compare --measure-base [CONFIG] key=value ...
+    from .commands import split_config_args
+    from .config import load_run_config
+
+    if sys.argv[1:2] != ["--measure-base"]:
+        sys.exit("usage: python -m lorakit.compare --measure-base [CONFIG] key=value ...")
+    measure_base(load_run_config(*split_config_args(sys.argv[2:])),
+                 log=lambda s: print(s, file=sys.stderr, flush=True))

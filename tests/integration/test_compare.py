@@ -1,0 +1,154 @@
+"""lorakit compare end to end on a tiny model: the report's figures are the runs' summaries,
+finished methods are not re-run, failures and unavailable methods get a row with the reason,
+and the HTML page renders in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from lorakit.cli import main
+from lorakit.compare import compare
+from lorakit.report import COLUMNS
+from tests.conftest import tiny_run_args
+
+METHODS = ["lora", "dora", "full"]
+
+
+def _tiny(model_dir) -> list[str]:
+    return [a for a in tiny_run_args(model_dir, "x") if not a.startswith("output_dir")]
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # the runs are child processes; 2 cores are shared
+        compare(None, _tiny(tiny_model_dir), METHODS + ["qlora"], out, log=lambda s: None)
+    return out
+
+
+def _md_rows(report_md: str) -> dict[str, dict[str, str]]:
+    lines = [ln for ln in report_md.splitlines() if ln.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for ln in lines[1:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        if cells[0] in METHODS + ["qlora"] and len(cells) == len(header):
+            rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def test_report_figures_are_each_runs_summary(compared):
+    md = (compared / "report.md").read_text()
+    table = _md_rows(md)
+    report = json.loads((compared / "report.json").read_text())
+    by_method = {r["method"]: r for r in report["rows"]}
+    for m in METHODS + ["qlora"]:
+        s = json.loads((compared / m / "summary.json").read_text())
+        expect = {
+            "trainable_params": s["trainable_params"],
+            "trainable_pct": 100 * s["trainable_params"] / s["total_params"],
+            "peak_memory_mb": s["peak_memory_mb"], "median_step_time_s": s["median_step_time_s"],
+            "tokens_per_s": s["tokens_per_s"], "exact_match": s["tuned"]["exact_match"],
+            "valid_loss": s["tuned"]["valid_loss"],
+            "forgetting": s["tuned"]["general_text_loss"] - s["base"]["general_text_loss"],
+            "final_train_loss": s["final_train_loss"]}
+        for key, header, fmt in COLUMNS:
+            if key in expect:
+                assert by_method[m][key] == pytest.approx(expect[key], rel=1e-12), (m, key)
+                assert table[m][header] == fmt.format(expect[key]), (m, key)
+    # the 16-bit base is shown once, from a non-quantized run, and is what that run measured
+    lora_base = json.loads((compared / "lora" / "summary.json").read_text())["base"]
+    assert report["base"]["from"] == "lora"
+    assert report["base"]["general_text_loss"] == lora_base["general_text_loss"]
+    for png in ("trainable_params", "peak_memory_mb", "median_step_time_s", "tokens_per_s",
+                "exact_match", "valid_loss", "forgetting", "loss_curves", "dm_dd"):
+        assert (compared / f"{png}.png").stat().st_size > 1000, png
+        assert f"![" in md and f"({png}.png)" in md
+    html = (compared / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 9 and "src=\"http" not in html
+
+
+def test_each_run_measures_its_own_base_or_an_identical_one(compared):
+    """The base is measured in a process of its own (so no peak memory includes it): the
+    16-bit runs share one measurement, QLoRA measures its 4-bit base."""
+    bases = {m: json.loads((compared / m / "summary.json").read_text())["base"]
+             for m in METHODS + ["qlora"]}
+    assert bases["lora"] == bases["dora"] == bases["full"]
+    assert bases["qlora"] != bases["lora"]
+    assert (compared / "logs" / "lora.base.log").exists()
+    assert (compared / "logs" / "qlora.base.log").exists()
+    assert not (compared / "logs" / "dora.base.log").exists()
+
+
+def test_finished_methods_are_not_run_again(compared, tiny_model_dir):
+    stamps = {m: (compared / m / "summary.json").stat().st_mtime_ns for m in METHODS}
+    msgs: list[str] = []
+    compare(None, _tiny(tiny_model_dir), METHODS, compared, log=msgs.append)
+    assert sum("finished earlier" in s for s in msgs) == len(METHODS)
+    assert stamps == {m: (compared / m / "summary.json").stat().st_mtime_ns for m in METHODS}
+    # other settings in the same folder are refused rather than mixed into one table
+    with pytest.raises(Exception, match="other settings"):
+        compare(None, _tiny(tiny_model_dir) + ["train.lr=5e-4"], METHODS, compared,
+                log=lambda s: None)
+
+
+def test_failed_and_unavailable_methods_get_a_row_with_the_reason(tiny_model_dir, tmp_path,
+                                                                  monkeypatch):
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\necho 'some progress'\necho 'lorakit: error: the loss became "
+                    "nan at step 3' >&2\nexit 2\n")
+    fake.chmod(0o755)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes fails
+    out = tmp_path / "cmp"
+    report = compare(None, _tiny(tiny_model_dir), ["lora-fa", "qlora"], out,
+                     log=lambda s: None, python=str(fake))
+    missing = {x["method"]: x for x in report["missing"]}
+    assert missing["lora-fa"]["status"] == "failed"
+    assert missing["lora-fa"]["reason"] == "the loss became nan at step 3"
+    assert missing["qlora"]["status"] == "unavailable"
+    assert "bitsandbytes" in missing["qlora"]["reason"]
+    md = (out / "report.md").read_text()
+    assert "the loss became nan at step 3" in md and "bitsandbytes" in md
+
+
+def test_bad_override_fails_before_any_run(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--methods", "lora,dora", "--out", str(out),
+                 *_tiny(tiny_model_dir), "train.nonsense=1"]) == 2
+    assert "train.nonsense" in capsys.readouterr().err
+    assert not (out / "lora").exists()
+    assert main(["compare", "--methods", "lora,nope", "--out", str(out)]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_html_report_renders_in_headless_chromium(compared):
+    from matplotlib.image import imread
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs Debian's chromium")
+        print("skipped: chromium is not installed (apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium); required in CI")
+    shot = compared / "screenshot.png"
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                        "--disable-background-networking", "--disable-component-update",
+                        "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+                        f"--screenshot={shot}", "--window-size=1200,900",
+                        (compared / "report.html").resolve().as_uri()],
+                       capture_output=True, timeout=120, check=False)
+    assert shot.exists(), "chromium wrote no screenshot"
+    img = imread(str(shot))[..., :3]
+    assert img.shape[0] >= 800 and img.shape[1] >= 1100
+    non_white = (img < 0.9).any(axis=-1).mean()
+    assert img.std() > 0.05 and non_white > 0.02, (img.std(), non_white)
