@@ -31,6 +31,7 @@ from .config import RunConfig
 from .data import IGNORE, StepSampler, collate, encode, read_rows, split_valid
 from .errors import LorakitError
 from .evaluate import eval_loss, exact_match
+from .loss import loss_sum
 
 Log = Callable[[str], None]
 
@@ -76,16 +77,6 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(dtype)
-
-
-def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies over labelled tokens, how many tokens)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                       ignore_index=IGNORE, reduction="sum")
-    return loss, int((labels != IGNORE).sum())
 
 
 def peak_memory_mb() -> float:
@@ -144,7 +135,7 @@ def optimize(run: Run, examples: list[dict], total_steps: int, lr: Optional[floa
                                                              pad_id).items()}
             sync = acc.no_sync(ddp_model) if j < len(micro) - 1 else _null()
             with sync:
-                s, _ = loss_sum(ddp_model, batch)
+                s, _ = loss_sum(ddp_model, batch, model)
                 loss = s * world / max(1, n_tokens)
                 if run.hooks is not None and hasattr(run.hooks, "regularizer"):
                     reg = run.hooks.regularizer(model)
