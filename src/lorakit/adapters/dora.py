@@ -93,7 +93,10 @@ class DoRALinear(LoRALinear):
         b = self.lora_B.float()
         s = self.scaling
         w0_sq = self._w0_sq_norms(w0)
-        w0_at = torch.cat([c.float() @ a.T for c in _row_chunks(w0)])  # (d_out, r)
+        # W0 Aᵀ in the weight's own dtype (a bf16 GEMM accumulates in fp32): no fp32 copy of
+        # W0 per forward; the cross term is small next to ||W0||², so its rounding is too
+        w0_at = (w0 @ a.T.to(w0.dtype)).float() if w0.dtype in (torch.bfloat16, torch.float16) \
+            else torch.cat([c.float() @ a.T for c in _row_chunks(w0)])  # (d_out, r)
         sq = w0_sq + 2 * s * (b * w0_at).sum(dim=1) + s * s * ((b @ (a @ a.T)) * b).sum(dim=1)
         bad = (sq < CANCEL * w0_sq).nonzero().flatten()
         if bad.numel():  # cancellation: W0 ≈ -s·BA in these rows; compute them directly

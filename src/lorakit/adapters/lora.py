@@ -45,7 +45,13 @@ class LoRALinear(AdapterLayer):
         out = self.base_layer(x)
         if self.bypass():
             return out
-        return out + self.lora_branch(x).to(out.dtype)
+        if type(self).lora_branch is not LoRALinear.lora_branch:  # a variant's own branch
+            return out + self.lora_branch(x).to(out.dtype)
+        # out + s·h Bᵀ in one BLAS call (scale and add fused into the GEMM)
+        h = F.linear(self.dropout(x).to(out.dtype), self.lora_A.to(out.dtype))
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r),
+                           self.lora_B.to(out.dtype).t(), alpha=self.scaling)
+        return flat.view(out.shape)
 
     def peft_state(self) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
