@@ -115,14 +115,12 @@ class DoRALinear(LoRALinear):
             return out
         k = self.magnitude_scale().to(out.dtype)
         if isinstance(self.dropout, nn.Identity) or not self.training:
-            # x̃ = x: y = (k-1)(out - b) + out + k·lora = k·(out - b + lora) + b, one multiply
-            # and one add over the output (autograd keeps one output-sized tensor, for dk)
-            lora = self.lora_branch(x).to(out.dtype)
+            # x̃ = x: y = (k-1)(out - b) + out + k·lora = k·(out - b + lora) + b: the add fused
+            # into the LoRA GEMM, one multiply (autograd keeps one output-sized tensor, for dk)
             bias = getattr(self.base_layer, "bias", None)
-            if bias is None:
-                return (out + lora) * k
-            bias = bias.to(out.dtype)
-            return (out - bias + lora) * k + bias
+            base = out if bias is None else out - bias.to(out.dtype)
+            v = self.add_branch(base, x)  # V x = W0 x + s·BA x, one addmm
+            return v * k if bias is None else v * k + bias.to(out.dtype)
         x_d = self.dropout(x)
         base_part = F.linear(x_d, self.base_weight_matrix().to(x_d.dtype))
         lora = F.linear(F.linear(x_d, self.lora_A.to(x_d.dtype)) * self.scaling,

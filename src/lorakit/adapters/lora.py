@@ -47,8 +47,11 @@ class LoRALinear(AdapterLayer):
             return out
         if type(self).lora_branch is not LoRALinear.lora_branch:  # a variant's own branch
             return out + self.lora_branch(x).to(out.dtype)
-        # out + s·h Bᵀ in one BLAS call (scale and add fused into the GEMM)
-        h = F.linear(self.dropout(x).to(out.dtype), self.lora_A.to(out.dtype))
+        return self.add_branch(out, self.dropout(x))
+
+    def add_branch(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + s·x Aᵀ Bᵀ, the scale and the add fused into one addmm (x: already dropped)."""
+        h = F.linear(x.to(out.dtype), self.lora_A.to(out.dtype))
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r),
                            self.lora_B.to(out.dtype).t(), alpha=self.scaling)
         return flat.view(out.shape)
