@@ -14,6 +14,7 @@ batch, however it is split across processes and accumulation steps. So one proce
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -77,6 +78,26 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(dtype)
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: nn.Module, enabled: bool):
+    """Recompute activations in backward within the block (transformers' non-reentrant
+    checkpointing; ``activation_checkpointing_*`` where transformers has the new name)."""
+    if not enabled:
+        yield
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        off = model.activation_checkpointing_disable
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        off = model.gradient_checkpointing_disable
+    try:
+        yield
+    finally:
+        off()
 
 
 def peak_memory_mb() -> float:
@@ -348,16 +369,12 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
         if run.hooks is not None and hasattr(run.hooks, "prepare"):
             run.hooks.prepare(run)  # e.g. LoRA-drop's importance phase
             cast_frozen(model, dtype)
-        if tc.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-                "use_reentrant": False})
         trainable, n_total = inject.count_parameters(model)
         log(f"{cfg.adapter.method}: {trainable:,} trainable of {n_total:,} parameters "
             f"({100 * trainable / n_total:.3f}%), {len(train_ex)} examples, {total} steps, "
             f"{str(dtype).replace('torch.', '')}, {acc.num_processes} process(es)")
-        stats = optimize(run, train_ex, total, checkpoints=True)
-        if tc.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+        with activation_checkpointing(model, tc.gradient_checkpointing):
+            stats = optimize(run, train_ex, total, checkpoints=True)
         summary: dict[str, Any] = {
             "method": cfg.adapter.method, "model": cfg.model,
             "trainable_params": trainable, "total_params": n_total,

@@ -19,7 +19,7 @@ def test_qlora_dora_loraplus_s2_in_one_run(tiny_model_dir, tmp_path, capsys):
         tiny_model_dir, out, "adapter.method=dora", "adapter.quantize=nf4",
         "adapter.loraplus_ratio=16", "adapter.s2_attn=true", "adapter.trainable_modules=[norms]",
         "data.packing=true", "data.max_seq_len=64", "eval.compare_base=false",
-        "eval.metric=null", "train.max_steps=3")])
+        "eval.metric=null", "train.max_steps=3", "train.gradient_checkpointing=true")])
     err = capsys.readouterr().err
     assert code == 0, err[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -290,7 +290,7 @@ class LoRADropHooks:
         from ..data import collate
         from ..inject import state_of
         from ..io import write_json
-        from ..train import optimize
+        from ..train import activation_checkpointing, optimize
 
         tc, acfg, acc, model = run.cfg.train, run.cfg.adapter, run.accelerator, run.model
         record = self._recorded_decision(run)
@@ -304,12 +304,8 @@ class LoRADropHooks:
         idx = sample_indices(len(run.train_examples), acfg.sample_ratio, per_step, tc.seed)
         sample = [run.train_examples[i] for i in idx]
         steps = max(1, len(sample) // per_step)  # one pass over the sample
-        if tc.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-                "use_reentrant": False})
-        optimize(run, sample, steps, desc="lora-drop sample")
-        if tc.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+        with activation_checkpointing(model, tc.gradient_checkpointing):
+            optimize(run, sample, steps, desc="lora-drop sample")
         # each process scores its share of the sample; the sums are added across processes
         pad = run.tokenizer.pad_token_id
         starts = range(acc.process_index * tc.batch_size, len(sample),
