@@ -116,8 +116,13 @@ def test_embedded_smollm2_parity_both_ways(smollm2, tmp_path):
     ids = tok(["The capital of France is", "LoRA adapters are small"], return_tensors="pt",
               padding=True).input_ids
     lk.apply(model, r=8, alpha=16, target_modules="all-linear")
-    for layer in [m for _, m in lk.inject.adapter_layers(model)]:
-        torch.nn.init.normal_(layer.lora_B, std=0.02)  # as if trained
+    opt = torch.optim.AdamW(lk.trainable_parameters(model).values(), lr=1e-3)
+    for _ in range(2):  # a few optimizer steps make B non-zero
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    assert all(m.lora_B.abs().max() > 0 for _, m in lk.inject.adapter_layers(model))
     ours = _logits(model, ids)
     lk.save_adapter(model, tmp_path / "ad")
     peft_model = PeftModel.from_pretrained(copy.deepcopy(pristine), tmp_path / "ad").eval()
