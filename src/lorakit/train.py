@@ -177,11 +177,12 @@ def optimize(run: Run, examples: list[dict], total_steps: int, lr: Optional[floa
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         step_times.append(dt)
-        tokens_seen += sum(len(examples[i]["input_ids"]) for i in idx)
+        step_tokens = sum(len(examples[i]["input_ids"]) for i in idx)
+        tokens_seen += step_tokens
         losses.append(step_loss)
         lr_now = scheduler.get_last_lr()[0]
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_now:.2e}",
-                        tok_s=f"{sum(len(examples[i]['input_ids']) for i in idx) / dt:.0f}")
+                        tok_s=f"{step_tokens / dt:.0f}")
         bar.update(1)
         done = step + 1
         if run.is_main and (done % tc.log_every == 0 or done == total_steps):
