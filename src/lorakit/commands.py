@@ -63,27 +63,53 @@ def run_train(args) -> int:
     cfg = load_run_config(*split_config_args(args.items))
     summary = train(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     if summary.get("tuned") is not None:
-        print(before_after_table(summary))
+        print(before_after_table(summary, Path(cfg.output_dir)))
     print(f"adapter: {Path(cfg.output_dir) / 'adapter'}")
     return 0
 
 
-def before_after_table(summary: dict) -> str:
+#: rows of the before/after table, in order, with their number format
+TABLE_KEYS = (("exact_match", "{:.4f}"), ("normalized_match", "{:.4f}"), ("f1", "{:.4f}"),
+              ("valid_loss", "{:.4f}"), ("valid_perplexity", "{:.3f}"),
+              ("general_text_loss", "{:.4f}"))
+
+
+def before_after_table(summary: dict, run_dir: Optional[Path] = None) -> str:
+    """The base and tuned metrics side by side, how answers were generated and scored, any
+    answers cut by the cap, and where the predictions behind the figures are."""
     base, tuned = summary.get("base") or {}, summary.get("tuned") or {}
-    keys = [k for k in ("exact_match", "valid_loss", "general_text_loss") if k in tuned]
-    rows = [f"{'metric':<20}{'base':>10}{'tuned':>10}"]
-    for k in keys:
-        b = f"{base[k]:.4f}" if k in base else "-"
-        rows.append(f"{k:<20}{b:>10}{tuned[k]:>10.4f}")
+    headline = tuned.get("metric")
+    rows = [f"{'metric':<24}{'base':>10}{'tuned':>10}"]
+    for k, fmt in TABLE_KEYS:
+        if k not in tuned:
+            continue
+        b = fmt.format(base[k]) if k in base else "-"
+        name = f"{k} *" if k == headline else k
+        rows.append(f"{name:<24}{b:>10}{fmt.format(tuned[k]):>10}")
+    gen = tuned.get("generation")
+    if gen:
+        rows.append(f"* headline metric. Answers: greedy, until the model's end-of-turn token "
+                    f"(at most {gen['max_new_tokens']} new tokens), on {gen['examples']} "
+                    "held-out examples.")
+        for label, m in (("base", base), ("tuned", tuned)):
+            note = (m.get("generation") or {}).get("cut_note")
+            if note:
+                rows.append(f"WARNING ({label}): {note}; those answers count as generated "
+                            "so far (raise eval.max_new_tokens).")
+        where = [f"{label} {run_dir / m['predictions'] if run_dir else m['predictions']}"
+                 for label, m in (("base", base), ("tuned", tuned)) if m.get("predictions")]
+        if where:
+            rows.append("predictions: " + ", ".join(where))
     return "\n".join(rows)
 
 
 # ---- loading an adapter for inference -----------------------------------------------------
 
-def _add_model_arg(p: argparse.ArgumentParser) -> None:
+def _add_model_arg(p: argparse.ArgumentParser, dtype_default: Optional[str] = "fp32",
+                   dtype_help: str = "weights dtype for inference") -> None:
     p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="weights dtype for inference")
+    p.add_argument("--dtype", default=dtype_default, choices=["fp32", "bf16", "fp16"],
+                   help=dtype_help)
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run the model repository's code")
 
@@ -115,51 +141,110 @@ def load_for_inference(adapter: Optional[str], model_name: Optional[str], dtype:
 
 # ---- eval ---------------------------------------------------------------------------------
 
-@command("eval", "evaluate an adapter (or --base MODEL): loss and the task metric, as JSON")
+@command("eval", "evaluate an adapter (or --base MODEL): loss and generation metrics, as JSON")
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapter", nargs="?", help="adapter folder (omit with --base)")
+    from .evaluate import METRICS
+
+    p.add_argument("adapter", nargs="?", help="adapter folder, or a run folder (omit with "
+                   "--base)")
     p.add_argument("--base", help="evaluate this base model alone")
-    p.add_argument("--data", help="a data file or task:NAME (default: the run's training data)")
-    p.add_argument("--metric", choices=["exact_match", "none"], default=None,
-                   help="generation metric (default: exact_match for tasks, none for files)")
-    p.add_argument("--limit", type=int, default=200, help="examples for the metric")
-    p.add_argument("--max-seq-len", type=int, default=512)
-    _add_model_arg(p)
+    p.add_argument("--data", help="a data file or task:NAME (default: the run's own held-out "
+                   "rows, recorded in <run>/heldout.json: never rows it trained on)")
+    p.add_argument("--metric", choices=[*METRICS, "none"], default=None,
+                   help="headline metric (default: the run's eval.metric); all are reported")
+    p.add_argument("--limit", type=int, default=None,
+                   help="examples for the generation metric (default: the run's eval.limit)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on generated tokens per answer (default: longest reference + 16)")
+    p.add_argument("--predictions", metavar="FILE",
+                   help="write every answer (prompt, reference, prediction, metrics, cut) "
+                        "to FILE as JSON lines")
+    p.add_argument("--max-seq-len", type=int, default=None)
+    _add_model_arg(p, dtype_default=None,
+                   dtype_help="compute precision (default: the run's, else fp32)")
 
 
-def _run_data_spec(adapter: Optional[str]) -> Optional[str]:
+def _run_folder(adapter: Optional[str]) -> Optional[Path]:
+    """The run folder an adapter belongs to (it holds config.yaml), if any."""
     if adapter:
-        cfg_file = Path(adapter).parent / "config.yaml"
-        if cfg_file.exists():
-            import yaml
-
-            return ((yaml.safe_load(cfg_file.read_text()) or {}).get("data") or {}).get("train")
+        for d in (Path(adapter), Path(adapter).parent):
+            if (d / "config.yaml").is_file() and (d / "adapter").is_dir():
+                return d
     return None
 
 
+def _eval_config(run_dir: Optional[Path], args):
+    """The run's config (or the defaults) with the command line's eval settings on top."""
+    from .config import RunConfig, load_run_config
+
+    cfg = load_run_config(str(run_dir / "config.yaml")) if run_dir else RunConfig()
+    ev = {"metric": None if args.metric == "none" else args.metric,
+          "limit": args.limit, "max_new_tokens": args.max_new_tokens}
+    upd = {k: v for k, v in ev.items() if v is not None or (k == "metric" and args.metric)}
+    if upd:
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update=upd)})
+    if args.max_seq_len:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"max_seq_len": args.max_seq_len})})
+    return cfg
+
+
+def _eval_rows(spec: Optional[str], run_dir: Optional[Path], cfg, tok):
+    """(what was evaluated, validation examples, metric rows, format)."""
+    from .data import Rows, build_heldout, encode, read_rows
+
+    if spec:
+        enc = encode(read_rows(spec, "test"), tok, "auto", cfg.data.max_seq_len)
+        if enc.skipped:
+            print(Rows(enc.rows, enc.skipped, spec).report(), file=sys.stderr)
+        return ({"data": spec, "split": "test" if spec.startswith("task:") else "all"},
+                enc.examples, enc.rows if enc.fmt != "text" else [], enc.fmt)
+    if run_dir is None:
+        raise LorakitError("say which data to evaluate on with --data FILE or --data task:NAME")
+    record_file = run_dir / "heldout.json"
+    if not record_file.is_file():
+        raise LorakitError(f"{run_dir} does not record its held-out rows (trained by an older "
+                           "lorakit); pass --data")
+    record = json.loads(record_file.read_text())
+    valid, metric_rows = build_heldout(record, tok, cfg.data.max_seq_len,
+                                       cfg.data.train_on_prompt)
+    what = {"data": record["valid"]["data"], "split": record["valid"]["split"]
+            if record["valid"]["lines"] is None else "held-out rows"}
+    if record.get("metric"):
+        what["metric_split"] = record["metric"]["split"]
+    return what, valid, metric_rows, record["format"]
+
+
 def run_eval(args) -> int:
-    from .data import Rows, encode, read_rows
-    from .evaluate import eval_loss, exact_match
+    import torch
+
+    from .train import Run, cast_frozen, measure, resolve_precision
 
     if (args.adapter is None) == (args.base is None):
         raise LorakitError("give either an adapter folder or --base MODEL")
-    spec = args.data or _run_data_spec(args.adapter)
-    if not spec:
-        raise LorakitError("say which data to evaluate on with --data FILE or --data task:NAME")
-    model, tok = load_for_inference(args.adapter, args.base or args.model, args.dtype,
+    if args.adapter is not None and not Path(args.adapter).is_dir():
+        raise LorakitError(f"adapter folder {args.adapter!r} does not exist")
+    run_dir = _run_folder(args.adapter)
+    adapter = str(run_dir / "adapter") if run_dir and Path(args.adapter) == run_dir \
+        else args.adapter
+    cfg = _eval_config(run_dir, args)
+    dtype = resolve_precision(args.dtype or (cfg.train.precision if run_dir else "fp32"))
+    model, tok = load_for_inference(adapter, args.base or args.model, "fp32",
                                     args.trust_remote_code)
-    rows = read_rows(spec, "test")
-    enc = encode(rows, tok, "auto", args.max_seq_len)
-    result = {"data": spec, "examples": len(enc.examples),
-              "loss": eval_loss(model, enc.examples, tok.pad_token_id)}
-    metric = args.metric or ("exact_match" if spec.startswith("task:") else "none")
-    if metric == "exact_match":
-        if enc.fmt == "text":
-            raise LorakitError("exact_match needs rows with a reference answer, not plain text")
-        result["exact_match"] = exact_match(model, tok, enc.rows, enc.fmt, args.limit)
-    if enc.skipped:
-        result["skipped_rows"] = len(enc.skipped)
-        print(Rows(enc.rows, enc.skipped, spec).report(), file=sys.stderr)
+    what, valid, metric_rows, fmt = _eval_rows(args.data, run_dir, cfg, tok)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    cast_frozen(model, dtype)  # as in training: frozen weights in the compute dtype
+    log = (lambda s: print(s, file=sys.stderr, flush=True))
+    run = Run(cfg, model, tok, None, dtype, [], valid, metric_rows, fmt, Path("."), log)
+    m = measure(run, "adapter" if adapter else "base model",
+                Path(args.predictions) if args.predictions else None)
+    if "predictions" in m:
+        m["predictions"] = args.predictions
+    loss, gen = m.pop("valid_loss", None), m.pop("generation", {})
+    if gen:
+        gen["metric_examples"] = gen.pop("examples")
+    result = {**what, "dtype": str(dtype).replace("torch.", ""), "examples": len(valid),
+              "loss": loss, **m, **gen}
     print(json.dumps(result))
     return 0
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import LorakitError
+from .evaluate import PREDICTIONS
 
 DEFAULT_METHODS = ("lora", "dora", "lora-fa", "lora+", "qlora", "adalora", "lora-drop",
                    "longlora", "full")
@@ -199,6 +200,9 @@ def _reuse_base(run_dir: Path, cfg, plans) -> bool:
         src = other_dir / "base_metrics.json"
         if other_dir != run_dir and src.exists() and _base_key(other_cfg) == key:
             run_dir.mkdir(parents=True, exist_ok=True)
+            preds = other_dir / PREDICTIONS["base"]
+            if preds.exists():
+                shutil.copyfile(preds, run_dir / PREDICTIONS["base"])
             shutil.copyfile(src, target)
             return True
     return False
@@ -218,16 +222,16 @@ def measure_base(cfg, log: Log = print) -> dict:
     dtype = resolve_precision(cfg.train.precision)
     torch.manual_seed(cfg.train.seed)
     model, tok = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    train_ex, valid_ex, test_rows, fmt = prepare_data(cfg, tok, log)
+    train_ex, valid_ex, metric_rows, fmt, _ = prepare_data(cfg, tok, log)
     if cfg.adapter.method != "full":
         inject.apply(model, cfg.adapter)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     cast_frozen(model, dtype)
     out = Path(cfg.output_dir)
-    run = Run(cfg, model, tok, None, dtype, train_ex, valid_ex, test_rows, fmt, out, log)
-    with (inject.disabled(model) if cfg.adapter.method != "full" else contextlib.nullcontext()):
-        metrics = measure(run, "base model")
+    run = Run(cfg, model, tok, None, dtype, train_ex, valid_ex, metric_rows, fmt, out, log)
     out.mkdir(parents=True, exist_ok=True)
+    with (inject.disabled(model) if cfg.adapter.method != "full" else contextlib.nullcontext()):
+        metrics = measure(run, "base model", out / PREDICTIONS["base"])
     _write_json_atomic(out / "base_metrics.json", metrics)
     return metrics
 

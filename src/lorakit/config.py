@@ -186,14 +186,18 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    """Evaluation after training (and by lorakit eval)."""
+    """Evaluation after training (and by lorakit eval). Answers are generated greedily until
+    the model ends them (EOS / end-of-turn); every metric is computed and reported."""
 
-    metric: Optional[Literal["exact_match"]] = Field(
-        "exact_match", description="task metric on the test split (built-in tasks, or any "
-        "data with references); null: loss only")
+    metric: Optional[Literal["exact_match", "normalized_match", "f1"]] = Field(
+        "exact_match", description="headline generation metric on the held-out rows with "
+        "references (a task's test split, or the validation rows); all three are computed "
+        "and reported; null: loss only")
     limit: int = Field(200, gt=0, description="examples for the generation metric")
     batch_size: int = Field(32, gt=0, description="examples per generation batch")
-    max_new_tokens: int = Field(16, gt=0, description="greedy tokens generated per answer")
+    max_new_tokens: Optional[int] = Field(
+        None, gt=0, description="cap on generated tokens per answer; null: the longest "
+        "reference answer in tokens + 16 (at most 1024). Answers cut by the cap are reported")
     compare_base: bool = Field(True, description="also evaluate the base model (before/after)")
 
 

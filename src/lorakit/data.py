@@ -225,15 +225,65 @@ def pack(examples: list[dict], max_len: int) -> list[dict]:
             for i in range(0, len(ids), max_len)]
 
 
-def split_valid(examples: list, ratio: float, seed: int) -> tuple[list, list]:
-    """A deterministic validation split of ``ratio`` (at least one example when ratio > 0)."""
-    if ratio <= 0 or len(examples) < 2:
-        return examples, []
-    idx = list(range(len(examples)))
+def split_rows(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A deterministic held-out split of ``ratio`` of the rows (at least one row when
+    ratio > 0), made before encoding so that no held-out row is ever trained on, packed or
+    not."""
+    if ratio <= 0 or len(rows) < 2:
+        return rows, []
+    idx = list(range(len(rows)))
     random.Random(seed).shuffle(idx)
-    n = max(1, int(len(examples) * ratio))
-    held = set(idx[:n])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+    held = set(idx[:max(1, int(len(rows) * ratio))])
+    return ([r for i, r in enumerate(rows) if i not in held],
+            [rows[i] for i in sorted(held)])
+
+
+def select_lines(rows: Rows, lines: Optional[list[int]]) -> Rows:
+    """The rows whose ``_line`` is in ``lines`` (all rows when ``lines`` is None)."""
+    if lines is None:
+        return rows
+    keep = set(lines)
+    return Rows([r for r in rows.rows if r.get("_line") in keep], [], rows.source)
+
+
+# ---- the held-out rows of a run ---------------------------------------------------------
+
+def heldout_record(train_spec: str, valid_spec: Optional[str], fmt: str,
+                   valid_lines: Optional[list[int]]) -> dict:
+    """Which rows a run holds out, as written to ``<run>/heldout.json``.
+
+    ``valid``: the rows of the validation loss; ``metric``: the rows the generation metric
+    is computed on (a built-in task's test split; otherwise the validation rows, when they
+    have reference answers). ``lines`` are 1-based row numbers in the source (None: all)."""
+    if valid_spec:
+        valid = {"data": valid_spec, "split": "valid", "lines": None}
+    elif train_spec.startswith("task:"):
+        valid = {"data": train_spec, "split": "valid", "lines": None}
+    else:
+        valid = {"data": train_spec, "split": "train", "lines": valid_lines}
+    if train_spec.startswith("task:") and not valid_spec:
+        metric: Optional[dict] = {"data": train_spec, "split": "test", "lines": None}
+    else:
+        metric = dict(valid) if fmt != "text" and (valid_spec or valid_lines) else None
+    return {"format": fmt, "valid": valid, "metric": metric}
+
+
+def build_heldout(record: dict, tokenizer, max_len: int, train_on_prompt: bool = False
+                  ) -> tuple[list[dict], list[dict]]:
+    """(validation examples, rows for the generation metric) of a held-out record; the
+    same call serves the training run and a later ``lorakit eval`` of its adapter."""
+    fmt, v, m = record["format"], record["valid"], record.get("metric")
+    valid: list[dict] = []
+    if v["lines"] is None or v["lines"]:
+        rows = select_lines(read_rows(v["data"], v["split"]), v["lines"])
+        if rows.rows:
+            valid = encode(rows, tokenizer, fmt, max_len, train_on_prompt).examples
+    metric_rows: list[dict] = []
+    if m is not None:
+        rows = select_lines(read_rows(m["data"], m["split"]), m["lines"])
+        if rows.rows:
+            metric_rows = encode(rows, tokenizer, fmt, max_len, train_on_prompt).rows
+    return valid, metric_rows
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

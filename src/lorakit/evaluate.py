@@ -1,8 +1,31 @@
-"""Loss and the task metric (exact match of the greedy answer) for a model on some rows."""
+"""Evaluation: the loss, and generation metrics on answers generated to their end.
+
+# Note: answers are generated until the model ends them
+A generation metric is only as good as the answers it reads. Generation stops at the
+tokenizer's EOS or the chat template's end-of-turn token (every id of the model's
+``generation_config.eos_token_id``), never at a small fixed budget: the cap defaults to the
+longest reference answer in tokens + 16 (at most 1024), so a right answer is never cut short.
+An answer that still reaches the cap is *counted* as cut and reported ("3 of 100 answers were
+cut at 40 tokens"), so a low score that comes from the cap cannot pass for a bad model.
+
+Metrics (all computed together; ``eval.metric`` picks the headline):
+- ``exact_match``: prediction == reference after stripping surrounding whitespace;
+- ``normalized_match`` and ``f1``: the SQuAD v1.1 definitions (Rajpurkar et al. 2016,
+  the official evaluation script): lower case, punctuation and the articles a/an/the removed,
+  whitespace collapsed; F1 over the bag of normalized tokens.
+"""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
+import math
+import re
+import string
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -10,6 +33,56 @@ from torch import nn
 
 from .data import IGNORE, collate, prompt_and_answer
 
+METRICS = ("exact_match", "normalized_match", "f1")
+#: default cap = longest reference + this margin, never above MAX_NEW_TOKENS_CAP
+CAP_MARGIN = 16
+MAX_NEW_TOKENS_CAP = 1024
+#: files of a run folder that hold the answers behind the base and tuned metrics
+PREDICTIONS = {"base": "base_predictions.jsonl", "tuned": "predictions.jsonl"}
+
+
+# ---- scoring one answer --------------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalization: lower case, no punctuation, no articles, single spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def exact_match_score(prediction: str, reference: str) -> float:
+    return float(prediction.strip() == reference.strip())
+
+
+def normalized_match_score(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def f1_score(prediction: str, reference: str) -> float:
+    """Token F1 of the normalized answers (SQuAD); two empty answers score 1."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+SCORERS = {"exact_match": exact_match_score, "normalized_match": normalized_match_score,
+           "f1": f1_score}
+
+
+def score(prediction: str, reference: str) -> dict[str, float]:
+    """Every metric of one answer."""
+    return {name: fn(prediction, reference) for name, fn in SCORERS.items()}
+
+
+# ---- the loss -----------------------------------------------------------------------------
 
 def autocast_for(model: nn.Module, dtype: Optional[torch.dtype]):
     """torch.autocast on the model's device for bf16/fp16, a no-op context for fp32."""
@@ -21,13 +94,13 @@ def autocast_for(model: nn.Module, dtype: Optional[torch.dtype]):
 
 @torch.no_grad()
 def eval_loss(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int = 16,
-              dtype: Optional[torch.dtype] = None) -> float:
+              dtype: Optional[torch.dtype] = None, progress: Optional[str] = None) -> float:
     """Mean next-token loss over every labelled token of ``examples`` (token-weighted)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
+    for i in _bar(range(0, len(examples), batch_size), progress, len(examples), batch_size):
         b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
         with autocast_for(model, dtype):
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -41,37 +114,147 @@ def eval_loss(model: nn.Module, examples: list[dict], pad_id: int, batch_size: i
     return total / max(1, count)
 
 
+def _bar(it, desc: Optional[str], n_items: int, per: int):
+    """A tqdm bar over batches, counted in examples; silent when ``desc`` is None."""
+    if desc is None:
+        return it
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_items, desc=desc, unit="ex", dynamic_ncols=True, leave=False)
+
+    def gen():
+        try:
+            for i in it:
+                yield i
+                bar.update(min(per, n_items - i))
+        finally:
+            bar.close()
+    return gen()
+
+
+# ---- generation ---------------------------------------------------------------------------
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Every id that ends an answer: the tokenizer's EOS and the generation config's
+    ``eos_token_id`` (a list for chat models: end-of-turn tokens such as ``<|im_end|>``)."""
+    ids: list[int] = []
+    gen_cfg = getattr(model, "generation_config", None)
+    for v in (getattr(gen_cfg, "eos_token_id", None), tokenizer.eos_token_id):
+        for i in (v if isinstance(v, (list, tuple)) else [v]):
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def default_max_new_tokens(tokenizer, references: list[str]) -> int:
+    """The longest reference in tokens + CAP_MARGIN (room for the end-of-turn token and a
+    little more), at most MAX_NEW_TOKENS_CAP."""
+    longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"])
+                   for r in references), default=0)
+    return min(MAX_NEW_TOKENS_CAP, longest + CAP_MARGIN)
+
+
+@dataclass
+class Answer:
+    text: str
+    n_tokens: int
+    cut: bool  # reached the cap without a stop token
+
+
 @torch.no_grad()
-def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 16,
-                     batch_size: int = 32, dtype: Optional[torch.dtype] = None) -> list[str]:
-    """Greedy completions of ``prompts`` (left-padded batches), decoded without specials."""
+def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int,
+                     batch_size: int = 32, dtype: Optional[torch.dtype] = None,
+                     progress: Optional[str] = None) -> list[Answer]:
+    """Greedy answers to ``prompts``, each generated until a stop token or the cap.
+
+    Batched with the KV cache; prompts are sorted by length so that a batch holds prompts of
+    similar length (less left padding). Answers come back in the prompts' order."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    stops = stop_token_ids(model, tokenizer)
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    outs: list[str] = []
+    answers: list[Optional[Answer]] = [None] * len(prompts)
     try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
+        for s in _bar(range(0, len(order), batch_size), progress, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
             with autocast_for(model, dtype):
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:],
-                                           skip_special_tokens=True)
+                                     eos_token_id=stops or None,
+                                     pad_token_id=tokenizer.pad_token_id, use_cache=True)
+            for i, row in zip(idx, gen[:, enc["input_ids"].shape[1]:].tolist()):
+                end = next((k for k, t in enumerate(row) if t in stops), None)
+                body = row if end is None else row[:end]
+                answers[i] = Answer(tokenizer.decode(body, skip_special_tokens=True),
+                                    len(body), cut=end is None and len(row) >= max_new_tokens)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return outs
+    return answers  # type: ignore[return-value]
 
 
-def exact_match(model: nn.Module, tokenizer, rows: list[dict], fmt: str, limit: int = 200,
-                batch_size: int = 32, max_new_tokens: int = 16,
-                dtype: Optional[torch.dtype] = None) -> float:
-    """Fraction of rows whose greedy answer equals the reference after stripping whitespace."""
+@dataclass
+class GenerationResult:
+    """The metrics of greedy answers to some rows, with every prediction behind them."""
+
+    metrics: dict[str, float]
+    predictions: list[dict]
+    max_new_tokens: int
+    cut: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def cut_note(self) -> Optional[str]:
+        if not self.cut:
+            return None
+        return (f"{self.cut} of {len(self.predictions)} answers were cut at "
+                f"{self.max_new_tokens} tokens")
+
+    def as_dict(self) -> dict:
+        return {"examples": len(self.predictions),
+                "max_new_tokens": self.max_new_tokens, "cut_answers": self.cut,
+                "generation_s": round(self.seconds, 3),
+                **({"cut_note": self.cut_note} if self.cut else {})}
+
+
+def generation_metrics(model: nn.Module, tokenizer, rows: list[dict], fmt: str,
+                       limit: Optional[int] = None, batch_size: int = 32,
+                       max_new_tokens: Optional[int] = None,
+                       dtype: Optional[torch.dtype] = None,
+                       progress: Optional[str] = None) -> GenerationResult:
+    """Generate an answer for each row (greedy, to its end) and score it against the row's
+    reference with every metric in METRICS (means over the rows)."""
     pairs = [prompt_and_answer(r, fmt, tokenizer) for r in rows[:limit]]
-    answers = generate_answers(model, tokenizer, [p for p, _ in pairs], max_new_tokens,
-                               batch_size, dtype)
-    hits = sum(a.strip() == ref.strip() for a, (_, ref) in zip(answers, pairs))
-    return hits / max(1, len(pairs))
+    refs = [ref for _, ref in pairs]
+    cap = max_new_tokens or default_max_new_tokens(tokenizer, refs)
+    t0 = time.perf_counter()
+    answers = generate_answers(model, tokenizer, [p for p, _ in pairs], cap, batch_size,
+                               dtype, progress)
+    seconds = time.perf_counter() - t0
+    preds = []
+    for (prompt, ref), ans in zip(pairs, answers):
+        preds.append({"prompt": prompt, "reference": ref, "prediction": ans.text,
+                      **score(ans.text, ref), "tokens": ans.n_tokens, "cut": ans.cut})
+    n = max(1, len(preds))
+    metrics = {m: sum(p[m] for p in preds) / n for m in METRICS}
+    return GenerationResult(metrics, preds, cap, sum(p["cut"] for p in preds), seconds)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
+def write_predictions(path: Path, predictions: list[dict]) -> None:
+    """One JSON object per answer: prompt, reference, prediction, each metric, cut."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for p in predictions:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    tmp.replace(path)

@@ -27,6 +27,7 @@ COLUMNS = [("trainable_params", "trainable params", "{:,}"),
            ("median_step_time_s", "median step (s)", "{:.3f}"),
            ("tokens_per_s", "tokens/s", "{:.0f}"),
            ("exact_match", "exact match", "{:.3f}"),
+           ("f1", "token F1", "{:.3f}"),
            ("valid_loss", "eval loss", "{:.4f}"),
            ("forgetting", "forgetting (Δ general loss)", "{:+.4f}"),
            ("final_train_loss", "final train loss", "{:.4f}"),
@@ -45,13 +46,17 @@ def summary_row(method: str, summary: dict, wall_s: Optional[float] = None) -> d
              f"{ms['target_total_rank']})" if "total_rank" in ms else
              f"own LoRA on {len(drop['kept'])} of {len(drop['importance'])} layers"
              if drop.get("kept") is not None and drop.get("importance") else "")
+    cut = (tuned.get("generation") or {}).get("cut_note")
+    if cut:  # never let a capped answer pass for a wrong one silently
+        notes = "; ".join(x for x in (notes, f"WARNING: {cut}") if x)
     return {"method": method, "status": "done",
             "trainable_params": summary["trainable_params"],
             "trainable_pct": 100 * summary["trainable_params"] / summary["total_params"],
             "peak_memory_mb": summary.get("peak_memory_mb"),
             "median_step_time_s": summary.get("median_step_time_s"),
             "tokens_per_s": summary.get("tokens_per_s"),
-            "exact_match": tuned.get("exact_match"), "valid_loss": tuned.get("valid_loss"),
+            "exact_match": tuned.get("exact_match"), "f1": tuned.get("f1"),
+            "valid_loss": tuned.get("valid_loss"),
             "forgetting": forget, "final_train_loss": summary.get("final_train_loss"),
             "wall_s": wall_s, "loss_curve": summary.get("loss_curve") or [], "notes": notes}
 

@@ -29,9 +29,11 @@ import torch
 from torch import nn
 
 from .config import RunConfig
-from .data import IGNORE, StepSampler, collate, encode, read_rows, split_valid
+from .data import (IGNORE, StepSampler, build_heldout, collate, encode, heldout_record,
+                   read_rows, split_rows)
 from .errors import LorakitError
-from .evaluate import eval_loss, exact_match
+from .evaluate import (PREDICTIONS, eval_loss, generation_metrics, perplexity,
+                       write_predictions)
 from .loss import loss_sum
 
 Log = Callable[[str], None]
@@ -48,7 +50,7 @@ class Run:
     dtype: torch.dtype
     train_examples: list[dict]
     valid_examples: list[dict]
-    test_rows: list[dict]
+    metric_rows: list[dict]  # rows with references for the generation metric (held out)
     fmt: str
     out_dir: Path
     log: Log = print
@@ -243,24 +245,39 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def measure(run: Run, label: str) -> dict:
-    """Validation loss, forgetting loss (general text) and the task metric of run.model."""
+def measure(run: Run, label: str, predictions: Optional[Path] = None) -> dict:
+    """Validation loss (and perplexity for plain text), forgetting loss (general text) and
+    the generation metrics of run.model; every answer goes to ``predictions`` (JSON lines)."""
     from .data import Rows
     from .tasks import get_task
 
     model, tok, ec = run.model, run.tokenizer, run.cfg.eval
+    t0 = time.perf_counter()
     out: dict[str, Any] = {}
     if run.valid_examples:
         out["valid_loss"] = eval_loss(model, run.valid_examples, tok.pad_token_id,
-                                      dtype=run.dtype)
+                                      dtype=run.dtype, progress=f"{label}: loss")
+        if run.fmt == "text":
+            out["valid_perplexity"] = perplexity(out["valid_loss"])
     general = encode(Rows(get_task("general-text").rows("test"), [], "general-text"), tok,
                      "text", run.cfg.data.max_seq_len, train_on_prompt=True)
     out["general_text_loss"] = eval_loss(model, general.examples, tok.pad_token_id,
                                          dtype=run.dtype)
-    if ec.metric == "exact_match" and run.test_rows:
-        out["exact_match"] = exact_match(model, tok, run.test_rows, run.fmt, ec.limit,
-                                         ec.batch_size, ec.max_new_tokens, dtype=run.dtype)
-    run.log(f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+    if ec.metric and run.metric_rows:
+        res = generation_metrics(model, tok, run.metric_rows, run.fmt, ec.limit,
+                                 ec.batch_size, ec.max_new_tokens, dtype=run.dtype,
+                                 progress=f"{label}: answers")
+        out.update(res.metrics)
+        out["metric"] = ec.metric
+        out["generation"] = res.as_dict()
+        if predictions is not None:
+            write_predictions(predictions, res.predictions)
+            out["predictions"] = predictions.name  # beside the run's other files
+        if res.cut_note:
+            run.log(f"{label}: {res.cut_note} (raise eval.max_new_tokens to let them finish)")
+    out["eval_time_s"] = time.perf_counter() - t0
+    run.log(f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()
+                                      if isinstance(v, float) and k != "eval_time_s"))
     return out
 
 
@@ -276,26 +293,26 @@ def _lock(out_dir: Path):
     return fh
 
 
-def prepare_data(cfg: RunConfig, tokenizer, log: Log) -> tuple[list, list, list, str]:
-    """(train examples, valid examples, test rows for the metric, format)."""
+def prepare_data(cfg: RunConfig, tokenizer, log: Log) -> tuple[list, list, list, str, dict]:
+    """(train examples, valid examples, held-out rows for the metric, format, held-out
+    record). The held-out rows are split off before encoding and never trained on; the
+    record (``heldout.json`` in the run folder) lets ``lorakit eval`` find them again."""
     dc = cfg.data
     rows = read_rows(dc.train, "train")
     if dc.limit:
         rows.rows = rows.rows[:dc.limit]
+    held_lines = None
+    if not dc.valid and not dc.train.startswith("task:"):
+        kept, held = split_rows(rows.rows, dc.valid_ratio, cfg.train.seed)
+        held_lines = [r["_line"] for r in held]
+        rows.rows = kept
     enc = encode(rows, tokenizer, dc.format, dc.max_seq_len, dc.train_on_prompt, dc.packing)
     if enc.report():
         log(enc.report())
-    train_ex = enc.examples
-    if dc.valid:
-        valid_ex = encode(read_rows(dc.valid, "valid"), tokenizer, enc.fmt, dc.max_seq_len,
-                          dc.train_on_prompt).examples
-    elif dc.train.startswith("task:"):
-        valid_ex = encode(read_rows(dc.train, "valid"), tokenizer, enc.fmt,
-                          dc.max_seq_len).examples
-    else:
-        train_ex, valid_ex = split_valid(train_ex, dc.valid_ratio, cfg.train.seed)
-    test_rows = read_rows(dc.train, "test").rows if dc.train.startswith("task:") else []
-    return train_ex, valid_ex, test_rows, enc.fmt
+    record = heldout_record(dc.train, dc.valid, enc.fmt, held_lines)
+    valid_ex, metric_rows = build_heldout(record, tokenizer, dc.max_seq_len,
+                                          dc.train_on_prompt)
+    return enc.examples, valid_ex, metric_rows, enc.fmt, record
 
 
 def train(cfg: RunConfig, log: Log = print) -> dict:
@@ -336,7 +353,7 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
     # ---- everything below until the lock only reads and checks ----
     set_seed(tc.seed)
     model, tok = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    train_ex, valid_ex, test_rows, fmt = prepare_data(cfg, tok, log)
+    train_ex, valid_ex, metric_rows, fmt, heldout = prepare_data(cfg, tok, log)
     per_step = tc.batch_size * tc.grad_accum * acc.num_processes
     StepSampler(len(train_ex), per_step, tc.seed)  # enough data for one step?
     total = tc.max_steps or max(1, math.ceil(tc.epochs * (len(train_ex) // per_step)))
@@ -346,12 +363,13 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
         inject.apply(model, cfg.adapter)
 
     def run_for(m: nn.Module) -> Run:
-        return Run(cfg, m, tok, acc, dtype, train_ex, valid_ex, test_rows, fmt, out, log)
+        return Run(cfg, m, tok, acc, dtype, train_ex, valid_ex, metric_rows, fmt, out, log)
 
     lock = _lock(out) if acc.is_main_process else None
     try:
         if acc.is_main_process:
             (out / "config.yaml").write_text(_yaml(cfg))
+            _write_json_atomic(out / "heldout.json", heldout)
         model.to(acc.device)
         cast_frozen(model, dtype)  # frozen weights in bf16: the fast path, also for eval
         base_metrics = None
@@ -361,7 +379,8 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
                 base_metrics = json.loads(cached.read_text())
             else:
                 with inject.disabled(model):  # the base model's outputs (quantized for QLoRA)
-                    base_metrics = measure(run_for(model), "base model")
+                    base_metrics = measure(run_for(model), "base model",
+                                           out / PREDICTIONS["base"])
                 _write_json_atomic(cached, base_metrics)
         if full:
             inject.apply(model, cfg.adapter)
@@ -388,7 +407,7 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
                             summary={k: v for k, v in summary.items() if k != "loss_curve"})
             if full:  # a full model folder wants its tokenizer
                 tok.save_pretrained(out / "adapter")
-            summary["tuned"] = measure(run, "tuned model")
+            summary["tuned"] = measure(run, "tuned model", out / PREDICTIONS["tuned"])
             summary["base"] = base_metrics
             _write_json_atomic(out / "summary.json", summary)
         acc.wait_for_everyone()
