@@ -35,13 +35,13 @@ TOTAL_STEPS = 1000  # AdaLoRA schedule length (the benchmark runs a handful of s
 def build(variant: str, dtype: torch.dtype):
     """(model, step function) for one variant; all start from the same base weights."""
     import lorakit as lk
-    from lorakit.train import cast_frozen
+    from lorakit.training.loop import cast_frozen
 
     torch.manual_seed(0)
     model, _ = lk.load_model("smollm2-135m")
     model.config.use_cache = False
     variant, _, extra = variant.partition("+")
-    fused = extra == "fusedloss"  # the training loop's loss (lorakit.loss): no logits tensor
+    fused = extra == "fusedloss"  # the training loop's loss (lorakit.training.loss): no logits tensor
     kind, _, method = variant.partition("-")
     hooks, peft_adalora = None, False
     if variant == "frozen":
@@ -82,7 +82,7 @@ def build(variant: str, dtype: torch.dtype):
     ids = torch.randint(0, 49152, (BATCH, SEQ), generator=g)
     state = {"step": 0}
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    from lorakit.loss import loss_sum
+    from lorakit.training.loss import loss_sum
 
     def step():
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -164,7 +164,7 @@ def generation(rounds: int) -> dict[str, float]:
 def collation_share(step_s: float) -> float:
     """Time to read, encode-free collate one training batch of the built-in task, / step."""
     import lorakit as lk
-    from lorakit.data import StepSampler, collate, encode, read_rows
+    from lorakit.training.data import StepSampler, collate, encode, read_rows
 
     _, tok = lk.load_model("smollm2-135m")
     enc = encode(read_rows("task:arithmetic"), tok, "auto", 512)

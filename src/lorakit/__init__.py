@@ -12,7 +12,7 @@ from .config import AdapterConfig  # noqa: E402
 from .errors import LorakitError  # noqa: E402
 from .inject import (apply, count_parameters, disabled, merge, trainable_parameters,  # noqa: E402
                      unload, unmerge)
-from .io import load_adapter, save_adapter, save_merged  # noqa: E402
+from .peft_format import load_adapter, save_adapter, save_merged  # noqa: E402
 from .models import load_model  # noqa: E402
 
 __all__ = [

@@ -57,7 +57,7 @@ def embedded_model_dir(name: str) -> Path:
         raise LorakitError(f"{dist} is installed but {gguf_name} is missing from {src}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .io import atomic_dir
+    from .peft_format import atomic_dir
 
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)

@@ -180,7 +180,7 @@ def test_table_is_large_enough():
 def test_reported_but_not_fatal(tmp_path, capsys, tiny_model_dir, monkeypatch):
     """A malformed line, a missing field or an overlong line among good rows is skipped and
     reported with its line number; the rest trains."""
-    import lorakit.data as data
+    import lorakit.training.data as data
 
     monkeypatch.setattr(data, "MAX_LINE_BYTES", 200)
     good = b'{"text": "one two three four"}\n'

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from lorakit.cli import main
-from lorakit.compare import compare
-from lorakit.report import COLUMNS
+from lorakit.analysis.compare import compare
+from lorakit.analysis.pages import COLUMNS
 from tests.conftest import tiny_run_args
 
 METHODS = ["lora", "dora", "full"]

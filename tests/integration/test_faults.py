@@ -121,7 +121,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_p
 
 
 def test_failed_checkpoint_write_is_a_clear_error(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    import lorakit.checkpoint as ckpt
+    import lorakit.training.checkpoint as ckpt
 
     real = ckpt.save_file
     calls = {"n": 0}

@@ -15,7 +15,7 @@ from peft.utils import get_peft_model_state_dict
 import lorakit as lk
 from lorakit.adapters.dora import DoRALinear, row_sq_norms
 from lorakit.inject import adapter_layers
-from lorakit.io import PREFIX, load_state_into
+from lorakit.peft_format import PREFIX, load_state_into
 from tests.conftest import batch, tiny_model, train_steps
 
 TOL = 1e-5

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lorakit as lk
-import lorakit.loss as L
+import lorakit.training.loss as L
 from tests.conftest import batch, tiny_model
 
 

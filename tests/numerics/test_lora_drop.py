@@ -11,9 +11,9 @@ from peft import PeftModel
 
 import lorakit as lk
 from lorakit.adapters import lora_drop as ld
-from lorakit.data import collate
+from lorakit.training.data import collate
 from lorakit.inject import adapter_layers, state_of
-from lorakit.optim import build_optimizer
+from lorakit.training.optim import build_optimizer
 from tests.conftest import batch, tiny_model, train_steps
 
 TOL = 1e-5

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lorakit.evaluate import (default_max_new_tokens, f1_score, normalize_answer,
+from lorakit.training.evaluation import (default_max_new_tokens, f1_score, normalize_answer,
                               normalized_match_score, perplexity, score)
 
 

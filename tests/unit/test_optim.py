@@ -10,7 +10,7 @@ from peft.optimizers import create_loraplus_optimizer
 from torch import nn
 
 import lorakit as lk
-from lorakit.optim import build_optimizer, build_scheduler, parameter_groups
+from lorakit.training.optim import build_optimizer, build_scheduler, parameter_groups
 from tests.conftest import tiny_model
 
 LR, RATIO, WD, LR_EMB = 1e-3, 16.0, 0.01, 1e-6

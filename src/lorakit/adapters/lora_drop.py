@@ -47,7 +47,7 @@ from .base import AdapterLayer
 from .lora import LoRAEmbedding
 
 if TYPE_CHECKING:
-    from ..train import Run
+    from ..training.loop import Run
 
 RECORD_NAME = "lora_drop.json"  # the decision, kept in the run folder for train.resume
 
@@ -82,7 +82,7 @@ def layer_output_energy(model: nn.Module, batches: Iterable[dict],
 
     Eval mode (no dropout), no grad; each layer's input is caught by a forward hook and the
     branch recomputed in fp32 outside autocast, so a bf16 run ranks layers as fp32 would."""
-    from ..evaluate import autocast_for
+    from ..training.evaluation import autocast_for
     from ..inject import adapter_layers
 
     layers = dict(adapter_layers(model))
@@ -287,10 +287,10 @@ class LoRADropHooks:
 
     def prepare(self, run: "Run") -> None:
         """Sample phase, importance, selection and sharing, before the main optimization."""
-        from ..data import collate
+        from ..training.data import collate
         from ..inject import state_of
-        from ..io import write_json
-        from ..train import activation_checkpointing, optimize
+        from ..peft_format import write_json
+        from ..training.loop import activation_checkpointing, optimize
 
         tc, acfg, acc, model = run.cfg.train, run.cfg.adapter, run.accelerator, run.model
         record = self._recorded_decision(run)
@@ -328,8 +328,8 @@ class LoRADropHooks:
     @staticmethod
     def _recorded_decision(run: "Run") -> Optional[dict]:
         """The decision of an interrupted run that is being resumed, if any."""
-        from ..checkpoint import list_checkpoints
-        from ..io import read_json
+        from ..training.checkpoint import list_checkpoints
+        from ..peft_format import read_json
 
         path = run.out_dir / RECORD_NAME
         if not (run.cfg.train.resume and path.exists() and list_checkpoints(run.out_dir)):

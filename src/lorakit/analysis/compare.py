@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import LorakitError
-from .evaluate import PREDICTIONS
+from ..errors import LorakitError
+from ..training.evaluation import PREDICTIONS
 
 DEFAULT_METHODS = ("lora", "dora", "lora-fa", "lora+", "qlora", "adalora", "lora-drop",
                    "longlora", "full")
@@ -50,7 +50,7 @@ Log = Callable[[str], None]
 
 def unavailable_reason(cfg) -> Optional[str]:
     """Why the method of run config ``cfg`` cannot run on this machine, or None."""
-    from .registry import get_method
+    from ..registry import get_method
 
     if cfg.adapter.quantize:
         try:
@@ -82,7 +82,7 @@ def method_overrides(config: Optional[str], overrides: list[str], method: str,
     set nothing, then the user's overrides, then the method and its folder."""
     import yaml
 
-    from .config import parse_overrides
+    from ..config import parse_overrides
 
     user: dict = {}
     if config:
@@ -122,7 +122,7 @@ def compare(config: Optional[str], overrides: list[str], methods: list[str], out
     data (also ``report.json``)."""
     import yaml
 
-    from .config import load_run_config
+    from ..config import load_run_config
 
     out = Path(out)
     if not methods:
@@ -159,7 +159,7 @@ def compare(config: Optional[str], overrides: list[str], methods: list[str], out
         logs.mkdir(exist_ok=True)
         if not _reuse_base(run_dir, cfg, plans):
             log(f"[{i}/{len(plans)}] {m}: measuring the base model")
-            cmd = [python, "-m", "lorakit.compare", "--measure-base",
+            cmd = [python, "-m", "lorakit.analysis.compare", "--measure-base",
                    *([config] if config else []), *args]
             with open(logs / f"{m}.base.log", "w", encoding="utf-8") as fh:
                 subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
@@ -182,7 +182,7 @@ def compare(config: Optional[str], overrides: list[str], methods: list[str], out
         _write_state(state_path, state)
     state["last_call_wall_s"] = time.perf_counter() - t_all
     _write_state(state_path, state)
-    from .report import write_report
+    from .pages import write_report
 
     report = write_report(out, [m for m, *_ in plans], state)
     log(f"report: {out / 'report.md'} and {out / 'report.html'}")
@@ -215,8 +215,8 @@ def measure_base(cfg, log: Log = print) -> dict:
     training run's peak memory includes this evaluation."""
     import torch
 
-    from . import inject, models
-    from .train import Run, _write_json_atomic, cast_frozen, measure, prepare_data, \
+    from .. import inject, models
+    from ..training.loop import Run, _write_json_atomic, cast_frozen, measure, prepare_data, \
         resolve_precision
 
     dtype = resolve_precision(cfg.train.precision)
@@ -242,11 +242,11 @@ def _write_state(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-if __name__ == "__main__":  # python -m lorakit.compare --measure-base [CONFIG] key=value ...
-    from .commands import split_config_args
-    from .config import load_run_config
+if __name__ == "__main__":  # python -m lorakit.analysis.compare --measure-base [CONFIG] key=value ...
+    from ..cli.commands import split_config_args
+    from ..config import load_run_config
 
     if sys.argv[1:2] != ["--measure-base"]:
-        sys.exit("usage: python -m lorakit.compare --measure-base [CONFIG] key=value ...")
+        sys.exit("usage: python -m lorakit.analysis.compare --measure-base [CONFIG] key=value ...")
     measure_base(load_run_config(*split_config_args(sys.argv[2:])),
                  log=lambda s: print(s, file=sys.stderr, flush=True))

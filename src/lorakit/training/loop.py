@@ -28,11 +28,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .config import RunConfig
+from ..config import RunConfig
 from .data import (IGNORE, StepSampler, build_heldout, collate, encode, heldout_record,
                    read_rows, split_rows)
-from .errors import LorakitError
-from .evaluate import (PREDICTIONS, eval_loss, generation_metrics, perplexity,
+from ..errors import LorakitError
+from .evaluation import (PREDICTIONS, eval_loss, generation_metrics, perplexity,
                        write_predictions)
 from .loss import loss_sum
 
@@ -323,8 +323,8 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from . import inject, io, models
-    from .registry import get_method
+    from .. import inject, models, peft_format
+    from ..registry import get_method
 
     out = Path(cfg.output_dir)
     tc = cfg.train
@@ -403,7 +403,7 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
         if run.hooks is not None and hasattr(run.hooks, "summary"):
             summary["method_summary"] = run.hooks.summary(model)
         if acc.is_main_process:
-            io.save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model,
+            peft_format.save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model,
                             summary={k: v for k, v in summary.items() if k != "loss_curve"})
             if full:  # a full model folder wants its tokenizer
                 tok.save_pretrained(out / "adapter")

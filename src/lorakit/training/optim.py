@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from .inject import adapter_layers, trainable_parameters
+from ..inject import adapter_layers, trainable_parameters
 
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:

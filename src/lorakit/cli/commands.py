@@ -1,6 +1,7 @@
-"""Subcommands beyond ``methods``: train, eval, generate, chat, merge.
+"""Subcommands train, eval, generate, chat, merge and methods.
 
-Each parses its arguments and calls the library; heavy imports happen inside ``run_*``.
+Each parses its arguments and calls the library. The engine (torch, transformers) is imported
+inside ``run_*``, so that ``lorakit --help`` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .cli import command
-from .errors import LorakitError
+from ..errors import LorakitError
+from ..registry import describe
 
 
 # ---- train --------------------------------------------------------------------------------
 
-@command("train", "fine-tune a model: lorakit train [CONFIG.yaml] [section.key=value ...]")
-def _train_args(p: argparse.ArgumentParser) -> None:
+def train_args(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = config_reference()
     p.add_argument("items", nargs="*", metavar="CONFIG|key=value",
@@ -29,7 +29,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def config_reference() -> str:
     """Every run-config key with its default and description, from the pydantic models (the
     single source of truth for YAML files, overrides and this help)."""
-    from .config import RunConfig
+    from ..config import RunConfig
 
     lines = ["run config keys (YAML sections, or section.key=value overrides):"]
     for name, f in RunConfig.model_fields.items():
@@ -57,8 +57,8 @@ def split_config_args(items: list[str]) -> tuple[Optional[str], list[str]]:
 
 
 def run_train(args) -> int:
-    from .config import load_run_config
-    from .train import train
+    from ..config import load_run_config
+    from ..training.loop import train
 
     cfg = load_run_config(*split_config_args(args.items))
     summary = train(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -118,7 +118,7 @@ def load_for_inference(adapter: Optional[str], model_name: Optional[str], dtype:
                        trust_remote_code: bool = False):
     """(model, tokenizer) for an adapter folder (or a full fine-tuned model folder), or the
     base model alone when ``adapter`` is None. A QLoRA adapter goes onto the 16-bit base."""
-    from . import io, models
+    from .. import models, peft_format
 
     if adapter is None:
         if not model_name:
@@ -127,23 +127,22 @@ def load_for_inference(adapter: Optional[str], model_name: Optional[str], dtype:
     path = Path(adapter)
     if not path.is_dir():
         raise LorakitError(f"adapter folder {adapter!r} does not exist")
-    if (path / "config.json").exists() and not (path / io.CONFIG_NAME).exists():
+    if (path / "config.json").exists() and not (path / peft_format.CONFIG_NAME).exists():
         return models.load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
-    if not (path / io.CONFIG_NAME).exists():
-        io.read_adapter(path)  # raises the precise error (pickle only, missing files...)
-    base_name = model_name or io.read_json(path / io.CONFIG_NAME).get("base_model_name_or_path")
+    if not (path / peft_format.CONFIG_NAME).exists():
+        peft_format.read_adapter(path)  # raises the precise error (pickle only, missing files...)
+    base_name = model_name or peft_format.read_json(path / peft_format.CONFIG_NAME).get("base_model_name_or_path")
     if not base_name:
         raise LorakitError(f"{adapter} does not record its base model; pass --model")
     model, tok = models.load_model(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
-    io.load_adapter(model, path, quantize=None)
+    peft_format.load_adapter(model, path, quantize=None)
     return model, tok
 
 
 # ---- eval ---------------------------------------------------------------------------------
 
-@command("eval", "evaluate an adapter (or --base MODEL): loss and generation metrics, as JSON")
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    from .evaluate import METRICS
+def eval_args(p: argparse.ArgumentParser) -> None:
+    from ..training.evaluation import METRICS
 
     p.add_argument("adapter", nargs="?", help="adapter folder, or a run folder (omit with "
                    "--base)")
@@ -175,7 +174,7 @@ def _run_folder(adapter: Optional[str]) -> Optional[Path]:
 
 def _eval_config(run_dir: Optional[Path], args):
     """The run's config (or the defaults) with the command line's eval settings on top."""
-    from .config import RunConfig, load_run_config
+    from ..config import RunConfig, load_run_config
 
     cfg = load_run_config(str(run_dir / "config.yaml")) if run_dir else RunConfig()
     ev = {"metric": None if args.metric == "none" else args.metric,
@@ -191,7 +190,7 @@ def _eval_config(run_dir: Optional[Path], args):
 
 def _eval_rows(spec: Optional[str], run_dir: Optional[Path], cfg, tok):
     """(what was evaluated, validation examples, metric rows, format)."""
-    from .data import Rows, build_heldout, encode, read_rows
+    from ..training.data import Rows, build_heldout, encode, read_rows
 
     if spec:
         enc = encode(read_rows(spec, "test"), tok, "auto", cfg.data.max_seq_len)
@@ -218,7 +217,7 @@ def _eval_rows(spec: Optional[str], run_dir: Optional[Path], cfg, tok):
 def run_eval(args) -> int:
     import torch
 
-    from .train import Run, cast_frozen, measure, resolve_precision
+    from ..training.loop import Run, cast_frozen, measure, resolve_precision
 
     if (args.adapter is None) == (args.base is None):
         raise LorakitError("give either an adapter folder or --base MODEL")
@@ -259,8 +258,7 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     _add_model_arg(p)
 
 
-@command("generate", "generate a completion: lorakit generate ADAPTER \"prompt\"")
-def _generate_args(p: argparse.ArgumentParser) -> None:
+def generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="adapter folder, or 'none' with --model for the base model")
     p.add_argument("prompt")
     _gen_args(p)
@@ -295,8 +293,7 @@ def run_generate(args) -> int:
     return 0
 
 
-@command("chat", "chat with an adapter in the terminal (empty line or Ctrl-D ends)")
-def _chat_args(p: argparse.ArgumentParser) -> None:
+def chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="adapter folder, or 'none' with --model for the base model")
     _gen_args(p)
 
@@ -321,15 +318,14 @@ def run_chat(args) -> int:
 
 # ---- merge --------------------------------------------------------------------------------
 
-@command("merge", "merge an adapter into its base and save a plain transformers model folder")
-def _merge_args(p: argparse.ArgumentParser) -> None:
+def merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="adapter folder")
     p.add_argument("--out", required=True, help="output folder")
     _add_model_arg(p)
 
 
 def run_merge(args) -> int:
-    from .io import save_merged
+    from ..peft_format import save_merged
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -339,4 +335,15 @@ def run_merge(args) -> int:
         raise LorakitError(f"{args.adapter} is already a full model; nothing to merge")
     save_merged(model, out, tok)
     print(f"merged model: {out}")
+    return 0
+
+
+# ---- methods ------------------------------------------------------------------------------
+
+def methods_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run_methods(args) -> int:
+    print("\n".join(describe()))
     return 0

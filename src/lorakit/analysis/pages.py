@@ -15,7 +15,7 @@ import platform
 from pathlib import Path
 from typing import Optional
 
-from .errors import LorakitError
+from ..errors import LorakitError
 
 
 # ---- the report ----------------------------------------------------------------------------
@@ -166,7 +166,7 @@ DM_DD_METHODS = ("full", "lora", "dora")
 def _dm_dd_plot(out: Path, finished: list[str]) -> list[tuple[str, str, str]]:
     """ΔD vs ΔM of full fine-tuning, LoRA and DoRA from ``lorakit inspect`` of each run (its
     ``<run>/inspect/inspect.json``, computed once)."""
-    from .inspect import dm_dd_figure, inspect_adapters
+    from .inspection import dm_dd_figure, inspect_adapters
 
     results = []
     for m in [m for m in DM_DD_METHODS if m in finished]:

@@ -13,7 +13,7 @@ TASKS = {t.name: t for t in (Arithmetic(), GeneralText())}
 
 
 def get_task(name: str):
-    from ..errors import LorakitError
+    from ...errors import LorakitError
 
     if name not in TASKS:
         raise LorakitError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import LorakitError
-from .io import atomic_dir, write_json
+from ..errors import LorakitError
+from ..peft_format import atomic_dir, write_json
 
 _STEP = re.compile(r"^step-(\d+)$")
 

@@ -28,8 +28,8 @@ from typing import Optional
 
 import torch
 
-from .report import html_page, html_table, pyplot, save_png
-from .errors import LorakitError
+from .pages import html_page, html_table, pyplot, save_png
+from ..errors import LorakitError
 
 RANK_TOL = 1e-3
 
@@ -63,11 +63,11 @@ def _layer_index(name: str) -> Optional[int]:
 
 def _weight_pairs(path: Path, model_name: Optional[str]):
     """(method, lorakit.json, iterator of (module name, W0, W', layer or None))."""
-    from . import io, models
-    from .inject import adapter_layers
+    from .. import models, peft_format
+    from ..inject import adapter_layers
 
-    extras = io.read_json(path / io.EXTRAS_NAME) if (path / io.EXTRAS_NAME).exists() else {}
-    if (path / "config.json").exists() and not (path / io.CONFIG_NAME).exists():
+    extras = peft_format.read_json(path / peft_format.EXTRAS_NAME) if (path / peft_format.EXTRAS_NAME).exists() else {}
+    if (path / "config.json").exists() and not (path / peft_format.CONFIG_NAME).exists():
         base_name = model_name or (extras.get("summary") or {}).get("model")
         if not base_name:
             raise LorakitError(f"{path} is a full model that does not record its base; pass "
@@ -82,14 +82,14 @@ def _weight_pairs(path: Path, model_name: Optional[str]):
                 if isinstance(mod, torch.nn.Linear) and mod is not out_emb:
                     yield name, mod.weight, tuned_mods[name].weight, None
         return "full", extras, full_pairs()
-    if not (path / io.CONFIG_NAME).exists():
-        io.read_adapter(path)  # raises the precise error
-    base_name = model_name or io.read_json(path / io.CONFIG_NAME).get("base_model_name_or_path")
+    if not (path / peft_format.CONFIG_NAME).exists():
+        peft_format.read_adapter(path)  # raises the precise error
+    base_name = model_name or peft_format.read_json(path / peft_format.CONFIG_NAME).get("base_model_name_or_path")
     if not base_name:
         raise LorakitError(f"{path} does not record its base model; pass --model")
     model, _ = models.load_model(base_name, dtype="fp32")
-    io.load_adapter(model, path, quantize=None)
-    method = extras.get("method") or io.read_adapter(path)[0].method
+    peft_format.load_adapter(model, path, quantize=None)
+    method = extras.get("method") or peft_format.read_adapter(path)[0].method
 
     def adapter_pairs():
         for name, layer in adapter_layers(model):

@@ -1,6 +1,7 @@
 """``lorakit compare`` and ``lorakit inspect``: the side-by-side report and the per-layer analysis.
 
-Each parses its arguments and calls compare.py / inspect.py; heavy imports happen in ``run_*``.
+Each parses its arguments and calls lorakit.analysis; the engine is imported inside ``run_*``
+(start-up time: ``lorakit --help`` must not load torch).
 """
 
 from __future__ import annotations
@@ -8,13 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import command
 
 
-@command("compare", "train several methods on the same model, data, seed and budget, and "
-         "write a report (Markdown + HTML with plots)")
-def _compare_args(p: argparse.ArgumentParser) -> None:
-    from .compare import COMPARE_DEFAULTS, DEFAULT_METHODS
+def compare_args(p: argparse.ArgumentParser) -> None:
+    from ..analysis.compare import COMPARE_DEFAULTS, DEFAULT_METHODS
 
     p.add_argument("items", nargs="*", metavar="CONFIG|key=value",
                    help="an optional YAML run config, then dotted overrides applied to every "
@@ -30,13 +28,13 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 
 def run_compare(args) -> int:
     from .commands import split_config_args
-    from .compare import compare
+    from ..analysis.compare import compare
 
     config, overrides = split_config_args(args.items)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     report = compare(config, overrides, methods, args.out,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
-    from .report import main_table, md_table
+    from ..analysis.pages import main_table, md_table
 
     print(md_table(*main_table(report["rows"])))
     for x in report["missing"]:
@@ -44,9 +42,7 @@ def run_compare(args) -> int:
     return 0 if not any(x["status"] == "failed" for x in report["missing"]) else 1
 
 
-@command("inspect", "per-layer analysis of an adapter: ||ΔW||, effective rank, AdaLoRA ranks, "
-         "LoRA-drop importance, DoRA magnitude/direction; text and PNG plots")
-def _inspect_args(p: argparse.ArgumentParser) -> None:
+def inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="adapter folder (or a full fine-tuned model folder)")
     p.add_argument("--vs", metavar="OTHER", help="a second adapter of the same base, overlaid "
                    "in every plot")
@@ -56,7 +52,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_inspect(args) -> int:
-    from .inspect import inspect_adapters, text_report
+    from ..analysis.inspection import inspect_adapters, text_report
 
     results, out = inspect_adapters(args.adapter, args.vs, args.out, args.model)
     print("\n\n".join(text_report(r) for r in results))

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .errors import LorakitError
+from ..errors import LorakitError
 
 IGNORE = -100
 MAX_LINE_BYTES = 16 * 2**20  # a JSONL line longer than this is skipped and reported
