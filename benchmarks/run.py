@@ -53,11 +53,11 @@ def build(variant: str, dtype: torch.dtype):
         if method == "qlora":
             opts = {"method": "lora", "r": R, "alpha": ALPHA, "quantize": "nf4"}
         if method == "adalora":
-            opts.update(init_r=R, target_r=R // 2, tinit=10, tfinal=10)
+            opts["adalora"] = {"init_r": R, "target_r": R // 2, "tinit": 10, "tfinal": 10}
         lk.apply(model, **opts)
         from lorakit.registry import get_method
 
-        hooks = get_method(lk.inject.state_of(model).config.method).hooks_object()
+        hooks = get_method(lk.inject.state_of(model).config.method).hooks()
     else:
         from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
@@ -91,14 +91,14 @@ def build(variant: str, dtype: torch.dtype):
                 loss = s / n
             else:
                 loss = model(input_ids=ids, labels=ids).loss
-            if hooks is not None and hasattr(hooks, "regularizer"):
+            if hooks is not None:
                 reg = hooks.regularizer(model)
                 loss = loss + reg if reg is not None else loss
         loss.backward()
         if opt is not None:
             opt.step()
             state["step"] += 1
-            if hooks is not None and hasattr(hooks, "after_optimizer_step"):
+            if hooks is not None:
                 hooks.after_optimizer_step(model, state["step"], TOTAL_STEPS)
             if peft_adalora:
                 model.base_model.update_and_allocate(state["step"])

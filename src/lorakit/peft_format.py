@@ -1,4 +1,4 @@
-"""Adapters on disk in PEFT's layout (PEFT_FORMAT.md), and merged model export.
+"""Adapters on disk in PEFT's layout (docs/adapter-format.md), and merged model export.
 
 A lorakit adapter folder is a PEFT adapter folder: ``adapter_config.json`` (only fields PEFT
 knows) and ``adapter_model.safetensors`` with keys ``base_model.model.<module>.<suffix>``.
@@ -8,11 +8,7 @@ Only safetensors and JSON are ever read or written: no pickle, nothing executed.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,59 +17,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, models
+from .files import atomic_dir, read_json, write_json
 from .config import AdapterConfig, parse
 from .errors import LorakitError
 from .inject import adapter_layers, apply, find_targets, state_of, trained_modules, unload
-from .registry import get_method
+from .quant import is_quantized
+from .registry import all_methods, get_method
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 EXTRAS_NAME = "lorakit.json"
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike):
-    """Write a folder atomically: yield a temporary sibling, rename it into place on success.
-
-    A crash leaves either the old folder or the new one, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        for f in tmp.iterdir():  # data on disk before the rename makes it visible
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def read_json(path: str | os.PathLike) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LorakitError(f"cannot read {path}: {e}") from None
-    if not isinstance(obj, dict):
-        raise LorakitError(f"{path} does not hold a JSON object")
-    return obj
 
 
 # ---- saving -------------------------------------------------------------------------------
@@ -107,8 +62,6 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = 
     cfg = st.config
     method = get_method(cfg.method)
     layers = [m for _, m in adapter_layers(model)]
-    # All wrapped layers of a model are of the method's classes: ask the first for extras.
-    extra = type(layers[0]).peft_config_fields(cfg, model) if layers else {}
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
     return {
@@ -128,7 +81,7 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = 
         "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
         "init_lora_weights": True,
-        **extra,
+        **method.peft_fields(cfg, model),
     }
 
 
@@ -141,7 +94,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
     st = state_of(model)
     path = Path(path)
     with atomic_dir(path) as tmp:
-        if st.config.method == "full":
+        if get_method(st.config.method).save_whole_model():
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             save_file(adapter_tensors(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -175,33 +128,28 @@ _UNSUPPORTED_PEFT_FIELDS = ("layers_to_transform", "layer_replication", "target_
 
 def config_from_peft(pc: dict, where: str) -> AdapterConfig:
     """An AdapterConfig from a PEFT adapter_config.json (fields validated, never evaluated)."""
-    peft_type = pc.get("peft_type")
-    if peft_type not in ("LORA", "ADALORA"):
-        raise LorakitError(f"{where}: peft_type {peft_type!r} is not supported; lorakit loads "
-                           "LORA and ADALORA adapters")
+    claims = [m for m in all_methods() if m.reads_peft(pc)]
+    if not claims:
+        types = sorted({m.peft_type for m in all_methods() if m.wraps_layers})
+        raise LorakitError(f"{where}: peft_type {pc.get('peft_type')!r} (with these options) is "
+                           f"not supported; lorakit loads {' and '.join(types)} adapters")
     for k in _UNSUPPORTED_PEFT_FIELDS:
         if pc.get(k):
             raise LorakitError(f"{where}: the PEFT option {k} is not supported by lorakit")
     if pc.get("bias", "none") != "none":
         raise LorakitError(f"{where}: bias={pc['bias']!r} adapters are not supported")
+    method = claims[0]
     d: dict[str, Any] = {
-        "method": "adalora" if peft_type == "ADALORA" else
-                  ("dora" if pc.get("use_dora") else "lora"),
+        "method": method.name,
         "r": pc.get("r", 8), "alpha": pc.get("lora_alpha", 8),
         "dropout": pc.get("lora_dropout", 0.0) or 0.0,
         "target_modules": pc.get("target_modules") or "all-linear",
         "trainable_modules": list(pc.get("modules_to_save") or []),
         "use_rslora": bool(pc.get("use_rslora", False)),
         "alpha_pattern": pc.get("alpha_pattern") or {},
+        "rank_pattern": pc.get("rank_pattern") or {},
+        **method.options_from_peft(pc),
     }
-    if peft_type == "ADALORA":
-        for k in ("init_r", "target_r", "tinit", "tfinal", "beta1", "beta2", "orth_reg_weight"):
-            if pc.get(k) is not None:
-                d[k] = pc[k]
-        if pc.get("deltaT") is not None:
-            d["delta_t"] = pc["deltaT"]
-    else:
-        d["rank_pattern"] = pc.get("rank_pattern") or {}
     if isinstance(d["target_modules"], list):
         d["target_modules"] = sorted(d["target_modules"])
     return parse(AdapterConfig, d, prefix=where)
@@ -285,14 +233,16 @@ def load_adapter(base: nn.Module, path: str | os.PathLike,
     16-bit base). On any error the base model is left as it was."""
     cfg, extras, tensors = read_adapter(path)
     if overrides:
-        cfg = parse(AdapterConfig, {**cfg.model_dump(), **overrides}, prefix="adapter")
-    if cfg.method == "full":
-        raise LorakitError(f"{path} is a full fine-tuned model; load it with lorakit.load_model")
+        data = cfg.model_dump()
+        if overrides.get("method", cfg.method) != cfg.method:  # another method's options go
+            data.pop(get_method(cfg.method).options_key, None)
+        cfg = parse(AdapterConfig, {**data, **overrides}, prefix="adapter")
+    method = get_method(cfg.method)
+    if method.save_whole_model():
+        raise LorakitError(f"{path} is a whole fine-tuned model; load it with lorakit.load_model")
     apply(base, cfg)
     try:
-        hooks = get_method(cfg.method).hooks_object()
-        if hooks is not None and hasattr(hooks, "on_load"):
-            hooks.on_load(base, extras, tensors)
+        method.hooks().on_load(base, extras, tensors)
         load_state_into(base, tensors, str(Path(path) / WEIGHTS_NAME))
         state_of(base).extras = dict(extras.get("extras") or {})
     except BaseException:
@@ -307,8 +257,6 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
 
     The model must hold 16-bit or fp32 weights: a QLoRA adapter is merged into the 16-bit base
     (see :func:`load_adapter` with ``quantize=None``), never re-quantized."""
-    from .quant import is_quantized
-
     if any(is_quantized(m) for m in model.modules()):
         raise LorakitError("merging into 4-bit weights would re-quantize them; load the base "
                            "model in 16 bits (quantize=None) and merge there")
@@ -320,3 +268,39 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+# ---- opening a folder for inference -------------------------------------------------------
+
+def is_whole_model(path: str | os.PathLike) -> bool:
+    """A plain transformers model folder (full fine-tuning's result, a merged export)."""
+    path = Path(path)
+    return (path / "config.json").exists() and not (path / CONFIG_NAME).exists()
+
+
+def recorded_base(path: str | os.PathLike) -> Optional[str]:
+    """The base model an adapter (or a whole fine-tuned model) folder records, if any."""
+    path = Path(path)
+    if is_whole_model(path):
+        extras = read_json(path / EXTRAS_NAME) if (path / EXTRAS_NAME).exists() else {}
+        return (extras.get("summary") or {}).get("model")
+    if not (path / CONFIG_NAME).exists():
+        read_adapter(path)  # raises the precise error (pickle only, missing files...)
+    return read_json(path / CONFIG_NAME).get("base_model_name_or_path")
+
+
+def open_adapter(path: str | os.PathLike, model_name: Optional[str] = None,
+                 dtype: str = "fp32", trust_remote_code: bool = False):
+    """(model, tokenizer) for an adapter folder on its base (``model_name`` or the recorded
+    one; a QLoRA adapter goes onto the 16-bit base), or a whole model folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LorakitError(f"adapter folder {str(path)!r} does not exist")
+    if is_whole_model(path):
+        return models.load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    base_name = model_name or recorded_base(path)
+    if not base_name:
+        raise LorakitError(f"{path} does not record its base model; pass --model")
+    model, tok = models.load_model(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
+    load_adapter(model, path, quantize=None)
+    return model, tok

@@ -57,6 +57,7 @@ def _unpack_cpu_inference_layout(module: nn.Module) -> None:
     """Undo bitsandbytes' CPU inference repacking, if it happened (See Note: CPU fast path)."""
     state = module.weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
+        # optional dependency: bitsandbytes is imported only by a 4-bit run
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
@@ -70,7 +71,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     The dequantized weight comes in the dtype the layer was quantized from (fp32 for lorakit's
     fp32 loads), so merges and norms computed from it (DoRA) do not round it to bf16 first."""
     if is_quantized(module):
-        import bitsandbytes.functional as bnbf
+        import bitsandbytes.functional as bnbf  # optional dependency (4-bit runs only)
 
         _unpack_cpu_inference_layout(module)
         return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
@@ -80,7 +81,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 def require_bitsandbytes():
     """The bitsandbytes module, or a LorakitError saying how to get it."""
     try:
-        import bitsandbytes
+        import bitsandbytes  # optional dependency (4-bit runs only)
     except ImportError:
         raise LorakitError("quantize: nf4 needs the bitsandbytes package; install it with "
                            "`pip install bitsandbytes` or remove the quantize option") from None

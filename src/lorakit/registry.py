@@ -1,74 +1,70 @@
-"""Method name -> layer classes and training hooks.
+"""THE list of methods, and the presets named after the papers.
 
-Adding a method is one file under ``adapters/`` and one entry here. Classes are named by
-import path and loaded on first use, so an unused method costs nothing at import time.
-
-A method's *hooks* object (optional) lets the training loop drive method-specific work
-without an if-chain: ``regularizer(model) -> loss | None`` (added to the loss),
-``after_optimizer_step(model, step, total_steps)`` (AdaLoRA's rank allocator) and
-``prepare(run)`` (LoRA-drop's importance phase). See ``train.py``.
+Adding a method is one module under ``adapters/`` that declares ``METHOD`` (a
+:class:`~lorakit.adapters.base.Method`: its layers, options, PEFT mapping, training hooks and
+report notes) and one row in :data:`METHODS`. Nothing else in lorakit names a method: the
+config, the adapter files, the training loop, compare, the report and inspect ask the
+registry. Modules are imported by path on first use, so an unused method costs nothing at
+start-up, and a plugin can :func:`register` a module of its own.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Optional
+from typing import Any
 
-from .config import PRESETS
+from .errors import LorakitError
 
+#: method name -> module that declares ``METHOD``
+METHODS: dict[str, str] = {
+    "lora": "lorakit.adapters.lora",
+    "dora": "lorakit.adapters.dora",
+    "lora-fa": "lorakit.adapters.lora_fa",
+    "adalora": "lorakit.adapters.adalora",
+    "lora-drop": "lorakit.adapters.lora_drop",
+    "full": "lorakit.adapters.full",
+}
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    summary: str
-    linear: Optional[str]  # "module:Class" for linear-like layers (None: no layer, e.g. full)
-    embedding: Optional[str] = None  # "module:Class" for nn.Embedding, if supported
-    peft_type: str = "LORA"
-    hooks: Optional[str] = None
-
-    def layer_class(self, kind: str):
-        path = self.linear if kind == "linear" else self.embedding
-        return _load(path) if path else None
-
-    def hooks_object(self):
-        return _load(self.hooks)() if self.hooks else None
-
-
-def _load(path: str):
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-_A = "lorakit.adapters."
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("lora", "LoRA: frozen base + trainable low-rank B·A bypass (Hu et al. 2021)",
-           _A + "lora:LoRALinear", _A + "lora:LoRAEmbedding"),
-    Method("dora", "DoRA: magnitude m and direction (W0+sBA)/||.|| (Liu et al. 2024)",
-           _A + "dora:DoRALinear"),
-    Method("lora-fa", "LoRA-FA: A frozen, only B trains; saves x·Aᵀ, not x (Zhang et al. 2023)",
-           _A + "lora_fa:LoRAFALinear"),
-    Method("adalora", "AdaLoRA: SVD-form adapters, rank budget moves to important matrices "
-           "(Zhang et al. 2023)", _A + "adalora:AdaLoRALinear", peft_type="ADALORA",
-           hooks=_A + "adalora:AdaLoRAHooks"),
-    Method("lora-drop", "LoRA-drop: LoRA on the layers whose output matters, the rest share one "
-           "(Zhou et al. 2024)", _A + "lora:LoRALinear", _A + "lora:LoRAEmbedding",
-           hooks=_A + "lora_drop:LoRADropHooks"),
-    Method("full", "Full fine-tuning: every weight trains (the baseline)", None),
-]}
+# Presets named after the seed document; each expands to a method plus common options.
+# User-given values always win over the preset's.
+PRESETS: dict[str, dict[str, Any]] = {
+    # QLoRA (Dettmers et al. 2023, artidoro/qlora qlora.py defaults): NF4 base, r 64, alpha 16,
+    # every linear layer but the output head.
+    "qlora": {"method": "lora", "quantize": "nf4", "r": 64, "alpha": 16, "dropout": 0.05,
+              "target_modules": "all-linear"},
+    # LoRA+ (Hayou et al. 2024): B learns lambda times faster than A; PEFT's docs use 16.
+    "lora+": {"method": "lora", "loraplus_ratio": 16.0},
+    # LongLoRA (Chen et al. 2023): LoRA r 8 / alpha 16 on attention, embeddings and norms
+    # trained whole, S2-Attn in training.
+    "longlora": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
+                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                 "trainable_modules": ["embeddings", "norms"], "s2_attn": True},
+}
 
 
-def get_method(name: str) -> Method:
-    from .errors import LorakitError
+def register(name: str, module: str) -> None:
+    """Add (or replace) a method: ``module`` is an importable module that defines ``METHOD``."""
+    METHODS[name] = module
 
+
+def get_method(name: str):
+    """The :class:`~lorakit.adapters.base.Method` registered as ``name``."""
     if name not in METHODS:
         raise LorakitError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
-    return METHODS[name]
+    method = importlib.import_module(METHODS[name]).METHOD
+    if method.name != name:
+        raise LorakitError(f"{METHODS[name]} declares method {method.name!r}, registered as "
+                           f"{name!r}")
+    return method
+
+
+def all_methods() -> list:
+    return [get_method(n) for n in METHODS]
 
 
 def describe() -> list[str]:
     """One line per method and preset (``lorakit methods``)."""
-    lines = [f"{m.name:10s} {m.summary}" for m in METHODS.values()]
+    lines = [f"{m.name:10s} {m.summary}" for m in all_methods()]
     for name, preset in PRESETS.items():
         opts = ", ".join(f"{k}={v}" for k, v in preset.items() if k != "method")
         lines.append(f"{name:10s} preset: {preset['method']} with {opts}")

@@ -16,7 +16,7 @@ import pytest
 
 from lorakit.cli import main
 from lorakit.analysis.compare import compare
-from lorakit.analysis.pages import COLUMNS
+from lorakit.analysis.report import COLUMNS
 from tests.conftest import tiny_run_args
 
 METHODS = ["lora", "dora", "full"]

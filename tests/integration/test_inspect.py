@@ -81,10 +81,10 @@ def test_dora_vs_lora_draws_the_magnitude_direction_plot(tiny_model_dir, tmp_pat
 
 def test_adalora_ranks_lora_drop_importance_and_full(tiny_model_dir, tmp_path, capsys):
     ada = _train(tiny_model_dir, tmp_path / "ada", "adapter.method=adalora",
-                 "adapter.init_r=4", "adapter.target_r=2", "adapter.delta_t=1",
+                 "adapter.adalora.init_r=4", "adapter.adalora.target_r=2", "adapter.adalora.delta_t=1",
                  "train.max_steps=8")
     drop = _train(tiny_model_dir, tmp_path / "drop", "adapter.method=lora-drop",
-                  "adapter.sample_ratio=0.5")
+                  "adapter.lora_drop.sample_ratio=0.5")
     full = _train(tiny_model_dir, tmp_path / "full", "adapter.method=full",
                   "train.max_steps=2")
     capsys.readouterr()

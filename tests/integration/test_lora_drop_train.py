@@ -14,7 +14,7 @@ from lorakit.cli import main
 from lorakit.inject import adapter_layers
 from tests.conftest import tiny_run_args
 
-ARGS = ("adapter.method=lora-drop", "adapter.target_modules=all-linear", "adapter.threshold=0.7",
+ARGS = ("adapter.method=lora-drop", "adapter.target_modules=all-linear", "adapter.lora_drop.threshold=0.7",
         "eval.compare_base=false", "train.save_every=2", "train.keep_checkpoints=3")
 
 
@@ -25,7 +25,7 @@ def test_lora_drop_run(tiny_model_dir, tmp_path, capsys):
     assert "lora-drop: kept" in printed.out + printed.err
 
     summary = json.loads((out / "summary.json").read_text())
-    rec = summary["lora_drop"]
+    rec = summary["method_summary"]
     assert rec["sample_steps"] >= 1 and rec["sample_examples"] >= 4  # >= one step's worth
     assert rec["kept"] and rec["shared"] and rec["kept_importance"] >= 0.7
     assert sum(rec["importance"].values()) == pytest.approx(1.0)
@@ -60,4 +60,4 @@ def test_lora_drop_run(tiny_model_dir, tmp_path, capsys):
     again = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert first.keys() == again.keys()
     assert max((first[k] - again[k]).abs().max().item() for k in first) <= 1e-6
-    assert json.loads((out / "summary.json").read_text())["lora_drop"]["kept"] == rec["kept"]
+    assert json.loads((out / "summary.json").read_text())["method_summary"]["kept"] == rec["kept"]

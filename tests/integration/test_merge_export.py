@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 import lorakit as lk
 from tests.conftest import train_steps
 
-METHODS = [("lora", {}), ("dora", {}), ("lora-fa", {}), ("adalora", {"init_r": 4, "target_r": 2}),
+METHODS = [("lora", {}), ("dora", {}), ("lora-fa", {}), ("adalora", {"adalora": {"init_r": 4, "target_r": 2}}),
            ("longlora", {"context_length": 1024})]
 
 

@@ -32,9 +32,10 @@ def _peft_cfg(targets, total=TOTAL, alpha=8, gamma=0.5, **sched):
                          task_type="CAUSAL_LM")
 
 
-def _ours(arch, targets, alpha=8, gamma=0.5, **sched):
-    return lk.apply(tiny_model(arch), method="adalora", alpha=alpha, orth_reg_weight=gamma,
-                    target_modules=targets, **{**SCHED, **sched})
+def _ours(arch, targets, alpha=8, gamma=0.5, rank_pattern=None, **sched):
+    common = {"rank_pattern": rank_pattern} if rank_pattern else {}
+    return lk.apply(tiny_model(arch), method="adalora", alpha=alpha, target_modules=targets,
+                    adalora={**SCHED, **sched, "orth_reg_weight": gamma}, **common)
 
 
 def _peft_layer(peft_model, name):
@@ -313,7 +314,7 @@ def test_checkpoint_resume_continues_the_allocation():
 
 def test_allocator_schedule_shape():
     model = _ours("llama", TARGETS)
-    alloc = RankAllocator(adalora_layers(model), model.lorakit_state.config, 100)
+    alloc = RankAllocator(adalora_layers(model), model.lorakit_state.config.options, 100)
     budgets = [alloc.budget_schedule(t)[0] for t in range(1, 101)]
     assert budgets[0] == 36 and budgets[-1] == 18
     assert all(a >= b for a, b in zip(budgets, budgets[1:]))

@@ -160,7 +160,7 @@ def test_zero_norm_rows_give_no_nan():
 
 
 def test_norm_formula_matches_direct_norm_including_cancelling_rows():
-    layer = DoRALinear(torch.nn.Linear(64, 48), 4, 8.0, lk.AdapterConfig(r=4))
+    layer = DoRALinear(torch.nn.Linear(64, 48), 4, 8.0)
     with torch.no_grad():
         torch.nn.init.normal_(layer.lora_B, std=0.5)
         direct = lambda: (layer.base_layer.weight + layer.delta_weight()).norm(dim=1)  # noqa: E731

@@ -26,8 +26,9 @@ def _examples(lengths, seed=5):
 
 
 def _trained(arch="llama", targets="all-linear", **opts):
+    own = {k: opts.pop(k) for k in list(opts) if k in ld.LoRADropOptions.model_fields}
     model = lk.apply(tiny_model(arch), method="lora-drop", r=4, alpha=8,
-                     target_modules=targets, **opts)
+                     target_modules=targets, lora_drop=own, **opts)
     return train_steps(model)
 
 

@@ -38,8 +38,7 @@ def _lora_pair(compute_dtype, d_in=96, d_out=80, r=4, seed=0):
         ref.weight.copy_(dequantized_weight(q))
         ref.bias.copy_(q.bias.float())
     ref.requires_grad_(False)
-    cfg = lk.AdapterConfig(r=r, alpha=8)
-    ours, theirs = LoRALinear(q, r, 8, cfg), LoRALinear(ref, r, 8, cfg)
+    ours, theirs = LoRALinear(q, r, 8), LoRALinear(ref, r, 8)
     with torch.no_grad():
         ours.lora_B.normal_()
         theirs.lora_A.copy_(ours.lora_A)

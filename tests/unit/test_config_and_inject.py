@@ -30,7 +30,8 @@ def test_defaults_and_presets():
     ({"bogus": 1}, "adapter.bogus: unknown key"),
     ({"dropout": 1.5}, "adapter.dropout"),
     ({"target_modules": []}, "target_modules must not be empty"),
-    ({"method": "adalora", "init_r": 4, "target_r": 8}, "target_r must not exceed init_r"),
+    ({"method": "adalora", "adalora": {"init_r": 4, "target_r": 8}},
+     "target_r must not exceed init_r"),
 ])
 def test_bad_adapter_config_is_one_sentence(kwargs, needle):
     model = tiny_model()

@@ -18,10 +18,9 @@ from tests.conftest import batch, tiny_model, train_steps
 
 def _layer(cls, dropout=0.0, projection=False, d_in=48, d_out=40, r=4, seed=0):
     torch.manual_seed(seed)
-    cfg = lk.AdapterConfig(method="lora-fa", r=r, alpha=8, dropout=dropout,
-                           lorafa_projection=projection)
     base = torch.nn.Linear(d_in, d_out).requires_grad_(False)  # frozen, as lk.apply leaves it
-    layer = cls(base, r, 8.0, cfg)
+    extra = {"projection": projection} if cls is LoRAFALinear else {}
+    layer = cls(base, r, 8.0, dropout=dropout, **extra)
     torch.nn.init.normal_(layer.lora_B, std=0.1)  # as if trained, so dL/dx sees B
     return layer
 
@@ -126,7 +125,7 @@ def test_a_unchanged_by_training_and_frozen_after_load(tmp_path):
 @pytest.mark.parametrize("arch,targets", [("llama", "all-linear"), ("gpt2", ["c_attn", "c_fc"])])
 def test_saved_adapter_loads_in_peft_with_identical_logits(arch, targets, tmp_path):
     model = train_steps(lk.apply(tiny_model(arch), method="lora-fa", r=4, alpha=8,
-                                 target_modules=targets, lorafa_projection=True))
+                                 target_modules=targets, lora_fa={"projection": True}))
     ids = batch()
     with torch.no_grad():
         ours = model(input_ids=ids).logits

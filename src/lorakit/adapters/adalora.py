@@ -11,7 +11,7 @@ is the rank a layer starts with (``init_r``) and stays so after pruning: the sca
 Training adds γ·mean over all A and B of ||AAᵀ - I||_F and ||BᵀB - I||_F (:func:`orthogonal_
 regularizer`), and after every optimizer step the :class:`RankAllocator` scores each triplet
 (E_i, A_i·, B_·i) and zeroes the E_i of the least important ones down to a shrinking global
-budget (METHODS.md §6). The training loop drives both through :class:`AdaLoRAHooks`; a user never
+budget (docs/methods/adalora.md). The training loop drives both through :class:`AdaLoRAHooks`; a user never
 calls the allocator by hand (PEFT's most common AdaLoRA complaint, #432/#1327).
 
 Saved in PEFT's ADALORA layout: ``lora_A``/``lora_B``/``lora_E`` (no ``.weight``) pruned to the
@@ -20,17 +20,46 @@ kept ranks, and ``rank_pattern`` = {"<module>.lora_E": [kept?] * init_r} in adap
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
+from ..config import MethodOptions
 from ..errors import LorakitError
-from .lora import LoRALinear
+from .base import (AdapterLayer, Method, MethodHooks, layers_of, linear_dims, make_dropout,
+                   state_of)
 
 
-class AdaLoRALinear(LoRALinear):
+class AdaLoRAOptions(MethodOptions):
+    """``adapter.adalora``: the rank budget and its schedule (Zhang et al. 2023, §3.2;
+    defaults of PEFT's AdaLoraConfig)."""
+
+    init_r: int = Field(12, gt=0, description="initial rank of every matrix")
+    target_r: int = Field(8, gt=0, description="average final rank")
+    tinit: int = Field(0, ge=0, description="warm-up steps before pruning")
+    tfinal: int = Field(0, ge=0, description="final steps at the target budget")
+    delta_t: int = Field(10, gt=0, description="steps between two maskings")
+    sensitivity_beta: float = Field(0.85, ge=0, lt=1, description="EMA rate of the "
+                                    "sensitivity |p·grad| (the paper's β1)")
+    uncertainty_beta: float = Field(0.85, ge=0, lt=1, description="EMA rate of the "
+                                    "sensitivity's uncertainty (the paper's β2)")
+    orth_reg_weight: float = Field(0.5, ge=0, description="weight γ of the orthogonal "
+                                   "regularizer")
+
+    RENAMED: ClassVar[dict[str, str]] = {"beta1": "sensitivity_beta",
+                                         "beta2": "uncertainty_beta", "deltaT": "delta_t"}
+
+    @model_validator(mode="after")
+    def _budget(self) -> "AdaLoRAOptions":
+        if self.target_r > self.init_r:
+            raise ValueError("target_r must not exceed init_r")
+        return self
+
+
+class AdaLoRALinear(AdapterLayer):
     """AdaLoRA's SVD-form adapter on ``nn.Linear``, GPT-2 ``Conv1D`` or a 4-bit linear layer.
 
     ``rank_mask`` (bool, one entry per row of A) says which triplets the allocator keeps; the
@@ -39,14 +68,10 @@ class AdaLoRALinear(LoRALinear):
 
     adapter_param_names = ("lora_A", "lora_B", "lora_E")
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, cfg):
-        if r != cfg.init_r:
-            raise LorakitError("adapter.rank_pattern does not apply to adalora: every matrix "
-                               "starts at init_r and the rank allocator sets the final ranks")
-        if cfg.use_rslora:
-            raise LorakitError("adapter.use_rslora does not apply to adalora, whose scale is "
-                               "alpha / init_r")
-        super().__init__(base_layer, r, alpha, cfg)
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base_layer, r, alpha)
+        self.in_features, self.out_features = linear_dims(base_layer)
+        self.dropout = make_dropout(dropout)
         # PEFT: scaling = lora_alpha, divided by ranknum + 1e-5 in the forward; ranknum is the
         # initial rank and is kept when a layer is resized to its pruned rank.
         self.ranknum = float(self.r)
@@ -57,7 +82,7 @@ class AdaLoRALinear(LoRALinear):
             nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
 
     def _make_parameters(self, r: int) -> None:
-        dev = self.lora_A.device
+        dev = self.base_layer.weight.device
         self.r = r
         self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, device=dev))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, device=dev))
@@ -88,6 +113,12 @@ class AdaLoRALinear(LoRALinear):
         a = (self.lora_A * self.lora_E).to(x.dtype)
         return F.linear(F.linear(self.dropout(x), a) * self.scaling, self.lora_B.to(x.dtype))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.bypass():
+            return out
+        return out + self.lora_branch(x).to(out.dtype)
+
     def peft_state(self) -> dict[str, torch.Tensor]:
         keep = self.rank_mask
         if bool(keep.all()):
@@ -107,37 +138,13 @@ class AdaLoRALinear(LoRALinear):
                 getattr(self, name).copy_(state[name].to(getattr(self, name).dtype))
         self.rank_mask.fill_(True)
 
-    @classmethod
-    def initial_rank(cls, cfg) -> int:
-        return cfg.init_r
-
-    @classmethod
-    def peft_config_fields(cls, cfg, model: nn.Module) -> dict:
-        from ..inject import adapter_layers, state_of
-
-        total = (state_of(model).extras.get("adalora") or {}).get("total_step")
-        return {
-            # PEFT's AdaLoRA ignores r and warns unless it has LoraConfig's default, 8.
-            "r": 8,
-            "init_r": cfg.init_r, "target_r": cfg.target_r, "tinit": cfg.tinit,
-            "tfinal": cfg.tfinal, "deltaT": cfg.delta_t, "beta1": cfg.beta1,
-            "beta2": cfg.beta2, "orth_reg_weight": cfg.orth_reg_weight,
-            # PEFT refuses a config without a budgeting phase (tinit < total_step - tfinal).
-            "total_step": int(total or cfg.tinit + cfg.tfinal + 1),
-            "rank_pattern": {f"{n}.lora_E": layer.rank_pattern()
-                             for n, layer in adapter_layers(model)
-                             if isinstance(layer, AdaLoRALinear)},
-        }
-
     def extra_repr(self) -> str:
         return (f"r={self.r}, kept={self.rank}, ranknum={self.ranknum:g}, alpha={self.alpha:g}, "
                 f"scaling={self.scaling:g}")
 
 
 def adalora_layers(model: nn.Module) -> dict[str, AdaLoRALinear]:
-    from ..inject import adapter_layers
-
-    return {n: m for n, m in adapter_layers(model) if isinstance(m, AdaLoRALinear)}
+    return layers_of(model, AdaLoRALinear)
 
 
 def orthogonal_regularizer(model: nn.Module, weight: float) -> Optional[torch.Tensor]:
@@ -168,11 +175,12 @@ class RankAllocator:
     final masking is on the last step.
     """
 
-    def __init__(self, layers: dict[str, AdaLoRALinear], cfg, total_steps: int):
+    def __init__(self, layers: dict[str, AdaLoRALinear], cfg: AdaLoRAOptions, total_steps: int):
         if not cfg.tinit < total_steps - cfg.tfinal:
             raise LorakitError(
-                f"adalora needs a budgeting phase: adapter.tinit ({cfg.tinit}) must be less than "
-                f"the run's {total_steps} optimizer steps minus adapter.tfinal ({cfg.tfinal})")
+                f"adalora needs a budgeting phase: adapter.adalora.tinit ({cfg.tinit}) must be "
+                f"less than the run's {total_steps} optimizer steps minus adapter.adalora.tfinal "
+                f"({cfg.tfinal})")
         self.layers = layers
         self.cfg = cfg
         self.total_steps = int(total_steps)
@@ -196,7 +204,7 @@ class RankAllocator:
 
     @torch.no_grad()
     def update_importance(self) -> None:
-        b1, b2 = self.cfg.beta1, self.cfg.beta2
+        b1, b2 = self.cfg.sensitivity_beta, self.cfg.uncertainty_beta
         for name, layer in self.layers.items():
             for pname in layer.adapter_param_names:
                 p = getattr(layer, pname)
@@ -257,7 +265,7 @@ class RankAllocator:
         return self.budget
 
 
-class AdaLoRAHooks:
+class AdaLoRAHooks(MethodHooks):
     """What the training loop calls for ``method: adalora`` (registry ``hooks=``).
 
     One instance per run: it holds the allocator's importance averages (saved in checkpoints
@@ -267,17 +275,13 @@ class AdaLoRAHooks:
         self.allocator: Optional[RankAllocator] = None
 
     def regularizer(self, model: nn.Module) -> Optional[torch.Tensor]:
-        from ..inject import state_of
-
-        return orthogonal_regularizer(model, state_of(model).config.orth_reg_weight)
+        return orthogonal_regularizer(model, state_of(model).config.options.orth_reg_weight)
 
     def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """After ``optimizer.step()``, before ``zero_grad()``; ``step`` = optimizer steps done."""
-        from ..inject import state_of
-
         st = state_of(model)
         if self.allocator is None or self.allocator.total_steps != total_steps:
-            self.allocator = RankAllocator(adalora_layers(model), st.config, total_steps)
+            self.allocator = RankAllocator(adalora_layers(model), st.config.options, total_steps)
         budget = self.allocator.step(step)
         st.extras["adalora"] = {"total_step": int(total_steps), "step": int(step),
                                 "budget": int(budget)}
@@ -296,15 +300,13 @@ class AdaLoRAHooks:
         return out
 
     def load_state_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        from ..inject import state_of
-
         layers = adalora_layers(model)
         for n, m in layers.items():
             if f"{n}.rank_mask" in tensors:
                 m.rank_mask.copy_(tensors[f"{n}.rank_mask"])
         if "allocator.total_steps" not in tensors:
             return
-        alloc = RankAllocator(layers, state_of(model).config,
+        alloc = RankAllocator(layers, state_of(model).config.options,
                               int(tensors["allocator.total_steps"]))
         alloc.budget = int(tensors["allocator.budget"])
         for n, m in layers.items():
@@ -317,14 +319,12 @@ class AdaLoRAHooks:
 
     def summary(self, model: nn.Module) -> dict:
         """Kept rank of every adapted module and the totals (summary.json, the run's table)."""
-        from ..inject import state_of
-
         layers = adalora_layers(model)
         ranks = {n: layer.rank for n, layer in layers.items()}
-        cfg = state_of(model).config
+        opts = state_of(model).config.options
         return {"ranks": ranks, "total_rank": sum(ranks.values()),
                 "init_total_rank": int(sum(layer.ranknum for layer in layers.values())),
-                "target_total_rank": cfg.target_r * len(layers)}
+                "target_total_rank": opts.target_r * len(layers)}
 
     def on_load(self, model: nn.Module, extras: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Shrink each layer to the rank saved in the file (PEFT's rank_pattern pruning); a
@@ -333,3 +333,69 @@ class AdaLoRAHooks:
             saved = tensors.get(f"{name}.lora_E")
             if saved is not None and saved.ndim == 2 and saved.shape[0] < layer.r:
                 layer.set_rank(int(saved.shape[0]))
+
+
+class AdaLoRA(Method):
+    name = "adalora"
+    summary = ("AdaLoRA: SVD-form adapters, rank budget moves to important matrices "
+               "(Zhang et al. 2023)")
+    linear = AdaLoRALinear
+    options = AdaLoRAOptions
+    hooks = AdaLoRAHooks
+    peft_type = "ADALORA"
+    heatmaps = {"adalora_rank": ("adalora_ranks", "AdaLoRA kept rank")}
+
+    def check(self, cfg) -> None:
+        if cfg.rank_pattern:
+            raise ValueError("rank_pattern does not apply to adalora: every matrix starts at "
+                             "adalora.init_r and the rank allocator sets the final ranks")
+        if cfg.use_rslora:
+            raise ValueError("use_rslora does not apply to adalora, whose scale is "
+                             "alpha / init_r")
+
+    def initial_rank(self, cfg) -> int:
+        return cfg.options.init_r
+
+    def layer_kwargs(self, cls: type, cfg) -> dict:
+        return {"dropout": cfg.dropout}
+
+    def peft_fields(self, cfg, model: nn.Module) -> dict:
+        o = cfg.options
+        total = (state_of(model).extras.get("adalora") or {}).get("total_step")
+        return {
+            # PEFT's AdaLoRA ignores r and warns unless it has LoraConfig's default, 8.
+            "r": 8,
+            "init_r": o.init_r, "target_r": o.target_r, "tinit": o.tinit,
+            "tfinal": o.tfinal, "deltaT": o.delta_t, "beta1": o.sensitivity_beta,
+            "beta2": o.uncertainty_beta, "orth_reg_weight": o.orth_reg_weight,
+            # PEFT refuses a config without a budgeting phase (tinit < total_step - tfinal).
+            "total_step": int(total or o.tinit + o.tfinal + 1),
+            "rank_pattern": {f"{n}.lora_E": layer.rank_pattern()
+                             for n, layer in adalora_layers(model).items()},
+        }
+
+    def reads_peft(self, pc: dict) -> bool:
+        return pc.get("peft_type") == "ADALORA"
+
+    def options_from_peft(self, pc: dict) -> dict:
+        names = {"init_r": "init_r", "target_r": "target_r", "tinit": "tinit",
+                 "tfinal": "tfinal", "deltaT": "delta_t", "beta1": "sensitivity_beta",
+                 "beta2": "uncertainty_beta", "orth_reg_weight": "orth_reg_weight"}
+        # PEFT's rank_pattern here is the kept-triplet mask, not ranks: on_load resizes
+        return {"rank_pattern": {}, self.options_key: {
+            ours: pc[theirs] for theirs, ours in names.items() if pc.get(theirs) is not None}}
+
+    def report_note(self, method_summary: dict) -> str:
+        ms = method_summary
+        if "total_rank" not in ms:
+            return ""
+        return (f"rank {ms['total_rank']} of {ms['init_total_rank']} (target "
+                f"{ms['target_total_rank']})")
+
+    def inspect_columns(self, record: dict, layers: dict) -> dict:
+        ranks = ((record.get("summary") or {}).get("method_summary") or {}).get("ranks") or {}
+        return {"adalora_rank": {n: ranks.get(n, getattr(layer, "rank", None))
+                                 for n, layer in layers.items()}}
+
+
+METHOD = AdaLoRA()

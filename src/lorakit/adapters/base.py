@@ -1,4 +1,7 @@
-"""Shared machinery of every adapter layer: wrapping, scaling, merge/unmerge, PEFT state.
+"""Shared machinery of every method: the adapter layer base class (wrapping, scaling,
+merge/unmerge, PEFT state), the :class:`Method` a method module declares and the
+:class:`MethodHooks` the training loop drives. Nothing here (or anywhere under ``adapters/``)
+imports the training loop.
 
 Layout (see METHODS.md): ``W0`` is (d_out, d_in) as in ``nn.Linear`` and ``y = x W0ᵀ + b``;
 ``A`` is (r, d_in), ``B`` is (d_out, r). GPT-2's ``Conv1D`` stores its weight as (d_in, d_out)
@@ -13,13 +16,15 @@ fp32 base, unmerge restores the weight within fp32 rounding (~1e-7 relative).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from ..config import AdapterConfig
+from ..errors import LorakitError
+from ..quant import dequantized_weight, is_quantized
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -55,25 +60,17 @@ class AdapterLayer(nn.Module):
 
     #: names of this layer's own adapter parameters (not the base layer's)
     adapter_param_names: tuple[str, ...] = ()
+    #: whether the constructor takes ``dropout`` (embeddings do not)
+    takes_dropout: bool = True
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, cfg: "AdapterConfig"):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, use_rslora: bool = False):
         super().__init__()
         self.base_layer = base_layer
         self.r = int(r)
         self.alpha = float(alpha)
-        self.scaling = lora_scaling(self.alpha, self.r, cfg.use_rslora)
+        self.scaling = lora_scaling(self.alpha, self.r, use_rslora)
         self.merged = False
         self.disabled = False
-
-    @classmethod
-    def initial_rank(cls, cfg: "AdapterConfig") -> int:
-        """The rank a new layer gets before ``rank_pattern`` (AdaLoRA: ``init_r``)."""
-        return cfg.r
-
-    @classmethod
-    def peft_config_fields(cls, cfg: "AdapterConfig", model: nn.Module) -> dict:
-        """Method-specific fields of adapter_config.json (DoRA: ``use_dora``)."""
-        return {}
 
     def __getattr__(self, name: str):
         # Code outside may read ``layer.weight`` etc. of what it thinks is the plain layer.
@@ -89,18 +86,12 @@ class AdapterLayer(nn.Module):
 
     def base_weight_matrix(self) -> torch.Tensor:
         """The base weight in (d_out, d_in) layout, dequantized if needed (a view when possible)."""
-        from ..quant import dequantized_weight  # lazy: bitsandbytes only when used
-
         w = dequantized_weight(self.base_layer)
         return w.T if self.fan_in_fan_out else w
 
     def _write_base_weight(self, new_w: torch.Tensor) -> None:
         """Store a (d_out, d_in) fp32 matrix back into the base layer's weight, in its dtype."""
-        from ..quant import is_quantized
-
-        if is_quantized(self.base_layer):  # METHODS.md §2: never re-quantize silently
-            from ..errors import LorakitError
-
+        if is_quantized(self.base_layer):  # never re-quantize silently (docs/methods/qlora.md)
             raise LorakitError("merging into 4-bit NF4 weights would re-quantize them; load the "
                                "adapter onto the 16-bit base model (quantize=None) and merge there")
         weight = self.base_layer.weight
@@ -175,6 +166,11 @@ class AdapterLayer(nn.Module):
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [getattr(self, n) for n in self.adapter_param_names]
 
+    def new_adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """Fresh adapter Parameters of this layer's shapes, initialized as a new layer's are
+        (LoRA-drop's shared pairs)."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"
 
@@ -188,3 +184,160 @@ def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
 def kaiming_uniform_(t: torch.Tensor) -> torch.Tensor:
     """``nn.Linear``'s default init, as LoRA's A (microsoft/LoRA loralib/layers.py)."""
     return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+# ---- what a model carries once adapted ------------------------------------------------------
+
+@dataclass
+class LorakitState:
+    """What :func:`lorakit.apply` did to a model; kept on the model as ``model.lorakit_state``."""
+
+    config: Any  # the AdapterConfig
+    targets: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
+    extras: dict = field(default_factory=dict)  # method-specific, saved in lorakit.json
+
+
+def state_of(model: nn.Module) -> LorakitState:
+    st = getattr(model, "lorakit_state", None)
+    if st is None:
+        raise LorakitError("this model has no lorakit adapter; call lorakit.apply first")
+    return st
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """(name, layer) of every adapter layer of ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def layers_of(model: nn.Module, cls: type) -> dict[str, Any]:
+    """{name: layer} of the adapter layers of class ``cls``."""
+    return {n: m for n, m in adapter_layers(model) if isinstance(m, cls)}
+
+
+# ---- the method boundary ---------------------------------------------------------------------
+
+class MethodHooks:
+    """What the training loop calls on a method, once per run; every hook is a no-op here.
+
+    ``run`` (for :meth:`prepare`) is the loop's view of the run: ``run.model``, ``run.log``,
+    ``run.out_dir``, ``run.train_examples``, ``run.train_phase(examples, steps, desc)``,
+    ``run.batches(examples)``, ``run.resuming``, ``run.reduce_sum(values)``."""
+
+    def prepare(self, run) -> None:
+        """Before the main optimization (LoRA-drop's sample phase and layer selection)."""
+
+    def regularizer(self, model: nn.Module) -> Optional[torch.Tensor]:
+        """A term added to each micro-batch's loss (AdaLoRA's orthogonality), or None."""
+        return None
+
+    def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """After ``optimizer.step()``, before ``zero_grad()``; ``step`` = optimizer steps done."""
+
+    def state_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The method's own training state for checkpoints (safetensors)."""
+        return {}
+
+    def load_state_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_tensors` on resume."""
+
+    def on_load(self, model: nn.Module, extras: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """After ``apply`` and before an adapter's tensors are copied in (resize, re-tie)."""
+
+    def summary(self, model: nn.Module) -> dict:
+        """The method's figures for summary.json (``method_summary``)."""
+        return {}
+
+
+class Method:
+    """A fine-tuning method, as the registry lists it. One instance per method module
+    (``METHOD = ...``); subclasses override what differs from plain LoRA.
+
+    - layers: ``linear`` / ``embedding`` classes (None: that kind cannot be adapted);
+    - ``options``: a pydantic model of the method's own options, read from
+      ``adapter.<options_key>`` (an option of another method is an error);
+    - ``hooks``: the :class:`MethodHooks` subclass the training loop drives;
+    - PEFT mapping both ways: :meth:`peft_fields`, :meth:`reads_peft`, :meth:`options_from_peft`;
+    - reports: :meth:`report_note` and :meth:`inspect_columns`."""
+
+    name: str = ""
+    summary: str = ""
+    linear: Optional[type] = None
+    embedding: Optional[type] = None
+    options: Optional[type] = None
+    hooks: type = MethodHooks
+    peft_type: str = "LORA"
+    #: False for full fine-tuning: nothing is wrapped, every weight trains
+    wraps_layers: bool = True
+    #: inspect's heatmaps: column of :meth:`inspect_columns` -> (file prefix, title)
+    heatmaps: dict[str, tuple[str, str]] = {}
+    #: drawn in compare's magnitude/direction figure (the DoRA paper's Fig. 2: full
+    #: fine-tuning, LoRA and DoRA)
+    dm_dd_figure: bool = False
+
+    @property
+    def options_key(self) -> str:
+        """``adapter.<key>`` holds the options: the name with '-' as '_' (``lora_drop``)."""
+        return self.name.replace("-", "_")
+
+    # ---- config -------------------------------------------------------------------------
+    def check(self, cfg) -> None:
+        """Reject a combination of common options this method cannot use (ValueError)."""
+
+    def initial_rank(self, cfg) -> int:
+        """The rank of a new layer before ``rank_pattern``."""
+        return cfg.r
+
+    def make_layer(self, module: nn.Module, kind: str, name: str, cfg) -> AdapterLayer:
+        """The adapter layer for ``module`` (``kind``: "linear" or "embedding")."""
+        cls = self.linear if kind == "linear" else self.embedding
+        if cls is None:
+            raise LorakitError(f"method {self.name!r} cannot adapt the {kind} layer {name!r}; "
+                               "leave it out of adapter.target_modules")
+        r = pattern_value(cfg.rank_pattern, name, self.initial_rank(cfg))
+        alpha = pattern_value(cfg.alpha_pattern, name, cfg.alpha)
+        return cls(module, r, alpha, **self.layer_kwargs(cls, cfg))
+
+    def layer_kwargs(self, cls: type, cfg) -> dict:
+        """Keyword arguments of the layer class beyond (base_layer, r, alpha)."""
+        kw = {"use_rslora": cfg.use_rslora}
+        if cls.takes_dropout:
+            kw["dropout"] = cfg.dropout
+        return kw
+
+    # ---- PEFT's adapter_config.json, both ways -------------------------------------------
+    def peft_fields(self, cfg, model: nn.Module) -> dict:
+        """Method-specific fields of adapter_config.json (DoRA: ``use_dora``)."""
+        return {}
+
+    def reads_peft(self, pc: dict) -> bool:
+        """True if a PEFT adapter_config.json is this method's."""
+        return False
+
+    def options_from_peft(self, pc: dict) -> dict:
+        """Config fields (common ones and ``{options_key: {...}}``) from a PEFT config."""
+        return {}
+
+    def save_whole_model(self) -> bool:
+        """True when the result is a whole model folder, not an adapter (full fine-tuning)."""
+        return not self.wraps_layers
+
+    # ---- reports ------------------------------------------------------------------------
+    def report_note(self, method_summary: dict) -> str:
+        """One line for the compare table's notes from summary.json's ``method_summary``."""
+        return ""
+
+    def inspect_columns(self, record: dict, layers: dict) -> dict[str, dict[str, Any]]:
+        """Per-layer figures for ``lorakit inspect``: {column: {layer name: value}} from the
+        adapter's lorakit.json (``record``) and its loaded layers."""
+        return {}
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """``rank_pattern``/``alpha_pattern``: the first key ``k`` with ``(.*\\.)?(k)$`` matching."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default

@@ -1,7 +1,7 @@
 """DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv 2402.09353;
 reference NVlabs/DoRA and PEFT ``tuners/lora/dora.py``).
 
-The adapted weight is a magnitude times a direction (METHODS.md §7):
+The adapted weight is a magnitude times a direction (docs/methods/dora.md):
 
     W' = m ⊙_row V / ||V||_row,    V = W0 + s·BA
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import copy_into
-from .lora import LoRALinear
+from .lora import LoRA, LoRALinear
 
 #: Norms below this are clamped: a zero row (Llama-3.1 o_proj has 511) gives k = m/EPS, and m
 #: starts at that row's norm, 0, so k = 0 instead of 0/0 = NaN.
@@ -64,16 +64,13 @@ class DoRALinear(LoRALinear):
 
     adapter_param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, cfg):
-        super().__init__(base_layer, r, alpha, cfg)
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__(base_layer, r, alpha, dropout, use_rslora)
         self._w0_cache: tuple | None = None
         # B = 0 at init, so ||W0 + s·BA|| = ||W0||: m starts at the (dequantized) W0 row norms.
         m = self._w0_sq_norms(self.base_weight_matrix()).sqrt()
         self.lora_magnitude_vector = nn.Parameter(m.to(self.lora_A.device))
-
-    @classmethod
-    def peft_config_fields(cls, cfg, model: nn.Module) -> dict:
-        return {"use_dora": True}
 
     # ---- the norm ------------------------------------------------------------------------
     def _w0_sq_norms(self, w0: torch.Tensor) -> torch.Tensor:
@@ -157,3 +154,19 @@ class DoRALinear(LoRALinear):
     def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
         super().load_peft_state(state)
         copy_into(self.lora_magnitude_vector, state["lora_magnitude_vector"])
+
+
+class DoRA(LoRA):
+    name = "dora"
+    summary = "DoRA: magnitude m and direction (W0+sBA)/||.|| (Liu et al. 2024)"
+    linear = DoRALinear
+    embedding = None
+
+    def peft_fields(self, cfg, model: nn.Module) -> dict:
+        return {"use_dora": True}
+
+    def reads_peft(self, pc: dict) -> bool:
+        return pc.get("peft_type") == "LORA" and bool(pc.get("use_dora"))
+
+
+METHOD = DoRA()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, copy_into, kaiming_uniform_, linear_dims, make_dropout
+from .base import AdapterLayer, Method, copy_into, kaiming_uniform_, linear_dims, make_dropout
 
 
 class LoRALinear(AdapterLayer):
@@ -21,16 +21,21 @@ class LoRALinear(AdapterLayer):
 
     adapter_param_names = ("lora_A", "lora_B")
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, cfg):
-        super().__init__(base_layer, r, alpha, cfg)
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__(base_layer, r, alpha, use_rslora)
         self.in_features, self.out_features = linear_dims(base_layer)
-        dev = base_layer.weight.device
         # Adapter weights are fp32 master weights whatever the base dtype; the forward casts
         # them to the activation dtype (a cheap r-sized cast, never a d-sized one).
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=dev))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=dev))
-        kaiming_uniform_(self.lora_A)
-        self.dropout = make_dropout(cfg.dropout)
+        for name, p in self.new_adapter_parameters().items():
+            setattr(self, name, p)
+        self.dropout = make_dropout(dropout)
+
+    def new_adapter_parameters(self) -> dict[str, nn.Parameter]:
+        dev = self.base_layer.weight.device
+        a = kaiming_uniform_(torch.empty(self.r, self.in_features, device=dev))
+        return {"lora_A": nn.Parameter(a),
+                "lora_B": nn.Parameter(torch.zeros(self.out_features, self.r, device=dev))}
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
@@ -45,8 +50,6 @@ class LoRALinear(AdapterLayer):
         out = self.base_layer(x)
         if self.bypass():
             return out
-        if type(self).lora_branch is not LoRALinear.lora_branch:  # a variant's own branch
-            return out + self.lora_branch(x).to(out.dtype)
         return self.add_branch(out, self.dropout(x))
 
     def add_branch(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -68,14 +71,19 @@ class LoRAEmbedding(AdapterLayer):
     """LoRA on ``nn.Embedding``: y = E[x] + s · Aᵀ[x] Bᵀ (A: (r, vocab), B: (dim, r))."""
 
     adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+    takes_dropout = False
 
-    def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, cfg):
-        super().__init__(base_layer, r, alpha, cfg)
-        vocab, dim = base_layer.weight.shape
-        dev = base_layer.weight.device
-        self.lora_embedding_A = nn.Parameter(torch.zeros(self.r, vocab, device=dev))
-        self.lora_embedding_B = nn.Parameter(torch.empty(dim, self.r, device=dev))
-        nn.init.normal_(self.lora_embedding_B)
+    def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, use_rslora: bool = False):
+        super().__init__(base_layer, r, alpha, use_rslora)
+        for name, p in self.new_adapter_parameters().items():
+            setattr(self, name, p)
+
+    def new_adapter_parameters(self) -> dict[str, nn.Parameter]:
+        vocab, dim = self.base_layer.weight.shape
+        dev = self.base_layer.weight.device
+        return {"lora_embedding_A": nn.Parameter(torch.zeros(self.r, vocab, device=dev)),
+                "lora_embedding_B": nn.Parameter(nn.init.normal_(
+                    torch.empty(dim, self.r, device=dev)))}
 
     def base_weight_matrix(self) -> torch.Tensor:
         return self.base_layer.weight  # (vocab, dim): the layout ΔW is given in
@@ -100,3 +108,17 @@ class LoRAEmbedding(AdapterLayer):
     def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
         copy_into(self.lora_embedding_A, state["lora_embedding_A"])
         copy_into(self.lora_embedding_B, state["lora_embedding_B"])
+
+
+class LoRA(Method):
+    name = "lora"
+    summary = "LoRA: frozen base + trainable low-rank B·A bypass (Hu et al. 2021)"
+    linear = LoRALinear
+    embedding = LoRAEmbedding
+    dm_dd_figure = True
+
+    def reads_peft(self, pc: dict) -> bool:
+        return pc.get("peft_type") == "LORA" and not pc.get("use_dora")
+
+
+METHOD = LoRA()

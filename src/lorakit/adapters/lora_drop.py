@@ -1,9 +1,9 @@
 """LoRA-drop: LoRA on the layers whose output matters, one shared pair for the rest.
 
 Zhou et al. 2024, *LoRA-drop: Efficient LoRA Parameter Pruning based on Output Evaluation*
-(arXiv 2402.07721, COLING 2025; no official code). METHODS.md §5:
+(arXiv 2402.07721, COLING 2025; no official code); docs/methods/lora-drop.md:
 
-1. sample ``sample_ratio`` of the training data and train plain LoRA on it briefly;
+1. sample ``adapter.lora_drop.sample_ratio`` of the training data and train plain LoRA on it briefly;
 2. importance of adapted layer i: ``g_i = Σ_tokens ||s·B_i A_i x||²`` (the LoRA branch output
    only, eval mode, no grad, padding excluded), normalized ``I_i = g_i / Σ_j g_j``;
 3. keep the smallest set of layers, by descending importance, whose cumulative importance
@@ -14,13 +14,14 @@ Zhou et al. 2024, *LoRA-drop: Efficient LoRA Parameter Pruning based on Output E
    it once and its gradient is the sum over the layers that use it;
 5. train on the full data, with fresh adapters unless ``carry_over``.
 
-The layers are plain :class:`~lorakit.adapters.lora.LoRALinear` / ``LoRAEmbedding`` (the
-registry says so); this file only decides and ties. Saved adapters hold each layer's tensors as
-separate copies (PEFT loads them as ordinary per-layer LoRA); ``lorakit.json`` records the
-sharing and :meth:`LoRADropHooks.on_load` ties the copies again.
+The layers are plain :class:`~lorakit.adapters.lora.LoRALinear` / ``LoRAEmbedding``; this
+file only decides and ties. The training loop runs the sample phase for it (``run.train_phase``:
+see :meth:`LoRADropHooks.prepare`); nothing here imports the loop. Saved adapters hold each
+layer's tensors as separate copies (PEFT loads them as ordinary per-layer LoRA);
+``lorakit.json`` records the sharing and :meth:`LoRADropHooks.on_load` ties the copies again.
 
 # Note: importance scope
-METHODS.md normalizes over all adapted layers (``importance_scope: global``, the default). The
+The paper normalizes over all adapted layers (``importance_scope: global``, the default). The
 LoRA outputs of different module types live on different scales: on SmolLM2-135M a few
 ``down_proj`` layers, whose inputs carry the model's outlier activations, hold ~96% of the total
 after the sample phase, so a global threshold of 0.9 keeps 3 of 210 layers. ``module_type``
@@ -36,18 +37,34 @@ mean(B)·mean(A) is not the mean of the B·A products, so "the average" is not a
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Iterable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from ..config import MethodOptions
 from ..errors import LorakitError
-from .base import AdapterLayer
-from .lora import LoRAEmbedding
+from ..files import read_json, write_json
+from .base import AdapterLayer, MethodHooks, adapter_layers, state_of
+from .lora import LoRA, LoRAEmbedding
 
-if TYPE_CHECKING:
-    from ..training.loop import Run
+
+class LoRADropOptions(MethodOptions):
+    """``adapter.lora_drop``: the sample phase and the selection (Zhou et al. 2024)."""
+
+    sample_ratio: float = Field(0.1, gt=0, le=1, description="share of the training data "
+                                "used to train LoRA briefly and score the layers")
+    threshold: float = Field(0.9, gt=0, le=1, description="keep the most important layers "
+                             "until their cumulative importance reaches this")
+    top_n: Optional[int] = Field(None, gt=0, description="keep a fixed number of layers "
+                                 "instead of a threshold")
+    carry_over: bool = Field(False, description="kept layers start the main training from "
+                             "their sample-phase weights (default: fresh adapters)")
+    importance_scope: Literal["global", "module_type"] = Field(
+        "global", description="normalize importance over all adapted layers, or within each "
+        "module type (q_proj, ...) with threshold/top_n applied per type")
 
 RECORD_NAME = "lora_drop.json"  # the decision, kept in the run folder for train.resume
 
@@ -82,9 +99,6 @@ def layer_output_energy(model: nn.Module, batches: Iterable[dict],
 
     Eval mode (no dropout), no grad; each layer's input is caught by a forward hook and the
     branch recomputed in fp32 outside autocast, so a bf16 run ranks layers as fp32 would."""
-    from ..training.evaluation import autocast_for
-    from ..inject import adapter_layers
-
     layers = dict(adapter_layers(model))
     energy = {n: 0.0 for n in layers}
     mask: dict[str, torch.Tensor] = {}
@@ -107,7 +121,9 @@ def layer_output_energy(model: nn.Module, batches: Iterable[dict],
     try:
         for b in batches:
             mask["now"] = b["attention_mask"].to(torch.float64)
-            with autocast_for(model, dtype):
+            device = b["input_ids"].device.type
+            with torch.autocast(device, dtype=dtype or torch.float32,
+                                enabled=dtype in (torch.bfloat16, torch.float16)):
                 model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                       use_cache=False)
     finally:
@@ -168,20 +184,10 @@ def sharing_groups(layers: dict[str, AdapterLayer], kept: Iterable[str]) -> dict
     return out
 
 
-def fresh_parameters(layer: AdapterLayer, cfg) -> dict[str, nn.Parameter]:
-    """New adapter Parameters initialized as the layer's own class initializes them (LoRA: A
-    kaiming, B zero; embeddings: A zero, B normal), on the layer's device."""
-    fresh = type(layer)(layer.base_layer, layer.r, layer.alpha, cfg)
-    return {n: getattr(fresh, n) for n in layer.adapter_param_names}
-
-
 def tie_groups(model: nn.Module, groups: dict[str, list[str]], refresh: Iterable[str] = ()
                ) -> None:
     """Give each group one fresh pair, set as the very same Parameters on all its layers; the
     layers named in ``refresh`` get fresh Parameters of their own."""
-    from ..inject import adapter_layers, state_of
-
-    cfg = state_of(model).config
     layers = dict(adapter_layers(model))
     for names in groups.values():
         missing = [n for n in names if n not in layers]
@@ -193,7 +199,7 @@ def tie_groups(model: nn.Module, groups: dict[str, list[str]], refresh: Iterable
                                "of other shapes")
     todo = [[n] for n in refresh] + list(groups.values())
     for names in todo:
-        pair = fresh_parameters(layers[names[0]], cfg)
+        pair = layers[names[0]].new_adapter_parameters()
         for n in names:
             for pname, p in pair.items():
                 setattr(layers[n], pname, p)
@@ -201,8 +207,6 @@ def tie_groups(model: nn.Module, groups: dict[str, list[str]], refresh: Iterable
 
 def adapter_numel(model: nn.Module) -> tuple[int, int]:
     """(adapter parameters as stored now, each shared one once; what plain LoRA would have)."""
-    from ..inject import adapter_layers
-
     seen: set[int] = set()
     unique = plain = 0
     for _, layer in adapter_layers(model):
@@ -233,10 +237,8 @@ def drop_layers(model: nn.Module, importance: dict[str, float], threshold: Optio
 
     Options default to the model's adapter config. Returns the record (also stored under
     ``state_of(model).extras["lora_drop"]``, written to lorakit.json by save_adapter)."""
-    from ..inject import adapter_layers, state_of
-
     st = state_of(model)
-    cfg = st.config
+    cfg = st.config.options
     threshold = cfg.threshold if threshold is None else threshold
     top_n = cfg.top_n if top_n is None else top_n
     carry_over = cfg.carry_over if carry_over is None else carry_over
@@ -282,66 +284,51 @@ def summary_lines(record: dict) -> list[str]:
 
 # ---- the training loop's hooks --------------------------------------------------------------
 
-class LoRADropHooks:
-    """What ``lorakit train`` calls for ``method: lora-drop`` (registry ``hooks=``)."""
+class LoRADropHooks(MethodHooks):
+    """What ``lorakit train`` calls for ``method: lora-drop``."""
 
-    def prepare(self, run: "Run") -> None:
+    def prepare(self, run) -> None:
         """Sample phase, importance, selection and sharing, before the main optimization."""
-        from ..training.data import collate
-        from ..inject import state_of
-        from ..peft_format import write_json
-        from ..training.loop import activation_checkpointing, optimize
-
-        tc, acfg, acc, model = run.cfg.train, run.cfg.adapter, run.accelerator, run.model
+        model = run.model
+        opts = run.cfg.adapter.options
         record = self._recorded_decision(run)
         if record is not None:  # resuming: the checkpoint holds the weights, not the decision
             tie_groups(model, record["shared"])
             state_of(model).extras["lora_drop"] = record
-            run.info["lora_drop"] = record
             run.log(f"lora-drop: reusing the layer selection in {run.out_dir / RECORD_NAME}")
             return
-        per_step = tc.batch_size * tc.grad_accum * acc.num_processes
-        idx = sample_indices(len(run.train_examples), acfg.sample_ratio, per_step, tc.seed)
+        idx = sample_indices(len(run.train_examples), opts.sample_ratio, run.examples_per_step,
+                             run.cfg.train.seed)
         sample = [run.train_examples[i] for i in idx]
-        steps = max(1, len(sample) // per_step)  # one pass over the sample
-        with activation_checkpointing(model, tc.gradient_checkpointing):
-            optimize(run, sample, steps, desc="lora-drop sample")
+        steps = max(1, len(sample) // run.examples_per_step)  # one pass over the sample
+        run.train_phase(sample, steps, desc="lora-drop sample")
         # each process scores its share of the sample; the sums are added across processes
-        pad = run.tokenizer.pad_token_id
-        starts = range(acc.process_index * tc.batch_size, len(sample),
-                       tc.batch_size * acc.num_processes)
-        batches = ({k: v.to(acc.device) for k, v in collate(sample[i:i + tc.batch_size],
-                                                             pad).items()} for i in starts)
-        energy = layer_output_energy(model, batches, dtype=run.dtype)
-        if acc.num_processes > 1:
-            total = acc.reduce(torch.tensor(list(energy.values()), dtype=torch.float64,
-                                            device=acc.device), reduction="sum")
-            energy = dict(zip(energy, total.tolist()))
+        energy = layer_output_energy(model, run.batches(sample), dtype=run.dtype)
+        energy = dict(zip(energy, run.reduce_sum(list(energy.values()))))
         record = drop_layers(model, normalize(energy))
         record.update(sample_examples=len(sample), sample_steps=steps)
-        run.info["lora_drop"] = record
         for line in summary_lines(record):
             run.log(line)
         if run.is_main:
             write_json(run.out_dir / RECORD_NAME, record)
 
     @staticmethod
-    def _recorded_decision(run: "Run") -> Optional[dict]:
+    def _recorded_decision(run) -> Optional[dict]:
         """The decision of an interrupted run that is being resumed, if any."""
-        from ..training.checkpoint import list_checkpoints
-        from ..peft_format import read_json
-
         path = run.out_dir / RECORD_NAME
-        if not (run.cfg.train.resume and path.exists() and list_checkpoints(run.out_dir)):
+        if not (run.resuming and path.exists()):
             return None
         record = read_json(path)
-        acfg = run.cfg.adapter
+        o = run.cfg.adapter.options
         if (record.get("threshold"), record.get("top_n"), record.get("carry_over"),
-                record.get("scope")) != (acfg.threshold, acfg.top_n, acfg.carry_over,
-                                         acfg.importance_scope):
+                record.get("scope")) != (o.threshold, o.top_n, o.carry_over,
+                                         o.importance_scope):
             raise LorakitError(f"{path} was made with other LoRA-drop settings than this "
                                "run's; resume with the original adapter config")
         return record
+
+    def summary(self, model: nn.Module) -> dict:
+        return dict(state_of(model).extras.get("lora_drop") or {})
 
     def on_load(self, model: nn.Module, extras: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Tie the saved copies of each shared pair again (called by ``io.load_adapter`` after
@@ -362,3 +349,33 @@ class LoRADropHooks:
                             f"their saved {suffix} differ; load with method='lora' to keep "
                             "them separate")
         tie_groups(model, groups)
+
+
+class LoRADrop(LoRA):
+    name = "lora-drop"
+    summary = ("LoRA-drop: LoRA on the layers whose output matters, the rest share one "
+               "(Zhou et al. 2024)")
+    options = LoRADropOptions
+    hooks = LoRADropHooks
+    dm_dd_figure = False
+    heatmaps = {"importance": ("lora_drop_importance", "LoRA-drop importance")}
+
+    def reads_peft(self, pc: dict) -> bool:
+        return False  # saved as plain per-layer LoRA; lorakit.json restores the sharing
+
+    def report_note(self, method_summary: dict) -> str:
+        drop = method_summary
+        if drop.get("kept") is None or not drop.get("importance"):
+            return ""
+        return f"own LoRA on {len(drop['kept'])} of {len(drop['importance'])} layers"
+
+    def inspect_columns(self, record: dict, layers: dict) -> dict:
+        drop = (record.get("extras") or {}).get("lora_drop") or {}
+        if not drop.get("importance"):
+            return {}
+        kept = set(drop.get("kept") or [])
+        return {"importance": {n: drop["importance"].get(n) for n in layers},
+                "kept": {n: n in kept for n in layers}}
+
+
+METHOD = LoRADrop()

@@ -2,7 +2,7 @@
 
 The forward is LoRA's, ``y = x W0ᵀ + b + s·drop(x Aᵀ) Bᵀ``; A (r, d_in) keeps its kaiming init
 and never trains, B (d_out, r) starts at zero and is the only adapter weight that learns: half
-of LoRA's trainable parameters, and ΔW = s·BA stays in the row space of A (METHODS.md §4).
+of LoRA's trainable parameters, and ΔW = s·BA stays in the row space of A (docs/methods/lora-fa.md).
 
 # Note: what backward needs
 dL/dB = s·dYᵀ h with h = x Aᵀ (r values per token), and dL/dx = s·(dY B) A needs weights only.
@@ -14,7 +14,7 @@ is applied to h, not to x, since a mask over x would itself be d_in-sized.
 ``requires_grad=False``; the Function makes the saving explicit and independent of that, and
 keeps the dropout mask r-sized.)
 
-Optional LoRA-FA v2 gradient projection (``lorafa_projection``; PEFT ``LoraFAOptimizer``): B's
+Optional LoRA-FA v2 gradient projection (``adapter.lora_fa.projection``; PEFT ``LoraFAOptimizer``): B's
 gradient is replaced by g̃_B = (1/s²)·g_B·pinv(AAᵀ + 1e-8·I), the least-squares B-gradient
 whose update s·g̃_B·A best matches full fine-tuning's gradient projected on A's row space.
 It is applied in the branch's backward, i.e. before accumulation (it is linear, so gradient
@@ -25,11 +25,15 @@ Saved adapters are plain PEFT LoRA adapters (A included).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from .lora import LoRALinear
+from ..config import MethodOptions
+from .lora import LoRA, LoRALinear
 
 #: Ridge of the v2 projection, as in PEFT's LoraFAOptimizer.
 PROJECTION_DELTA = 1e-8
@@ -84,11 +88,18 @@ class LoRAFALinear(LoRALinear):
     necessity, saves x): A frozen is what makes the branch cheap.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, cfg):
-        super().__init__(base_layer, r, alpha, cfg)
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, projection: bool = False):
+        super().__init__(base_layer, r, alpha, dropout, use_rslora)
         self.lora_A.requires_grad_(False)  # random projection, kept as initialized
-        self.dropout_p = float(cfg.dropout)
-        self.projection = bool(cfg.lorafa_projection)
+        self.dropout_p = float(dropout)
+        self.projection = bool(projection)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.bypass():
+            return out
+        return out + self.lora_branch(x).to(out.dtype)
 
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_A.requires_grad:
@@ -97,9 +108,41 @@ class LoRAFALinear(LoRALinear):
         return FrozenABranch.apply(x, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype),
                                    self.scaling, p, self.projection)
 
+    def new_adapter_parameters(self) -> dict[str, nn.Parameter]:
+        fresh = super().new_adapter_parameters()
+        fresh["lora_A"].requires_grad_(False)
+        return fresh
+
     def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
         super().load_peft_state(state)
         self.lora_A.requires_grad_(False)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", frozen_A=True, projection={self.projection}"
+
+
+class LoRAFAOptions(MethodOptions):
+    """``adapter.lora_fa``: LoRA-FA's options."""
+
+    projection: bool = Field(False, description="LoRA-FA v2: project B's gradient onto what "
+                             "full fine-tuning would do within A's row space")
+
+    RENAMED: ClassVar[dict[str, str]] = {"lorafa_projection": "projection"}
+
+
+class LoRAFA(LoRA):
+    name = "lora-fa"
+    summary = "LoRA-FA: A frozen, only B trains; saves x·Aᵀ, not x (Zhang et al. 2023)"
+    linear = LoRAFALinear
+    embedding = None
+    options = LoRAFAOptions
+    dm_dd_figure = False
+
+    def reads_peft(self, pc: dict) -> bool:
+        return False  # a LoRA-FA adapter is a plain LoRA adapter to PEFT
+
+    def layer_kwargs(self, cls: type, cfg) -> dict:
+        return {**super().layer_kwargs(cls, cfg), "projection": cfg.options.projection}
+
+
+METHOD = LoRAFA()

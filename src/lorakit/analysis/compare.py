@@ -21,7 +21,6 @@ folder instead of spending minutes of generation on it again.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
@@ -33,11 +32,21 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import LorakitError
-from ..training.evaluation import PREDICTIONS
+import torch
+import yaml
 
-DEFAULT_METHODS = ("lora", "dora", "lora-fa", "lora+", "qlora", "adalora", "lora-drop",
-                   "longlora", "full")
+from .. import inject, models
+from ..config import load_run_config, parse_overrides, split_config_args
+from ..errors import LorakitError
+from ..files import write_json
+from ..registry import METHODS, PRESETS, get_method
+from ..training.evaluation import PREDICTIONS
+from ..training.loop import base_metrics, prepare_data
+from ..training.runtime import cast_frozen, resolve_precision
+from .report import write_report
+
+#: every registered method, then the presets named after the papers
+DEFAULT_METHODS = (*METHODS, *PRESETS)
 #: The compare budget, applied only where the user's config and overrides leave the key unset:
 #: 9 methods of the embedded model on the built-in task fit in 45 minutes on 2 CPU cores.
 COMPARE_DEFAULTS = {"train.max_steps": 150, "eval.limit": 100}
@@ -50,21 +59,15 @@ Log = Callable[[str], None]
 
 def unavailable_reason(cfg) -> Optional[str]:
     """Why the method of run config ``cfg`` cannot run on this machine, or None."""
-    from ..registry import get_method
-
     if cfg.adapter.quantize:
         try:
             importlib.import_module("bitsandbytes")
         except Exception as e:  # noqa: BLE001 - any import failure means "not here"
             return f"4-bit base weights need bitsandbytes, which does not import ({e})"
-    method = get_method(cfg.adapter.method)
-    for path in (method.linear, method.embedding, method.hooks):
-        if path:
-            module = path.partition(":")[0]
-            try:
-                importlib.import_module(module)
-            except ImportError as e:
-                return f"{module} cannot be imported ({e})"
+    try:
+        get_method(cfg.adapter.method)
+    except ImportError as e:
+        return f"method {cfg.adapter.method!r} cannot be imported ({e})"
     return None
 
 
@@ -80,10 +83,6 @@ def method_overrides(config: Optional[str], overrides: list[str], method: str,
                      run_dir: Path) -> list[str]:
     """The ``lorakit train`` overrides of one method's run: the compare budget where the user
     set nothing, then the user's overrides, then the method and its folder."""
-    import yaml
-
-    from ..config import parse_overrides
-
     user: dict = {}
     if config:
         try:
@@ -120,10 +119,6 @@ def compare(config: Optional[str], overrides: list[str], methods: list[str], out
             log: Log = print, python: str = sys.executable) -> dict:
     """Train each method (skipping finished ones) and write the report; returns the report's
     data (also ``report.json``)."""
-    import yaml
-
-    from ..config import load_run_config
-
     out = Path(out)
     if not methods:
         raise LorakitError("--methods names no method")
@@ -179,11 +174,9 @@ def compare(config: Optional[str], overrides: list[str], methods: list[str], out
             err = _last_error(log_file.read_text(encoding="utf-8", errors="replace"))
             state["runs"][m] = {"status": "failed", "wall_s": wall, "error": err}
             log(f"[{i}/{len(plans)}] {m}: FAILED ({err})")
-        _write_state(state_path, state)
+        write_json(state_path, state)
     state["last_call_wall_s"] = time.perf_counter() - t_all
-    _write_state(state_path, state)
-    from .pages import write_report
-
+    write_json(state_path, state)
     report = write_report(out, [m for m, *_ in plans], state)
     log(f"report: {out / 'report.md'} and {out / 'report.html'}")
     return report
@@ -209,43 +202,24 @@ def _reuse_base(run_dir: Path, cfg, plans) -> bool:
 
 
 def measure_base(cfg, log: Log = print) -> dict:
-    """The base model's metrics exactly as train.py measures them before training (the
-    adapter applied and disabled, so QLoRA's base is the 4-bit model), in
-    ``<output_dir>/base_metrics.json``. Run in its own process by :func:`compare`, so that no
-    training run's peak memory includes this evaluation."""
-    import torch
-
-    from .. import inject, models
-    from ..training.loop import Run, _write_json_atomic, cast_frozen, measure, prepare_data, \
-        resolve_precision
-
+    """The base model's metrics exactly as ``lorakit train`` measures them before training
+    (:func:`~lorakit.training.loop.base_metrics`), in ``<output_dir>/base_metrics.json``. Run
+    in its own process by :func:`compare`, so that no training run's peak memory includes
+    this evaluation."""
     dtype = resolve_precision(cfg.train.precision)
     torch.manual_seed(cfg.train.seed)
     model, tok = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    train_ex, valid_ex, metric_rows, fmt, _ = prepare_data(cfg, tok, log)
-    if cfg.adapter.method != "full":
+    _, heldout, _ = prepare_data(cfg, tok, log)
+    if get_method(cfg.adapter.method).wraps_layers:
         inject.apply(model, cfg.adapter)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     cast_frozen(model, dtype)
     out = Path(cfg.output_dir)
-    run = Run(cfg, model, tok, None, dtype, train_ex, valid_ex, metric_rows, fmt, out, log)
     out.mkdir(parents=True, exist_ok=True)
-    with (inject.disabled(model) if cfg.adapter.method != "full" else contextlib.nullcontext()):
-        metrics = measure(run, "base model", out / PREDICTIONS["base"])
-    _write_json_atomic(out / "base_metrics.json", metrics)
-    return metrics
-
-
-def _write_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    return base_metrics(cfg, model, tok, heldout, dtype, out, log)
 
 
 if __name__ == "__main__":  # python -m lorakit.analysis.compare --measure-base [CONFIG] key=value ...
-    from ..cli.commands import split_config_args
-    from ..config import load_run_config
-
     if sys.argv[1:2] != ["--measure-base"]:
         sys.exit("usage: python -m lorakit.analysis.compare --measure-base [CONFIG] key=value ...")
     measure_base(load_run_config(*split_config_args(sys.argv[2:])),

@@ -12,8 +12,9 @@ For every adapted layer, with W0 the base weight and W' the weight once merged (
   magnitude m) and ``ΔD = mean_rows (1 - cos(W'_row, W0_row))``; plotted as ΔD (x) against ΔM
   (y), one point per layer. The paper finds a positive slope for LoRA and a negative one for
   full fine-tuning and DoRA; the text output gives the correlation;
-- AdaLoRA's kept rank per matrix, and LoRA-drop's importance per layer and which layers kept
-  their own LoRA (from lorakit.json).
+- each method's own per-layer figures (``Method.inspect_columns``: AdaLoRA's kept rank per
+  matrix, LoRA-drop's importance per layer and which layers kept their own LoRA, from
+  lorakit.json).
 
 ``--vs OTHER`` analyses a second adapter of the same base and overlays it in every plot.
 """
@@ -28,8 +29,13 @@ from typing import Optional
 
 import torch
 
-from .pages import html_page, html_table, pyplot, save_png
+from .. import models
+from ..adapters.base import adapter_layers
 from ..errors import LorakitError
+from ..files import read_json
+from ..peft_format import EXTRAS_NAME, is_whole_model, open_adapter, read_adapter, recorded_base
+from ..registry import all_methods, get_method
+from .pages import html_page, html_table, pyplot, save_png
 
 RANK_TOL = 1e-3
 
@@ -63,14 +69,11 @@ def _layer_index(name: str) -> Optional[int]:
 
 def _weight_pairs(path: Path, model_name: Optional[str]):
     """(method, lorakit.json, iterator of (module name, W0, W', layer or None))."""
-    from .. import models, peft_format
-    from ..inject import adapter_layers
-
-    extras = peft_format.read_json(path / peft_format.EXTRAS_NAME) if (path / peft_format.EXTRAS_NAME).exists() else {}
-    if (path / "config.json").exists() and not (path / peft_format.CONFIG_NAME).exists():
-        base_name = model_name or (extras.get("summary") or {}).get("model")
+    extras = read_json(path / EXTRAS_NAME) if (path / EXTRAS_NAME).exists() else {}
+    if is_whole_model(path):
+        base_name = model_name or recorded_base(path)
         if not base_name:
-            raise LorakitError(f"{path} is a full model that does not record its base; pass "
+            raise LorakitError(f"{path} is a whole model that does not record its base; pass "
                                "--model")
         base, _ = models.load_model(base_name, dtype="fp32")
         tuned, _ = models.load_model(str(path), dtype="fp32")
@@ -81,15 +84,11 @@ def _weight_pairs(path: Path, model_name: Optional[str]):
             for name, mod in base.named_modules():
                 if isinstance(mod, torch.nn.Linear) and mod is not out_emb:
                     yield name, mod.weight, tuned_mods[name].weight, None
-        return "full", extras, full_pairs()
-    if not (path / peft_format.CONFIG_NAME).exists():
-        peft_format.read_adapter(path)  # raises the precise error
-    base_name = model_name or peft_format.read_json(path / peft_format.CONFIG_NAME).get("base_model_name_or_path")
-    if not base_name:
-        raise LorakitError(f"{path} does not record its base model; pass --model")
-    model, _ = models.load_model(base_name, dtype="fp32")
-    peft_format.load_adapter(model, path, quantize=None)
-    method = extras.get("method") or peft_format.read_adapter(path)[0].method
+        method = extras.get("method") or next(m.name for m in all_methods()
+                                              if m.save_whole_model())
+        return method, extras, full_pairs()
+    model, _ = open_adapter(path, model_name)
+    method = extras.get("method") or read_adapter(path)[0].method
 
     def adapter_pairs():
         for name, layer in adapter_layers(model):
@@ -106,23 +105,20 @@ def analyze(path: str | Path, model_name: Optional[str] = None) -> dict:
     if not path.is_dir():
         raise LorakitError(f"adapter folder {str(path)!r} does not exist")
     method, extras, pairs = _weight_pairs(path, model_name)
-    ranks = ((extras.get("summary") or {}).get("method_summary") or {}).get("ranks") or {}
-    drop = (extras.get("extras") or {}).get("lora_drop") or {}
+    pairs = list(pairs)
+    columns = get_method(method).inspect_columns(
+        extras, {name: layer for name, _, _, layer in pairs if layer is not None})
     layers = []
-    for name, w0, w1, layer in pairs:
+    for name, w0, w1, _ in pairs:
         rec = {"name": name, "module": name.rsplit(".", 1)[-1], "index": _layer_index(name),
                "shape": list(w0.shape), **layer_stats(w0.float(), w1.float())}
-        if layer is not None and method == "adalora":
-            rec["adalora_rank"] = ranks.get(name, getattr(layer, "rank", None))
-        if drop.get("importance"):
-            rec["importance"] = drop["importance"].get(name)
-            rec["kept"] = name in set(drop.get("kept") or [])
+        rec.update({col: values[name] for col, values in columns.items() if name in values})
         layers.append(rec)
     if not layers:
         raise LorakitError(f"{path} adapts no linear layer to analyse")
     dd = [x["delta_d"] for x in layers]
     dm = [x["delta_m"] for x in layers]
-    return {"adapter": str(path), "method": method, "layers": layers,
+    return {"adapter": str(path), "method": method, "layers": layers, "columns": list(columns),
             "correlation_dd_dm": _pearson(dd, dm)}
 
 
@@ -139,25 +135,25 @@ def _pearson(x: list[float], y: list[float]) -> Optional[float]:
 
 # ---- text ------------------------------------------------------------------------------------
 
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
 def text_report(res: dict) -> str:
-    extra_rank = any("adalora_rank" in x for x in res["layers"])
-    extra_imp = any("importance" in x for x in res["layers"])
+    extra = [c for c in res.get("columns", []) if any(c in x for x in res["layers"])]
     head = (f"{'layer':<44}{'shape':>12}{'||dW||':>10}{'rel':>9}{'effrank':>9}{'rank':>6}"
-            f"{'dM':>10}{'dD':>10}" + ("{:>8}".format("adaR") if extra_rank else "")
-            + ("{:>11}{:>6}".format("importance", "kept") if extra_imp else ""))
+            f"{'dM':>10}{'dD':>10}" + "".join(f"{c:>14}" for c in extra))
     lines = [f"{res['adapter']} ({res['method']}), {len(res['layers'])} layers", head]
     for x in res["layers"]:
         shape = "x".join(str(s) for s in x["shape"])
         ln = (f"{x['name'][-44:]:<44}{shape:>12}{x['delta_norm']:>10.4g}"
               f"{x['rel_delta_norm']:>9.3g}{x['effective_rank']:>9.2f}{x['numeric_rank']:>6}"
               f"{x['delta_m']:>10.3g}{x['delta_d']:>10.3g}")
-        if extra_rank:
-            ln += f"{x.get('adalora_rank') if x.get('adalora_rank') is not None else '-':>8}"
-        if extra_imp:
-            imp = x.get("importance")
-            ln += (f"{imp:>11.4f}" if imp is not None else f"{'-':>11}") + \
-                f"{'yes' if x.get('kept') else 'no':>6}"
-        lines.append(ln)
+        lines.append(ln + "".join(f"{_fmt(x.get(c)):>14}" for c in extra))
     total = math.sqrt(sum(x["delta_norm"] ** 2 for x in res["layers"]))
     corr = res["correlation_dd_dm"]
     lines.append(f"total ||dW||_F {total:.4g}; mean effective rank "
@@ -239,13 +235,10 @@ def write_outputs(results: list[dict], out: Path) -> list[str]:
     figs.append(("dm_dd.png", "magnitude (ΔM) vs direction (ΔD) change", fig))
     for res in results:
         tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", res["method"])
-        if any(x.get("adalora_rank") is not None for x in res["layers"]):
-            figs.append((f"adalora_ranks_{tag}.png", f"AdaLoRA kept rank ({_label(res)})",
-                         _heatmap(plt, res, "adalora_rank", "AdaLoRA kept rank")))
-        if any(x.get("importance") is not None for x in res["layers"]):
-            figs.append((f"lora_drop_importance_{tag}.png",
-                         f"LoRA-drop importance ({_label(res)})",
-                         _heatmap(plt, res, "importance", "LoRA-drop importance")))
+        for col, (prefix, title) in get_method(res["method"]).heatmaps.items():
+            if any(x.get(col) is not None for x in res["layers"]):
+                figs.append((f"{prefix}_{tag}.png", f"{title} ({_label(res)})",
+                             _heatmap(plt, res, col, title)))
     body = ["<h1>lorakit inspect</h1>"]
     for res in results:
         hdr = ["layer", "||ΔW||_F", "rel", "effective rank", "rank", "ΔM", "ΔD"]

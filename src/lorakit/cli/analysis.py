@@ -1,7 +1,6 @@
 """``lorakit compare`` and ``lorakit inspect``: the side-by-side report and the per-layer analysis.
 
-Each parses its arguments and calls lorakit.analysis; the engine is imported inside ``run_*``
-(start-up time: ``lorakit --help`` must not load torch).
+Each parses its arguments and calls one function of lorakit.analysis.
 """
 
 from __future__ import annotations
@@ -9,11 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..analysis.compare import COMPARE_DEFAULTS, DEFAULT_METHODS, compare
+from ..analysis.inspection import inspect_adapters, text_report
+from ..analysis.pages import md_table
+from ..analysis.report import main_table
+from ..config import split_config_args
 
 
 def compare_args(p: argparse.ArgumentParser) -> None:
-    from ..analysis.compare import COMPARE_DEFAULTS, DEFAULT_METHODS
-
     p.add_argument("items", nargs="*", metavar="CONFIG|key=value",
                    help="an optional YAML run config, then dotted overrides applied to every "
                         "method's run; compare's budget "
@@ -27,14 +29,10 @@ def compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args) -> int:
-    from .commands import split_config_args
-    from ..analysis.compare import compare
-
     config, overrides = split_config_args(args.items)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     report = compare(config, overrides, methods, args.out,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
-    from ..analysis.pages import main_table, md_table
 
     print(md_table(*main_table(report["rows"])))
     for x in report["missing"]:
@@ -52,8 +50,6 @@ def inspect_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_inspect(args) -> int:
-    from ..analysis.inspection import inspect_adapters, text_report
-
     results, out = inspect_adapters(args.adapter, args.vs, args.out, args.model)
     print("\n\n".join(text_report(r) for r in results))
     print(f"plots: {out}")

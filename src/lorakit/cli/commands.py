@@ -1,7 +1,6 @@
 """Subcommands train, eval, generate, chat, merge and methods.
 
-Each parses its arguments and calls the library. The engine (torch, transformers) is imported
-inside ``run_*``, so that ``lorakit --help`` and argument errors answer at once.
+Each parses its arguments and calls one library function.
 """
 
 from __future__ import annotations
@@ -12,8 +11,20 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+
+from .. import models, peft_format
+from ..config import METRIC_NAMES, RunConfig, config_reference, load_run_config, split_config_args
 from ..errors import LorakitError
 from ..registry import describe
+from ..training.data import Rows, build_heldout, encode, read_rows
+from ..training.evaluation import HeldOut, measure
+from ..training.loop import train
+from ..training.runtime import cast_frozen, dtype_name, resolve_precision
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 # ---- train --------------------------------------------------------------------------------
@@ -26,42 +37,9 @@ def train_args(p: argparse.ArgumentParser) -> None:
                         "adapter.method=dora train.max_steps=200 data.train=my.jsonl")
 
 
-def config_reference() -> str:
-    """Every run-config key with its default and description, from the pydantic models (the
-    single source of truth for YAML files, overrides and this help)."""
-    from ..config import RunConfig
-
-    lines = ["run config keys (YAML sections, or section.key=value overrides):"]
-    for name, f in RunConfig.model_fields.items():
-        sub = getattr(f.annotation, "model_fields", None)
-        if sub is None:
-            lines.append(f"  {name} = {f.default!r}: {f.description}")
-            continue
-        for k, sf in sub.items():
-            default = sf.default_factory() if sf.default_factory else sf.default
-            lines.append(f"  {name}.{k} = {default!r}: {sf.description}")
-    return "\n".join(lines)
-
-
-def split_config_args(items: list[str]) -> tuple[Optional[str], list[str]]:
-    path, overrides = None, []
-    for i, item in enumerate(items):
-        if "=" not in item:
-            if i != 0:
-                raise LorakitError(f"{item!r} is not a key=value override (a config file must "
-                                   "come first)")
-            path = item
-        else:
-            overrides.append(item)
-    return path, overrides
-
-
 def run_train(args) -> int:
-    from ..config import load_run_config
-    from ..training.loop import train
-
     cfg = load_run_config(*split_config_args(args.items))
-    summary = train(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+    summary = train(cfg, log=_stderr)
     if summary.get("tuned") is not None:
         print(before_after_table(summary, Path(cfg.output_dir)))
     print(f"adapter: {Path(cfg.output_dir) / 'adapter'}")
@@ -118,38 +96,22 @@ def load_for_inference(adapter: Optional[str], model_name: Optional[str], dtype:
                        trust_remote_code: bool = False):
     """(model, tokenizer) for an adapter folder (or a full fine-tuned model folder), or the
     base model alone when ``adapter`` is None. A QLoRA adapter goes onto the 16-bit base."""
-    from .. import models, peft_format
-
     if adapter is None:
         if not model_name:
             raise LorakitError("name a model with --model (or --base)")
         return models.load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
-    path = Path(adapter)
-    if not path.is_dir():
-        raise LorakitError(f"adapter folder {adapter!r} does not exist")
-    if (path / "config.json").exists() and not (path / peft_format.CONFIG_NAME).exists():
-        return models.load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
-    if not (path / peft_format.CONFIG_NAME).exists():
-        peft_format.read_adapter(path)  # raises the precise error (pickle only, missing files...)
-    base_name = model_name or peft_format.read_json(path / peft_format.CONFIG_NAME).get("base_model_name_or_path")
-    if not base_name:
-        raise LorakitError(f"{adapter} does not record its base model; pass --model")
-    model, tok = models.load_model(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
-    peft_format.load_adapter(model, path, quantize=None)
-    return model, tok
+    return peft_format.open_adapter(adapter, model_name, dtype, trust_remote_code)
 
 
 # ---- eval ---------------------------------------------------------------------------------
 
 def eval_args(p: argparse.ArgumentParser) -> None:
-    from ..training.evaluation import METRICS
-
     p.add_argument("adapter", nargs="?", help="adapter folder, or a run folder (omit with "
                    "--base)")
     p.add_argument("--base", help="evaluate this base model alone")
     p.add_argument("--data", help="a data file or task:NAME (default: the run's own held-out "
                    "rows, recorded in <run>/heldout.json: never rows it trained on)")
-    p.add_argument("--metric", choices=[*METRICS, "none"], default=None,
+    p.add_argument("--metric", choices=[*METRIC_NAMES, "none"], default=None,
                    help="headline metric (default: the run's eval.metric); all are reported")
     p.add_argument("--limit", type=int, default=None,
                    help="examples for the generation metric (default: the run's eval.limit)")
@@ -174,8 +136,6 @@ def _run_folder(adapter: Optional[str]) -> Optional[Path]:
 
 def _eval_config(run_dir: Optional[Path], args):
     """The run's config (or the defaults) with the command line's eval settings on top."""
-    from ..config import RunConfig, load_run_config
-
     cfg = load_run_config(str(run_dir / "config.yaml")) if run_dir else RunConfig()
     ev = {"metric": None if args.metric == "none" else args.metric,
           "limit": args.limit, "max_new_tokens": args.max_new_tokens}
@@ -190,8 +150,6 @@ def _eval_config(run_dir: Optional[Path], args):
 
 def _eval_rows(spec: Optional[str], run_dir: Optional[Path], cfg, tok):
     """(what was evaluated, validation examples, metric rows, format)."""
-    from ..training.data import Rows, build_heldout, encode, read_rows
-
     if spec:
         enc = encode(read_rows(spec, "test"), tok, "auto", cfg.data.max_seq_len)
         if enc.skipped:
@@ -215,10 +173,6 @@ def _eval_rows(spec: Optional[str], run_dir: Optional[Path], cfg, tok):
 
 
 def run_eval(args) -> int:
-    import torch
-
-    from ..training.loop import Run, cast_frozen, measure, resolve_precision
-
     if (args.adapter is None) == (args.base is None):
         raise LorakitError("give either an adapter folder or --base MODEL")
     if args.adapter is not None and not Path(args.adapter).is_dir():
@@ -233,16 +187,15 @@ def run_eval(args) -> int:
     what, valid, metric_rows, fmt = _eval_rows(args.data, run_dir, cfg, tok)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     cast_frozen(model, dtype)  # as in training: frozen weights in the compute dtype
-    log = (lambda s: print(s, file=sys.stderr, flush=True))
-    run = Run(cfg, model, tok, None, dtype, [], valid, metric_rows, fmt, Path("."), log)
-    m = measure(run, "adapter" if adapter else "base model",
+    m = measure(model, tok, HeldOut(valid, metric_rows, fmt), cfg.eval, cfg.data.max_seq_len,
+                dtype, "adapter" if adapter else "base model", _stderr,
                 Path(args.predictions) if args.predictions else None)
     if "predictions" in m:
         m["predictions"] = args.predictions
     loss, gen = m.pop("valid_loss", None), m.pop("generation", {})
     if gen:
         gen["metric_examples"] = gen.pop("examples")
-    result = {**what, "dtype": str(dtype).replace("torch.", ""), "examples": len(valid),
+    result = {**what, "dtype": dtype_name(dtype), "examples": len(valid),
               "loss": loss, **m, **gen}
     print(json.dumps(result))
     return 0
@@ -265,8 +218,6 @@ def generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _complete(model, tok, messages: list[dict], args) -> str:
-    import torch
-
     if args.no_chat_template or not getattr(tok, "chat_template", None):
         text = "\n".join(m["content"] for m in messages)
     else:
@@ -325,15 +276,13 @@ def merge_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_merge(args) -> int:
-    from ..peft_format import save_merged
-
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise LorakitError(f"{out} exists and is not empty; choose another --out")
     model, tok = load_for_inference(args.adapter, args.model, args.dtype, args.trust_remote_code)
     if getattr(model, "lorakit_state", None) is None:
         raise LorakitError(f"{args.adapter} is already a full model; nothing to merge")
-    save_merged(model, out, tok)
+    peft_format.save_merged(model, out, tok)
     print(f"merged model: {out}")
     return 0
 

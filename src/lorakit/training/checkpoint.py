@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import LorakitError
-from ..peft_format import atomic_dir, write_json
+from ..files import atomic_dir, write_json
 
 _STEP = re.compile(r"^step-(\d+)$")
 
@@ -94,9 +94,10 @@ def _write_checkpoint(path, params, opt_tensors, opt_meta, model, scheduler, hoo
         save_file(params, str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "optimizer.json", opt_meta)
-        if hooks is not None and hasattr(hooks, "state_tensors"):
-            save_file({k: v.detach().cpu().contiguous() for k, v in hooks.state_tensors(
-                model).items()}, str(tmp / "hooks.safetensors"))
+        method_state = hooks.state_tensors(model) if hooks is not None else {}
+        if method_state:
+            save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()},
+                      str(tmp / "hooks.safetensors"))
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -127,8 +128,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     with torch.no_grad():
         for n, p in own.items():
             p.copy_(params[n])
-    if hooks is not None and hasattr(hooks, "load_state_tensors") and \
-            (path / "hooks.safetensors").exists():
+    if hooks is not None and (path / "hooks.safetensors").exists():
         hooks.load_state_tensors(model, load_file(str(path / "hooks.safetensors")))
     optimizer.load_state_dict(_unflatten_optimizer(opt_t, opt_meta))
     scheduler.load_state_dict(state["scheduler"])

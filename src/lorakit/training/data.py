@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from ..errors import LorakitError
+from .tasks import get_task
 
 IGNORE = -100
 MAX_LINE_BYTES = 16 * 2**20  # a JSONL line longer than this is skipped and reported
@@ -76,8 +77,6 @@ def _read_jsonl(path: Path) -> Rows:
 def read_rows(spec: str, split: str = "train") -> Rows:
     """Rows of a built-in task split or of a local data file."""
     if spec.startswith("task:"):
-        from .tasks import get_task
-
         rows = get_task(spec[5:]).rows(split)
         return Rows([dict(r, _line=i + 1) for i, r in enumerate(rows)], [], spec)
     path = Path(spec)
@@ -87,7 +86,7 @@ def read_rows(spec: str, split: str = "train") -> Rows:
     if suffix == ".jsonl":
         out = _read_jsonl(path)
     elif suffix in (".json", ".csv", ".parquet"):
-        import datasets
+        import datasets  # start-up time: slow to import, and only these formats need it
 
         datasets.disable_progress_bars()
         kind = {".json": "json", ".csv": "csv", ".parquet": "parquet"}[suffix]

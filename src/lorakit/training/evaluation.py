@@ -30,10 +30,12 @@ from typing import Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .data import IGNORE, collate, prompt_and_answer
+from ..config import METRIC_NAMES
+from .data import IGNORE, Rows, collate, encode, prompt_and_answer
+from .tasks import get_task
 
-METRICS = ("exact_match", "normalized_match", "f1")
 #: default cap = longest reference + this margin, never above MAX_NEW_TOKENS_CAP
 CAP_MARGIN = 16
 MAX_NEW_TOKENS_CAP = 1024
@@ -75,6 +77,8 @@ def f1_score(prediction: str, reference: str) -> float:
 
 SCORERS = {"exact_match": exact_match_score, "normalized_match": normalized_match_score,
            "f1": f1_score}
+METRICS = tuple(SCORERS)
+assert METRICS == METRIC_NAMES, "the config's metric names and the scorers must agree"
 
 
 def score(prediction: str, reference: str) -> dict[str, float]:
@@ -118,8 +122,6 @@ def _bar(it, desc: Optional[str], n_items: int, per: int):
     """A tqdm bar over batches, counted in examples; silent when ``desc`` is None."""
     if desc is None:
         return it
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=n_items, desc=desc, unit="ex", dynamic_ncols=True, leave=False)
 
     def gen():
@@ -258,3 +260,51 @@ def write_predictions(path: Path, predictions: list[dict]) -> None:
         for p in predictions:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
     tmp.replace(path)
+
+
+# ---- a model's figures on a run's held-out rows --------------------------------------------
+
+@dataclass
+class HeldOut:
+    """What a model is evaluated on: validation examples (encoded) and rows with references
+    for the generation metrics, in the data's format."""
+
+    valid_examples: list[dict]
+    metric_rows: list[dict]
+    fmt: str
+
+
+def measure(model: nn.Module, tokenizer, heldout: HeldOut, ec, max_seq_len: int,
+            dtype: Optional[torch.dtype], label: str, log=print,
+            predictions: Optional[Path] = None) -> dict:
+    """Validation loss (and perplexity for plain text), the forgetting loss on general text
+    and the generation metrics (``ec``: the run's EvalConfig); every answer goes to
+    ``predictions`` (JSON lines). The one function behind the base and tuned figures of
+    ``lorakit train``, ``lorakit eval`` and ``lorakit compare``."""
+    t0 = time.perf_counter()
+    pad = tokenizer.pad_token_id
+    out: dict = {}
+    if heldout.valid_examples:
+        out["valid_loss"] = eval_loss(model, heldout.valid_examples, pad, dtype=dtype,
+                                      progress=f"{label}: loss")
+        if heldout.fmt == "text":
+            out["valid_perplexity"] = perplexity(out["valid_loss"])
+    general = encode(Rows(get_task("general-text").rows("test"), [], "general-text"),
+                     tokenizer, "text", max_seq_len, train_on_prompt=True)
+    out["general_text_loss"] = eval_loss(model, general.examples, pad, dtype=dtype)
+    if ec.metric and heldout.metric_rows:
+        res = generation_metrics(model, tokenizer, heldout.metric_rows, heldout.fmt, ec.limit,
+                                 ec.batch_size, ec.max_new_tokens, dtype=dtype,
+                                 progress=f"{label}: answers")
+        out.update(res.metrics)
+        out["metric"] = ec.metric
+        out["generation"] = res.as_dict()
+        if predictions is not None:
+            write_predictions(predictions, res.predictions)
+            out["predictions"] = predictions.name  # beside the run's other files
+        if res.cut_note:
+            log(f"{label}: {res.cut_note} (raise eval.max_new_tokens to let them finish)")
+    out["eval_time_s"] = time.perf_counter() - t0
+    log(f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()
+                                 if isinstance(v, float) and k != "eval_time_s"))
+    return out

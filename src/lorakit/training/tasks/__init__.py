@@ -6,6 +6,7 @@ A task gives chat-format rows (``{"messages": [user, assistant]}``) for the spli
 
 from __future__ import annotations
 
+from ...errors import LorakitError
 from .arithmetic import Arithmetic
 from .general_text import GeneralText
 
@@ -13,8 +14,6 @@ TASKS = {t.name: t for t in (Arithmetic(), GeneralText())}
 
 
 def get_task(name: str):
-    from ...errors import LorakitError
-
     if name not in TASKS:
         raise LorakitError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
     return TASKS[name]

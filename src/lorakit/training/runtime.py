@@ -1,0 +1,81 @@
+"""Where and how a run computes: the accelerator (devices, processes, mixed precision), the
+compute dtype, frozen weights stored in it, activation checkpointing, peak memory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from torch import nn
+
+from ..errors import LorakitError
+
+
+def resolve_precision(precision: str) -> torch.dtype:
+    """auto: bf16 on a GPU that has it or a CPU with native bf16 matmuls, else fp32."""
+    if precision == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        fast = getattr(torch.backends.mkldnn, "is_available", lambda: False)() and getattr(
+            torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        return torch.bfloat16 if fast else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def make_accelerator(dtype: torch.dtype) -> Accelerator:
+    """An Accelerator for this process. On a machine without CUDA ``cpu=True`` makes
+    accelerate form a gloo group (MULTI_CPU) when launched with several processes, instead of
+    silently running each one alone."""
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        raise LorakitError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps one global state per process; a second in-process run (a notebook,
+        # the test suite) may ask for another precision
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       mixed_precision={torch.float32: "no", torch.bfloat16: "bf16",
+                                        torch.float16: "fp16"}[dtype])
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store frozen floating-point weights in the compute dtype (trainables stay fp32)."""
+    if dtype == torch.float32:
+        return
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: nn.Module, enabled: bool):
+    """Recompute activations in backward within the block (transformers' non-reentrant
+    checkpointing; ``activation_checkpointing_*`` where transformers has the new name)."""
+    if not enabled:
+        yield
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        off = model.activation_checkpointing_disable
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        off = model.gradient_checkpointing_disable
+    try:
+        yield
+    finally:
+        off()
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, max RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
