@@ -14,7 +14,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, model_seria
                       model_validator)
 
 from .errors import LorakitError
-from .registry import METHODS, PRESETS, all_methods, get_method
+from .registry import DEFAULT_METHOD, METHODS, PRESETS, all_methods, get_method
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -34,7 +34,7 @@ class AdapterConfig(_Strict):
     options under ``adapter.<method>`` (``adapter.adalora.target_r``; the method's module
     declares them). Defaults follow each method's paper (docs/methods/)."""
 
-    method: str = Field("lora", description="a registered method (lorakit methods lists them), "
+    method: str = Field(DEFAULT_METHOD, description="a registered method (lorakit methods lists them), "
                         "or a preset: qlora | lora+ | longlora")
     r: int = Field(16, gt=0, description="LoRA rank (AdaLoRA: see adalora.init_r/target_r)")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; scale = alpha / r")
@@ -76,7 +76,7 @@ class AdapterConfig(_Strict):
             data = {**preset, **{k: v for k, v in data.items() if k != "method"},
                     "method": preset["method"]}
         data = dict(data)
-        name = data.get("method", "lora")
+        name = data.get("method", DEFAULT_METHOD)
         if name not in METHODS:
             raise ValueError(f"method must be one of {', '.join([*METHODS, *PRESETS])}, "
                              f"not {name!r}")

@@ -16,11 +16,13 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-from .adapters.base import (AdapterLayer, LorakitState, adapter_layers, is_conv1d,  # noqa: F401
+from .adapters.base import (AdapterLayer, LorakitState, adapter_layers,  # noqa: F401
                             pattern_value, state_of)  # re-exported: part of inject's API
 from .attention.s2 import configure_long_context, disable_s2_attention
 from .config import AdapterConfig, adapter_config
 from .errors import LorakitError
+from .module_tree import (input_embeddings, is_linear, module_name, output_layer,
+                          set_submodule)
 from .quant import quantize_model
 from .registry import get_method
 
@@ -48,44 +50,12 @@ class TrainedModule(nn.Module):
             return getattr(super().__getattr__("module"), name)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
 def _kind(module: nn.Module) -> Optional[str]:
-    if _is_linear(module):
+    if is_linear(module):
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
     return None
-
-
-def _module_name(model: nn.Module, module: Optional[nn.Module]) -> Optional[str]:
-    if module is None:
-        return None
-    for n, m in model.named_modules():
-        if m is module:
-            return n
-    return None
-
-
-def _output_layer_name(model: nn.Module) -> Optional[str]:
-    get = getattr(model, "get_output_embeddings", None)
-    return _module_name(model, get()) if callable(get) else None
-
-
-def _input_embedding_name(model: nn.Module) -> Optional[str]:
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        return _module_name(model, get()) if callable(get) else None
-    except NotImplementedError:
-        return None
 
 
 def name_matches(name: str, targets: Union[str, list[str]]) -> bool:
@@ -100,8 +70,8 @@ def find_targets(model: nn.Module, target_modules: Union[str, list[str]]) -> lis
     """Names of the modules ``target_modules`` selects (PEFT semantics, "all-linear")."""
     modules = dict(model.named_modules())
     if target_modules == "all-linear":
-        out_name = _output_layer_name(model)
-        names = [n for n, m in modules.items() if _is_linear(m) and n != out_name]
+        out_name = module_name(model, output_layer(model))
+        names = [n for n, m in modules.items() if is_linear(m) and n != out_name]
     else:
         names = [n for n in modules if n and name_matches(n, target_modules)]
         bad = [n for n in names if _kind(modules[n]) is None]
@@ -118,7 +88,7 @@ def find_targets(model: nn.Module, target_modules: Union[str, list[str]]) -> lis
 
 def _find_trainable(model: nn.Module, entries: list[str]) -> list[str]:
     found: list[str] = []
-    emb = _input_embedding_name(model)
+    emb = module_name(model, input_embeddings(model))
     for entry in entries:
         if entry == "embeddings":
             hits = [emb] if emb else []
@@ -171,9 +141,9 @@ def apply(model: nn.Module, cfg: Union[AdapterConfig, dict, None] = None, **kwar
             layer = method.make_layer(module, _kind(module), name, cfg)
             layer.train(module.training)  # a new module starts in train mode: keep the model's
             layer.tied_weight = id(getattr(module, "weight", None)) in outside
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
         for name in trainable:
-            _set_submodule(model, name, TrainedModule(model.get_submodule(name)))
+            set_submodule(model, name, TrainedModule(model.get_submodule(name)))
         state.targets, state.modules_to_save = targets, trainable
 
     if cfg.s2_attn or cfg.context_length:
@@ -231,9 +201,9 @@ def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
     for name, layer in list(adapter_layers(model)):
         if merge_adapters:
             layer.merge()
-        _set_submodule(model, name, layer.base_layer)
+        set_submodule(model, name, layer.base_layer)
     for name, wrapper in list(trained_modules(model)):
-        _set_submodule(model, name, wrapper.module if merge_adapters else wrapper.original_module)
+        set_submodule(model, name, wrapper.module if merge_adapters else wrapper.original_module)
     cfg = getattr(model, "config", None)
     if getattr(cfg, "tie_word_embeddings", False):
         # a trained copy of a tied embedding (TrainedModule) or a merged embedding LoRA now

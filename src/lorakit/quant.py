@@ -3,7 +3,7 @@
 The base model's linear layers are replaced by bitsandbytes ``Linear4bit`` (``quant_type="nf4"``,
 double quantization on): each weight is stored as 4-bit NormalFloat codes in blocks of 64
 values sharing one absmax, and those absmaxes are themselves stored 8-bit in blocks of 256
-(METHODS.md §2). Each matmul dequantizes the weight to the compute dtype (bf16 by default);
+(Dettmers et al. 2023, §2; docs/methods/qlora.md). Each matmul dequantizes the weight to the compute dtype (bf16 by default);
 backward gives only dL/dx. Everything else stays as loaded: embeddings, norms, the output head,
 and the adapters (fp32 master weights, see ``adapters/lora.py``).
 
@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from .errors import LorakitError
+from .module_tree import is_conv1d, output_layer, set_submodule
 
-#: NF4's 16 code values as listed in METHODS.md §2 (bitsandbytes ``get_4bit_type("nf4")``,
+#: NF4's 16 code values (Dettmers et al. 2023, Appendix E; bitsandbytes ``get_4bit_type("nf4")``,
 #: rounded to 4 decimals): asymmetric, with exact -1, 0 and +1.
 NF4_CODE = (-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
             0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0)
@@ -88,10 +89,6 @@ def require_bitsandbytes():
     return bitsandbytes
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 # Note: CPU fast path
 # On CPUs with AVX512-BF16, bitsandbytes' Linear4bit repacks its weight in place the first time
 # it runs in eval mode without grad: a different nibble layout, and absmax stored plain bf16
@@ -108,7 +105,7 @@ def nf4_linear(module: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     its own dtype (fp32 stays the source: one rounding, to NF4, not two)."""
     bnb = require_bitsandbytes()
     weight = module.weight.detach()
-    if _is_conv1d(module):
+    if is_conv1d(module):
         weight = weight.T
     d_out, d_in = weight.shape
     bias = getattr(module, "bias", None)
@@ -126,11 +123,6 @@ def nf4_linear(module: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     new.support_avx512bf16_for_cpu = False  # See Note: CPU fast path
     new.train(module.training)
     return new
-
-
-def _output_layer(model: nn.Module):
-    get = getattr(model, "get_output_embeddings", None)
-    return get() if callable(get) else None
 
 
 def _share_code_tables(state, tables: dict) -> None:
@@ -155,14 +147,14 @@ def quantize_model(model: nn.Module, cfg) -> nn.Module:
     dtype each weight is dequantized to for its matmul."""
     require_bitsandbytes()
     compute_dtype = getattr(torch, cfg.quant_compute_dtype)
-    output = _output_layer(model)
+    output = output_layer(model)
     chosen = []
     for name, module in model.named_modules():
         if module is output or is_quantized(module):
             continue
-        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             continue
-        if type(module) is not nn.Linear and not _is_conv1d(module):
+        if type(module) is not nn.Linear and not is_conv1d(module):
             raise LorakitError(f"layer {name!r} is a {type(module).__name__}, which NF4 "
                                "quantization cannot take; load the model with plain 16/32-bit "
                                "nn.Linear layers before using quantize: nf4")
@@ -170,16 +162,14 @@ def quantize_model(model: nn.Module, cfg) -> nn.Module:
             raise LorakitError(f"layer {name!r} holds {module.weight.dtype} weights on "
                                f"{module.weight.device}; load the model's real 16/32-bit "
                                "weights before using quantize: nf4")
-        d_in = module.weight.shape[0] if _is_conv1d(module) else module.in_features
+        d_in = module.weight.shape[0] if is_conv1d(module) else module.in_features
         blocksize_for(d_in, module.weight.device)  # refuse before changing anything
         chosen.append(name)
     tables: dict = {}
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        new = nf4_linear(getattr(parent, child), compute_dtype)
+        new = nf4_linear(model.get_submodule(name), compute_dtype)
         _share_code_tables(new.weight.quant_state, tables)
-        setattr(parent, child, new)
+        set_submodule(model, name, new)
     if not chosen and not any(is_quantized(m) for m in model.modules()):
         raise LorakitError("quantize: nf4 found no linear layer to quantize in this model "
                            "(only nn.Linear and GPT-2 Conv1D layers can be stored in NF4)")
@@ -201,10 +191,10 @@ def weight_tensors(module: nn.Module) -> list[torch.Tensor]:
 def linear_weight_bytes(model: nn.Module, skip_output: bool = True) -> int:
     """Bytes held by every linear layer's weight (without the output head when
     ``skip_output``); a tensor shared by several layers (a code table) is counted once."""
-    output = _output_layer(model) if skip_output else None
+    output = output_layer(model) if skip_output else None
     seen: dict[tuple, int] = {}
     for module in model.modules():
-        if module is output or not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+        if module is output or not (isinstance(module, nn.Linear) or is_conv1d(module)):
             continue
         for t in weight_tensors(module):
             seen[(t.device, t.data_ptr())] = t.numel() * t.element_size()

@@ -25,6 +25,9 @@ METHODS: dict[str, str] = {
     "full": "lorakit.adapters.full",
 }
 
+#: what ``adapter.method`` is when a config does not say
+DEFAULT_METHOD = "lora"
+
 # Presets named after the seed document; each expands to a method plus common options.
 # User-given values always win over the preset's.
 PRESETS: dict[str, dict[str, Any]] = {

@@ -67,6 +67,7 @@ class AdaLoRALinear(AdapterLayer):
     """
 
     adapter_param_names = ("lora_A", "lora_B", "lora_E")
+    peft_names = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_E": "lora_E"}
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0):
         super().__init__(base_layer, r, alpha)
@@ -120,22 +121,20 @@ class AdaLoRALinear(AdapterLayer):
         return out + self.lora_branch(x).to(out.dtype)
 
     def peft_state(self) -> dict[str, torch.Tensor]:
+        """The kept triplets only (PEFT saves AdaLoRA pruned to its rank_pattern)."""
         keep = self.rank_mask
         if bool(keep.all()):
-            return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_E": self.lora_E}
+            return super().peft_state()
         return {"lora_A": self.lora_A[keep], "lora_B": self.lora_B[:, keep],
                 "lora_E": self.lora_E[keep]}
 
     def expected_peft_shapes(self) -> dict[str, tuple[int, ...]]:
-        # What load_peft_state copies into: the layer's current shape (io's on_load hook has
+        # What load_peft_state copies into: the layer's current shape (the on_load hook has
         # already resized it to the saved rank).
-        return {"lora_A": tuple(self.lora_A.shape), "lora_B": tuple(self.lora_B.shape),
-                "lora_E": tuple(self.lora_E.shape)}
+        return {k: tuple(getattr(self, k).shape) for k in self.peft_names}
 
     def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
-        for name in self.adapter_param_names:
-            with torch.no_grad():
-                getattr(self, name).copy_(state[name].to(getattr(self, name).dtype))
+        super().load_peft_state(state)
         self.rank_mask.fill_(True)
 
     def extra_repr(self) -> str:

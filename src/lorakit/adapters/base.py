@@ -3,7 +3,7 @@ merge/unmerge, PEFT state), the :class:`Method` a method module declares and the
 :class:`MethodHooks` the training loop drives. Nothing here (or anywhere under ``adapters/``)
 imports the training loop.
 
-Layout (see METHODS.md): ``W0`` is (d_out, d_in) as in ``nn.Linear`` and ``y = x W0ᵀ + b``;
+Layout (everywhere in lorakit): ``W0`` is (d_out, d_in) as in ``nn.Linear`` and ``y = x W0ᵀ + b``;
 ``A`` is (r, d_in), ``B`` is (d_out, r). GPT-2's ``Conv1D`` stores its weight as (d_in, d_out)
 (``fan_in_fan_out``); :meth:`AdapterLayer.base_weight_matrix` always hands out (d_out, d_in).
 
@@ -24,12 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import LorakitError
+from ..module_tree import is_conv1d
 from ..quant import dequantized_weight, is_quantized
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2 style ``Conv1D`` (transformers.pytorch_utils), weight stored (d_in, d_out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -152,13 +148,18 @@ class AdapterLayer(nn.Module):
         return self.disabled or self.merged
 
     # ---- PEFT tensors ----------------------------------------------------------------------
+    #: PEFT's tensor suffix -> the name of this layer's parameter saved under it
+    peft_names: dict[str, str] = {}
+
     def peft_state(self) -> dict[str, torch.Tensor]:
         """The adapter's tensors under PEFT's suffixes (``lora_A.weight``...)."""
-        raise NotImplementedError
+        return {suffix: getattr(self, attr) for suffix, attr in self.peft_names.items()}
 
     def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy tensors named as in :meth:`peft_state` into this layer (shapes checked by io)."""
-        raise NotImplementedError
+        """Copy tensors named as in :meth:`peft_state` into this layer (shapes checked by
+        peft_format before)."""
+        for suffix, attr in self.peft_names.items():
+            copy_into(getattr(self, attr), state[suffix])
 
     def expected_peft_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.peft_state().items()}

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import copy_into
 from .lora import LoRA, LoRALinear
 
 #: Norms below this are clamped: a zero row (Llama-3.1 o_proj has 511) gives k = m/EPS, and m
@@ -63,6 +62,7 @@ class DoRALinear(LoRALinear):
     """
 
     adapter_param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    peft_names = {**LoRALinear.peft_names, "lora_magnitude_vector": "lora_magnitude_vector"}
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False):
@@ -147,13 +147,6 @@ class DoRALinear(LoRALinear):
         super().unmerge()
         self.__dict__.pop("_merge_state", None)  # a tied weight is restored without it
 
-    # ---- PEFT tensors -----------------------------------------------------------------------
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        return {**super().peft_state(), "lora_magnitude_vector": self.lora_magnitude_vector}
-
-    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
-        super().load_peft_state(state)
-        copy_into(self.lora_magnitude_vector, state["lora_magnitude_vector"])
 
 
 class DoRA(LoRA):

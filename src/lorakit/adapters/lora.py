@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, Method, copy_into, kaiming_uniform_, linear_dims, make_dropout
+from .base import AdapterLayer, Method, kaiming_uniform_, linear_dims, make_dropout
 
 
 class LoRALinear(AdapterLayer):
     """LoRA on ``nn.Linear``, GPT-2 ``Conv1D`` or a bitsandbytes 4-bit linear layer."""
 
     adapter_param_names = ("lora_A", "lora_B")
+    peft_names = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False):
@@ -59,18 +60,13 @@ class LoRALinear(AdapterLayer):
                            self.lora_B.to(out.dtype).t(), alpha=self.scaling)
         return flat.view(out.shape)
 
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
-
-    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
-        copy_into(self.lora_A, state["lora_A.weight"])
-        copy_into(self.lora_B, state["lora_B.weight"])
 
 
 class LoRAEmbedding(AdapterLayer):
     """LoRA on ``nn.Embedding``: y = E[x] + s · Aᵀ[x] Bᵀ (A: (r, vocab), B: (dim, r))."""
 
     adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+    peft_names = {"lora_embedding_A": "lora_embedding_A", "lora_embedding_B": "lora_embedding_B"}
     takes_dropout = False
 
     def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, use_rslora: bool = False):
@@ -101,13 +97,6 @@ class LoRAEmbedding(AdapterLayer):
         b = self.lora_embedding_B.to(after_a.dtype)
         return out + (F.linear(after_a, b) * self.scaling).to(out.dtype)
 
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        return {"lora_embedding_A": self.lora_embedding_A,
-                "lora_embedding_B": self.lora_embedding_B}
-
-    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
-        copy_into(self.lora_embedding_A, state["lora_embedding_A"])
-        copy_into(self.lora_embedding_B, state["lora_embedding_B"])
 
 
 class LoRA(Method):

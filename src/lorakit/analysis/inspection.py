@@ -7,8 +7,8 @@ For every adapted layer, with W0 the base weight and W' the weight once merged (
   and ``||ΔW||_F / ||W0||_F``;
 - effective rank of ΔW, ``exp(H(p))`` with p the singular values normalized to sum 1
   (Roy & Vetterli 2007), and the numeric rank, #{σ > 1e-3·σ_max};
-- the seed's magnitude/direction analysis (DoRA, Liu et al. 2024, §2 and Fig. 2; METHODS.md
-  §7): ``ΔM = mean_rows |m' - ||W0||_row|`` with m' = ||W'||_row (for DoRA exactly the trained
+- the magnitude/direction analysis of the DoRA paper (Liu et al. 2024, §2 and Fig. 2;
+  docs/methods/dora.md): ``ΔM = mean_rows |m' - ||W0||_row|`` with m' = ||W'||_row (for DoRA exactly the trained
   magnitude m) and ``ΔD = mean_rows (1 - cos(W'_row, W0_row))``; plotted as ΔD (x) against ΔM
   (y), one point per layer. The paper finds a positive slope for LoRA and a negative one for
   full fine-tuning and DoRA; the text output gives the correlation;

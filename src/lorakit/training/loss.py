@@ -23,7 +23,8 @@ import contextlib
 import torch
 from torch import nn
 
-IGNORE = -100
+from .data import IGNORE
+
 CHUNK_ROWS = 1024
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 

@@ -2,7 +2,7 @@
 
 LoRA+ (Hayou et al. 2024, arXiv 2402.12354; reference nikhil-ghosh-berkeley/loraplus) changes
 only this: B learns ``loraplus_ratio`` times faster than A. Groups as in the reference's
-``create_loraplus_optimizer`` (METHODS.md §3):
+``create_loraplus_optimizer`` (docs/methods/lora-plus.md):
 
     A and every other >=2-D trainable        lr          weight_decay
     adapters on embeddings (A and B)         lr_emb      weight_decay

@@ -13,6 +13,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 from ..errors import LorakitError
+from ..models import resolve_dtype
 
 
 def resolve_precision(precision: str) -> torch.dtype:
@@ -23,7 +24,7 @@ def resolve_precision(precision: str) -> torch.dtype:
         fast = getattr(torch.backends.mkldnn, "is_available", lambda: False)() and getattr(
             torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
         return torch.bfloat16 if fast else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return resolve_dtype(precision)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
