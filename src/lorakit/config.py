@@ -139,6 +139,28 @@ class AdapterConfig(_Strict):
         return out
 
 
+def upgrade_recorded(adapter: dict) -> dict:
+    """An adapter config recorded by lorakit 0.1 (method options flat in ``adapter``) in the
+    current form: the chosen method's options moved into ``adapter.<method>``, other methods'
+    (recorded defaults) dropped. For files lorakit wrote itself (lorakit.json, a run's
+    config.yaml); a user's own config gets the one-sentence error instead."""
+    data = dict(adapter)
+    name = PRESETS.get(data.get("method"), {}).get("method", data.get("method", DEFAULT_METHOD))
+    if name not in METHODS:
+        return data
+    own = get_method(name)
+    for m in all_methods():
+        if m.options is None:
+            continue
+        flat = {old: new for old, new in m.options.RENAMED.items()}
+        flat.update({f: f for f in m.options.model_fields})
+        moved = {flat[k]: data.pop(k) for k in list(data)
+                 if k in flat and k not in AdapterConfig.model_fields}
+        if m is own and moved:
+            data[m.options_key] = {**moved, **(data.get(m.options_key) or {})}
+    return data
+
+
 def validation_message(err: ValidationError, prefix: str = "") -> str:
     """Turn pydantic's multi-line report into one sentence naming the first bad field."""
     first = err.errors()[0]
@@ -279,9 +301,12 @@ def _deep_merge(base: dict, upd: dict) -> dict:
     return out
 
 
-def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] = None
-                    ) -> RunConfig:
-    """Read a YAML run config (optional) and apply ``key=value`` overrides, validated."""
+def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                    recorded: bool = False) -> RunConfig:
+    """Read a YAML run config (optional) and apply ``key=value`` overrides, validated.
+
+    ``recorded``: the file is a run's own config.yaml, possibly written by an older lorakit
+    (see :func:`upgrade_recorded`)."""
     data: dict = {}
     if path:
         try:
@@ -293,6 +318,8 @@ def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] =
             raise LorakitError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise LorakitError(f"{path} must hold a mapping of sections (model, adapter, ...)")
+    if recorded and isinstance(data.get("adapter"), dict):
+        data["adapter"] = upgrade_recorded(data["adapter"])
     data = _deep_merge(data, parse_overrides(overrides or []))
     return parse(RunConfig, data)
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import __version__, models
 from .files import atomic_dir, read_json, write_json
-from .config import AdapterConfig, parse
+from .config import AdapterConfig, parse, upgrade_recorded
 from .errors import LorakitError
 from .inject import adapter_layers, apply, find_targets, state_of, trained_modules, unload
 from .quant import is_quantized
@@ -172,7 +172,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict, dict[str
     pc = read_json(path / CONFIG_NAME)
     cfg = config_from_peft(pc, str(path / CONFIG_NAME))  # validated even when lorakit.json
     if extras.get("adapter_config"):  # lorakit's own record is exact (method, targets)
-        cfg = parse(AdapterConfig, extras["adapter_config"], prefix=f"{path / EXTRAS_NAME}")
+        cfg = parse(AdapterConfig, upgrade_recorded(extras["adapter_config"]),
+                    prefix=f"{path / EXTRAS_NAME}")
         if extras.get("targets"):
             cfg = cfg.model_copy(update={"target_modules": list(extras["targets"])})
         if "modules_to_save" in extras:

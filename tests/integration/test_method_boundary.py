@@ -174,3 +174,29 @@ def test_layers_below_loop_above():
                    if isinstance(n, ast.Constant) and isinstance(n.value, str)]
         assert not [s for s in strings if s in names], (str(rel), [s for s in strings
                                                                    if s in names])
+
+
+def test_adapters_recorded_with_flat_options_still_load(tmp_path):
+    """lorakit 0.1 wrote every method's options flat into lorakit.json: such adapters load,
+    with the chosen method's options moved into its section."""
+    from tests.conftest import tiny_model, train_steps
+
+    model = train_steps(lk.apply(tiny_model("llama"), method="adalora", r=4,
+                                 adalora={"init_r": 6, "target_r": 3}))
+    lk.save_adapter(model, tmp_path / "ad")
+    path = tmp_path / "ad" / "lorakit.json"
+    record = json.loads(path.read_text())
+    cfg = record["adapter_config"]
+    flat = {**{k: v for k, v in cfg.items() if k != "adalora"}, **cfg["adalora"],
+            "beta1": cfg["adalora"]["sensitivity_beta"], "threshold": 0.9, "top_n": None,
+            "lorafa_projection": False}
+    del flat["sensitivity_beta"]
+    record["adapter_config"] = flat
+    path.write_text(json.dumps(record))
+    loaded = lk.load_adapter(tiny_model("llama"), tmp_path / "ad")
+    opts = loaded.lorakit_state.config.options
+    assert (opts.init_r, opts.target_r, opts.sensitivity_beta) == (6, 3, 0.85)
+    ids = torch.randint(0, 96, (2, 8))
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(input_ids=ids).logits,
+                              model.eval()(input_ids=ids).logits, atol=1e-6)

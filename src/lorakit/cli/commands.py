@@ -136,7 +136,7 @@ def _run_folder(adapter: Optional[str]) -> Optional[Path]:
 
 def _eval_config(run_dir: Optional[Path], args):
     """The run's config (or the defaults) with the command line's eval settings on top."""
-    cfg = load_run_config(str(run_dir / "config.yaml")) if run_dir else RunConfig()
+    cfg = load_run_config(str(run_dir / "config.yaml"), recorded=True) if run_dir else RunConfig()
     ev = {"metric": None if args.metric == "none" else args.metric,
           "limit": args.limit, "max_new_tokens": args.max_new_tokens}
     upd = {k: v for k, v in ev.items() if v is not None or (k == "metric" and args.metric)}
