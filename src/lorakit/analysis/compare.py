@@ -120,11 +120,39 @@ def compare(config: Optional[str], overrides: list[str], methods: list[str], out
     """Train each method (skipping finished ones) and write the report; returns the report's
     data (also ``report.json``)."""
     out = Path(out)
+    plans = _plans(config, overrides, methods, out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE_NAME
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"runs": {}}
+    t_all = time.perf_counter()
+    for i, (m, run_dir, args, cfg) in enumerate(plans, 1):
+        tag = f"[{i}/{len(plans)}] {m}"
+        if (run_dir / "summary.json").exists():
+            log(f"{tag}: finished earlier, not run again")
+            state["runs"].setdefault(m, {})["status"] = "done"
+            continue
+        reason = unavailable_reason(cfg)
+        if reason:
+            log(f"{tag}: not available here: {reason}")
+            state["runs"][m] = {"status": "unavailable", "error": reason}
+            continue
+        state["runs"][m] = _run_one(tag, m, run_dir, args, cfg, plans, config, out, log,
+                                    python)
+        write_json(state_path, state)
+    state["last_call_wall_s"] = time.perf_counter() - t_all
+    write_json(state_path, state)
+    report = write_report(out, [m for m, *_ in plans], state)
+    log(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    return report
+
+
+def _plans(config: Optional[str], overrides: list[str], methods: list[str], out: Path) -> list:
+    """(method, run folder, train overrides, resolved config) of every method: every run's
+    config is resolved first, so that a bad override fails before any training."""
     if not methods:
         raise LorakitError("--methods names no method")
     if len(set(methods)) != len(methods):
         raise LorakitError("--methods names a method twice")
-    # Resolve every run's config first: a bad override fails before any training.
     plans = []
     for m in methods:
         run_dir = out / m
@@ -135,51 +163,36 @@ def compare(config: Optional[str], overrides: list[str], methods: list[str], out
             raise LorakitError(f"{run_dir} was run with other settings; use another --out or "
                                "delete that folder")
         plans.append((m, run_dir, args, cfg))
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / STATE_NAME
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"runs": {}}
-    t_all = time.perf_counter()
-    for i, (m, run_dir, args, cfg) in enumerate(plans, 1):
-        rec = state["runs"].setdefault(m, {})
-        if (run_dir / "summary.json").exists():
-            log(f"[{i}/{len(plans)}] {m}: finished earlier, not run again")
-            rec["status"] = "done"
-            continue
-        reason = unavailable_reason(cfg)
-        if reason:
-            log(f"[{i}/{len(plans)}] {m}: not available here: {reason}")
-            state["runs"][m] = {"status": "unavailable", "error": reason}
-            continue
-        logs = out / "logs"
-        logs.mkdir(exist_ok=True)
-        if not _reuse_base(run_dir, cfg, plans):
-            log(f"[{i}/{len(plans)}] {m}: measuring the base model")
-            cmd = [python, "-m", "lorakit.analysis.compare", "--measure-base",
-                   *([config] if config else []), *args]
-            with open(logs / f"{m}.base.log", "w", encoding="utf-8") as fh:
-                subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
-            # on failure the training run measures the base itself (and reports the error)
-        log_file = logs / f"{m}.log"
-        log(f"[{i}/{len(plans)}] {m}: training (log: {log_file})")
-        cmd = [python, "-m", "lorakit", "train", *([config] if config else []), *args]
-        t0 = time.perf_counter()
-        with open(log_file, "w", encoding="utf-8") as fh:
-            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, TOKENIZERS_PARALLELISM="false")).returncode
-        wall = time.perf_counter() - t0
-        if rc == 0 and (run_dir / "summary.json").exists():
-            state["runs"][m] = {"status": "done", "wall_s": wall}
-            log(f"[{i}/{len(plans)}] {m}: done in {wall:.0f} s")
-        else:
-            err = _last_error(log_file.read_text(encoding="utf-8", errors="replace"))
-            state["runs"][m] = {"status": "failed", "wall_s": wall, "error": err}
-            log(f"[{i}/{len(plans)}] {m}: FAILED ({err})")
-        write_json(state_path, state)
-    state["last_call_wall_s"] = time.perf_counter() - t_all
-    write_json(state_path, state)
-    report = write_report(out, [m for m, *_ in plans], state)
-    log(f"report: {out / 'report.md'} and {out / 'report.html'}")
-    return report
+    return plans
+
+
+def _run_one(tag: str, m: str, run_dir: Path, args: list[str], cfg, plans, config, out: Path,
+             log: Log, python: str) -> dict:
+    """Measure the base (unless an equal base was measured) and train one method, each in a
+    process of its own; returns the method's state record."""
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    cfg_arg = [config] if config else []
+    if not _reuse_base(run_dir, cfg, plans):
+        log(f"{tag}: measuring the base model")
+        with open(logs / f"{m}.base.log", "w", encoding="utf-8") as fh:
+            subprocess.run([python, "-m", "lorakit.analysis.compare", "--measure-base",
+                            *cfg_arg, *args], stdout=fh, stderr=subprocess.STDOUT)
+        # on failure the training run measures the base itself (and reports the error)
+    log_file = logs / f"{m}.log"
+    log(f"{tag}: training (log: {log_file})")
+    t0 = time.perf_counter()
+    with open(log_file, "w", encoding="utf-8") as fh:
+        rc = subprocess.run([python, "-m", "lorakit", "train", *cfg_arg, *args], stdout=fh,
+                            stderr=subprocess.STDOUT,
+                            env=dict(os.environ, TOKENIZERS_PARALLELISM="false")).returncode
+    wall = time.perf_counter() - t0
+    if rc == 0 and (run_dir / "summary.json").exists():
+        log(f"{tag}: done in {wall:.0f} s")
+        return {"status": "done", "wall_s": wall}
+    err = _last_error(log_file.read_text(encoding="utf-8", errors="replace"))
+    log(f"{tag}: FAILED ({err})")
+    return {"status": "failed", "wall_s": wall, "error": err}
 
 
 def _reuse_base(run_dir: Path, cfg, plans) -> bool:
