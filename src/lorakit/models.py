@@ -9,13 +9,18 @@ from there in about a second afterwards.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
+import socket
+import threading
+import urllib.parse
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import LorakitError
@@ -71,9 +76,58 @@ def embedded_model_dir(name: str) -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
+    """The folder (or Hub id) to load: an embedded model's converted folder, a local folder,
+    or a Hub id that is in the local cache or can be fetched. Fails at once, with one
+    sentence, for a near miss of an embedded name and for a Hub id that is neither cached nor
+    reachable (no network, or HF_HUB_OFFLINE), instead of waiting on network retries."""
     if name_or_path in EMBEDDED:
         return str(embedded_model_dir(name_or_path))
+    local = Path(name_or_path)
+    if local.exists() or local.is_absolute() or name_or_path.startswith("."):
+        return name_or_path
+    if _in_hub_cache(name_or_path):
+        return name_or_path
+    near = difflib.get_close_matches(name_or_path, list(EMBEDDED), n=1, cutoff=0.75)
+    if near:
+        raise LorakitError(f"unknown model {name_or_path!r}; did you mean {near[0]!r} (the "
+                           "embedded model)?")
+    if _offline():
+        raise LorakitError(f"model {name_or_path!r} is not a local folder nor in the local "
+                           "Hugging Face cache, and the Hub cannot be reached (offline); "
+                           f"embedded models: {', '.join(EMBEDDED)}")
     return name_or_path
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an id the hub library rejects is not cached either
+        return False
+
+
+#: seconds to wait for the Hub's address to resolve before calling the machine offline
+HUB_PROBE_S = 3.0
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE is set, or the Hub's host does not resolve/connect within
+    HUB_PROBE_S (probed in a daemon thread, so a hanging resolver cannot hold us)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    result: dict = {}
+
+    def probe():
+        try:
+            socket.create_connection((host.hostname, host.port or 443), HUB_PROBE_S).close()
+            result["ok"] = True
+        except OSError:
+            result["ok"] = False
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(HUB_PROBE_S)
+    return not result.get("ok", False)
 
 
 def load_model(name_or_path: str = "smollm2-135m", dtype: Union[str, torch.dtype, None] = None,

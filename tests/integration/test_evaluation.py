@@ -54,7 +54,11 @@ def test_long_answers_score_through_eval_and_cuts_are_reported(long_answer_run, 
     assert res["exact_match"] == 1.0 and res["f1"] == 1.0 and res["cut_answers"] == 0
     assert res["split"] == "held-out rows" and res["examples"] == 6
     assert res["max_new_tokens"] >= 40 + 16
-    assert res["loss"] == pytest.approx(tuned["valid_loss"], abs=1e-6)  # = the run's table
+    # the run's own figures again: same rows, same precision
+    assert res["loss"] == pytest.approx(tuned["valid_loss"], abs=1e-6)
+    for k in ("exact_match", "normalized_match", "f1", "general_text_loss"):
+        assert res[k] == pytest.approx(tuned[k], abs=1e-6), k
+    assert res["dtype"] == summary["precision"]
 
     preds = tmp_path / "cut.jsonl"
     assert main(["eval", str(out), "--max-new-tokens", "10", "--predictions", str(preds)]) == 0

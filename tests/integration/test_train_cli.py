@@ -44,9 +44,16 @@ def test_train_writes_everything_and_eval_reads_it(tiny_model_dir, tmp_path, cap
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["loss"] > 0 and 0 <= res["exact_match"] <= 1
 
-    # a second run into the same folder refuses (nothing overwritten)
-    assert main(["train", *tiny_run_args(tiny_model_dir, out)]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    # the same run asked for again shows its results (exit 0, nothing trained or written)
+    before = (out / "summary.json").read_bytes()
+    assert main(["train", *tiny_run_args(tiny_model_dir, out)]) == 0
+    captured = capsys.readouterr()
+    assert "already holds this finished run" in captured.err and "tuned" in captured.out
+    assert (out / "summary.json").read_bytes() == before
+    # with other settings it refuses, naming the first that differs (resumed or not)
+    for extra in ([], ["train.resume=true"]):
+        assert main(["train", *tiny_run_args(tiny_model_dir, out, "adapter.r=8", *extra)]) == 2
+        assert "made with another adapter.r" in capsys.readouterr().err
 
 
 def test_merged_folder_loads_in_plain_transformers(tiny_model_dir, tmp_path, capsys):

@@ -37,3 +37,21 @@ def test_cli_help_runs_as_a_process():
     r = subprocess.run([sys.executable, "-m", "lorakit", "--help"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "methods" in r.stdout
+
+
+@pytest.mark.parametrize("offline", ["1", ""])
+def test_mistyped_embedded_name_fails_at_once_with_a_suggestion(monkeypatch, offline):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    t0 = time.perf_counter()
+    with pytest.raises(lk.LorakitError, match="did you mean 'smollm2-135m'"):
+        lk.load_model("smollm2-135")
+    assert time.perf_counter() - t0 < 5  # no network retries
+
+
+def test_uncached_hub_id_offline_is_one_sentence(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(lk.LorakitError, match="not a local folder nor in the local Hugging "
+                                              "Face cache"):
+        lk.load_model("nobody/no-such-model-xyz")

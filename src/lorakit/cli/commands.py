@@ -100,7 +100,8 @@ def load_for_inference(adapter: Optional[str], model_name: Optional[str], dtype:
         if not model_name:
             raise LorakitError("name a model with --model (or --base)")
         return models.load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
-    return peft_format.open_adapter(adapter, model_name, dtype, trust_remote_code)
+    return peft_format.open_adapter(adapter_folder(adapter), model_name, dtype,
+                                    trust_remote_code)
 
 
 # ---- eval ---------------------------------------------------------------------------------
@@ -123,6 +124,16 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=None)
     _add_model_arg(p, dtype_default=None,
                    dtype_help="compute precision (default: the run's, else fp32)")
+
+
+def adapter_folder(arg: str) -> str:
+    """The adapter folder a command line names: the folder itself, or a run folder's
+    ``adapter/``; a missing folder is the first thing said."""
+    path = Path(arg)
+    if not path.is_dir():
+        raise LorakitError(f"adapter folder {arg!r} does not exist")
+    run_dir = _run_folder(arg)
+    return str(run_dir / "adapter") if run_dir == path else arg
 
 
 def _run_folder(adapter: Optional[str]) -> Optional[Path]:
@@ -175,11 +186,8 @@ def _eval_rows(spec: Optional[str], run_dir: Optional[Path], cfg, tok):
 def run_eval(args) -> int:
     if (args.adapter is None) == (args.base is None):
         raise LorakitError("give either an adapter folder or --base MODEL")
-    if args.adapter is not None and not Path(args.adapter).is_dir():
-        raise LorakitError(f"adapter folder {args.adapter!r} does not exist")
+    adapter = adapter_folder(args.adapter) if args.adapter is not None else None
     run_dir = _run_folder(args.adapter)
-    adapter = str(run_dir / "adapter") if run_dir and Path(args.adapter) == run_dir \
-        else args.adapter
     cfg = _eval_config(run_dir, args)
     dtype = resolve_precision(args.dtype or (cfg.train.precision if run_dir else "fp32"))
     model, tok = load_for_inference(adapter, args.base or args.model, "fp32",

@@ -294,6 +294,8 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
     Everything that can be wrong with the input (model, data, adapter config) is found before
     anything is written to ``output_dir``."""
     out, tc = Path(cfg.output_dir), cfg.train
+    if (out / ".lock").exists():
+        _lock(out).close()  # another run using the folder is the first thing to say
     finished = _finished_run(cfg, out, log)
     if finished is not None:
         return finished
@@ -364,16 +366,47 @@ def _train_and_finish(run: Run, method, total: int, base: Optional[dict]) -> dic
     return summary
 
 
+#: settings that cannot change a run's results: they may differ when a run is resumed or
+#: asked for again
+_NEUTRAL_KEYS = {"train.resume", "train.log_every", "train.eval_every", "train.save_every",
+                 "train.keep_checkpoints", "eval.compare_base"}
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> Optional[str]:
+    """The first dotted key whose value differs between two config dumps (None: equal)."""
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            found = _first_difference(va, vb, key + ".")
+            if found:
+                return found
+        elif va != vb and key not in _NEUTRAL_KEYS:
+            return key
+    return None
+
+
 def _finished_run(cfg: RunConfig, out: Path, log: Log) -> Optional[dict]:
-    """The summary of a finished run that ``train.resume`` asks to continue; refuses a folder
-    that holds a run when not resuming."""
-    if cfg.train.resume and (out / "summary.json").exists():
-        log(f"{out} holds a finished run; nothing to resume")
-        return json.loads((out / "summary.json").read_text())
-    if not cfg.train.resume and ((out / "summary.json").exists()
-                                 or (out / "checkpoints").exists()):
-        raise LorakitError(f"{out} already holds a run; set train.resume=true to continue it "
-                           "or choose another output_dir")
+    """The summary of a finished run asked for again with the same settings (or resumed);
+    refuses a folder that holds a run made with other settings, naming the first that
+    differs, and a folder with an unfinished run when not resuming."""
+    summary_file, recorded_file = out / "summary.json", out / "config.yaml"
+    recorded = yaml.safe_load(recorded_file.read_text()) if recorded_file.exists() else None
+    diff = _first_difference(recorded or {}, cfg.model_dump(mode="json")) if recorded else None
+    if summary_file.exists():
+        if diff:
+            raise LorakitError(f"{out} holds a finished run made with another {diff}; choose "
+                               "another output_dir to train with these settings")
+        log(f"{out} already holds this finished run (same settings); showing its results "
+            "(choose another output_dir to train again)")
+        return json.loads(summary_file.read_text())
+    if (out / "checkpoints").exists():
+        if not cfg.train.resume:
+            raise LorakitError(f"{out} already holds an unfinished run; set train.resume=true "
+                               "to continue it or choose another output_dir")
+        if diff:
+            raise LorakitError(f"{out} holds an unfinished run made with another {diff}; "
+                               "resume it with its own settings or choose another output_dir")
     return None
 
 
