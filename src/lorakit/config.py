@@ -7,7 +7,8 @@ that names the field (see :func:`parse`).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Optional, Union
+import re
+from typing import Any, Callable, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, model_serializer,
@@ -27,6 +28,19 @@ class MethodOptions(_Strict):
     field, so that an old config gets one sentence naming the new key."""
 
     RENAMED: ClassVar[dict[str, str]] = {}
+
+
+#: Options that cannot work together: (test on (config, method), the one-sentence reason).
+#: A method's own restrictions on common options are its ``Method.check``.
+COMBINATIONS: list[tuple[Callable[[Any, Any], bool], str]] = [
+    (lambda c, m: not m.wraps_layers and c.quantize is not None,
+     "quantize: nf4 needs an adapter to train: a method that trains every weight cannot "
+     "train 4-bit weights (use it without quantize, or an adapter method)"),
+    (lambda c, m: not m.wraps_layers and bool(c.trainable_modules),
+     "trainable_modules adds modules to an adapter; this method already trains every weight"),
+    (lambda c, m: not m.wraps_layers and (bool(c.rank_pattern) or bool(c.alpha_pattern)),
+     "rank_pattern/alpha_pattern set adapter ranks; this method has no adapter"),
+]
 
 
 class AdapterConfig(_Strict):
@@ -121,13 +135,26 @@ class AdapterConfig(_Strict):
     def _check(self) -> "AdapterConfig":
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules must not be empty")
+        regexes = [("target_modules", self.target_modules)] if isinstance(
+            self.target_modules, str) and self.target_modules != "all-linear" else []
+        regexes += [(f"{field}[{k!r}]", k) for field in ("rank_pattern", "alpha_pattern")
+                    for k in getattr(self, field)]
+        for where, pattern in regexes:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{where} is not a valid regular expression ({e})") from None
         for k, v in self.rank_pattern.items():
             if v <= 0:
                 raise ValueError(f"rank_pattern[{k!r}] must be > 0")
         for k, v in self.alpha_pattern.items():
             if v <= 0:
                 raise ValueError(f"alpha_pattern[{k!r}] must be > 0")
-        get_method(self.method).check(self)
+        method = get_method(self.method)
+        for applies, why in COMBINATIONS:
+            if applies(self, method):
+                raise ValueError(why)
+        method.check(self)
         return self
 
     @model_serializer(mode="wrap")

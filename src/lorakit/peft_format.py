@@ -186,7 +186,27 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict, dict[str
     # PEFT's key for a DoRA magnitude may carry ".weight"; adapter names never appear in files.
     tensors = {k.replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): v
                for k, v in tensors.items()}
+    _check_consistent(path, pc, cfg, tensors)
     return cfg, extras, tensors
+
+
+def _check_consistent(path: Path, pc: dict, cfg: AdapterConfig, tensors: dict) -> None:
+    """adapter_config.json, lorakit.json and the tensors must tell one story: PEFT reads the
+    first, lorakit the second, and a disagreement would load differently in each."""
+    method = get_method(cfg.method)
+    if pc.get("peft_type") != method.peft_type:
+        raise LorakitError(f"{path / CONFIG_NAME} says peft_type {pc.get('peft_type')!r} but "
+                           f"lorakit.json records method {cfg.method!r}")
+    recorded = {"lora_alpha": cfg.alpha, "use_rslora": cfg.use_rslora}
+    if method.peft_r_is_rank:
+        recorded["r"] = cfg.r
+    for key, want in recorded.items():
+        if key in pc and pc[key] != want:
+            raise LorakitError(f"{path / CONFIG_NAME} says {key}={pc[key]!r} but lorakit.json "
+                               f"records {want!r}; the folder was edited by hand")
+    why = method.check_tensors(cfg, tensors)
+    if why:
+        raise LorakitError(f"{path / WEIGHTS_NAME}: {why}")
 
 
 def _expected(model: nn.Module) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -40,6 +40,17 @@ def adapter_dir(tmp_path_factory, tiny_model_dir):
     return d
 
 
+def _no_weights(model_dir: Path, tmp: Path) -> Path:
+    """A model folder with config.json and tokenizer files but no weights."""
+    d = tmp.parent / f"{tmp.name}-noweights"
+    if not d.exists():
+        d.mkdir()
+        for f in model_dir.iterdir():
+            if not f.name.endswith(".safetensors"):
+                (d / f.name).write_bytes(f.read_bytes())
+    return d
+
+
 def _copy_adapter(src: Path, dst: Path) -> Path:
     dst.mkdir(parents=True)
     for f in src.iterdir():
@@ -90,6 +101,21 @@ def _peft_type(d):
     cfg = json.loads((d / "adapter_config.json").read_text())
     cfg["peft_type"] = "PREFIX_TUNING"
     (d / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def _config_field(**fields):
+    def mutate(d):
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        cfg.update(fields)
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return mutate
+
+
+def _no_lorakit_json_and_r(r):
+    def mutate(d):
+        (d / "lorakit.json").unlink()
+        _config_field(r=r)(d)
+    return mutate
 
 
 def _pickle_only(d):
@@ -158,6 +184,33 @@ CASES = [
     ("wrong base model", lambda ctx: ["eval", str(ctx["adapter"]), "--model", str(ctx["other"]),
                                       "--data", "task:arithmetic"], "has shape"),
     ("merge from a pickle adapter", _adapter(_pickle_only, cmd="merge"), "pickle"),
+    ("adapter_config r disagrees with lorakit.json", _adapter(_config_field(r=8)),
+     "says r=8 but lorakit.json records 4"),
+    ("adapter_config r disagrees with the tensors", _adapter(_no_lorakit_json_and_r(8)),
+     "has rank 4 but the config gives"),
+    ("adapter_config alpha edited", _adapter(_config_field(lora_alpha=99)), "lora_alpha=99"),
+    ("missing adapter folder", lambda ctx: ["eval", str(ctx["tmp"] / "nowhere")],
+     "adapter folder"),
+    # combinations that cannot work, and patterns that do not compile
+    ("full fine-tuning over a 4-bit base", _train("adapter.method=full",
+                                                  "adapter.quantize=nf4"),
+     "quantize: nf4 needs an adapter"),
+    ("trainable_modules with full fine-tuning", _train("adapter.method=full",
+                                                       "adapter.trainable_modules=[norms]"),
+     "already trains every weight"),
+    ("target regex that does not compile", _train("adapter.target_modules=q_proj["),
+     "not a valid regular expression"),
+    ("rank_pattern regex that does not compile", _train("adapter.rank_pattern={'(q': 2}"),
+     "not a valid regular expression"),
+    ("model folder without weights", lambda ctx: ["train", *tiny_run_args(
+        ctx["noweights"], ctx["out"])], "no file named model.safetensors"),
+    ("mistyped embedded model name", _train("model=smollm2-135"), "did you mean"),
+    ("unknown built-in task", _train("data.train=task:nope"), "unknown task 'nope'"),
+    ("validation file missing", _train("data.valid=/nonexistent/valid.jsonl"),
+     "does not exist"),
+    ("a method without options given some", _train("adapter.method=dora",
+                                                    "adapter.dora.x=1"),
+     "unknown key"),
 ]
 
 
@@ -168,7 +221,7 @@ def test_bad_input(name, build, needle, tmp_path, capsys, tiny_model_dir, other_
     out = tmp_path / "out"
     before = sorted(p.name for p in tmp_path.iterdir())
     ctx = {"model": tiny_model_dir, "other": other_model_dir, "adapter": adapter_dir,
-           "tmp": tmp_path, "out": out}
+           "tmp": tmp_path, "out": out, "noweights": _no_weights(tiny_model_dir, tmp_path)}
     args = build(ctx)
     made = sorted(p.name for p in tmp_path.iterdir())
     adapter_before = {f.name: f.read_bytes() for f in adapter_dir.iterdir()}
@@ -181,11 +234,11 @@ def test_bad_input(name, build, needle, tmp_path, capsys, tiny_model_dir, other_
     assert not out.exists(), "an output folder was written"
     assert sorted(p.name for p in tmp_path.iterdir()) == made  # nothing else written
     assert {f.name: f.read_bytes() for f in adapter_dir.iterdir()} == adapter_before
-    assert before == [] or before == made or True
+
 
 
 def test_table_is_large_enough():
-    assert len(CASES) >= 25
+    assert len(CASES) >= 50
 
 
 def test_reported_but_not_fatal(tmp_path, capsys, tiny_model_dir, monkeypatch):

@@ -152,3 +152,13 @@ def test_html_report_renders_in_headless_chromium(compared):
     assert img.shape[0] >= 800 and img.shape[1] >= 1100
     non_white = (img < 0.9).any(axis=-1).mean()
     assert img.std() > 0.05 and non_white > 0.02, (img.std(), non_white)
+
+
+def test_a_method_option_override_goes_to_its_method_only():
+    from lorakit.analysis.compare import method_overrides
+
+    args = ["adapter.lora_drop.threshold=0.7", "adapter.adalora.target_r=4", "train.lr=1e-3"]
+    lora = method_overrides(None, args, "lora+", Path("x"))
+    assert "train.lr=1e-3" in lora and not any("lora_drop" in a or "adalora" in a for a in lora)
+    drop = method_overrides(None, args, "lora-drop", Path("x"))
+    assert "adapter.lora_drop.threshold=0.7" in drop and not any("adalora" in a for a in drop)

@@ -81,7 +81,20 @@ def test_generate_prints_a_completion(tiny_model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(out / "adapter"), "What is 12 + 30?",
                  "--max-new-tokens", "3"]) == 0
-    assert len(capsys.readouterr().out) > 0  # a random tiny model may well print whitespace
+    printed = capsys.readouterr().out
+    # the same greedy completion computed here, through the library
+    import lorakit as lk
+
+    base, tok = lk.load_model(str(tiny_model_dir))
+    model = lk.load_adapter(base, out / "adapter").eval()
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}],
+                                   add_generation_prompt=True, tokenize=False)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        gen = model.generate(**enc, max_new_tokens=3, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    want = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert printed == want + "\n"
 
 
 def _adapter(path):
@@ -141,6 +154,6 @@ def test_unknown_file_format_and_bad_override(tiny_model_dir, tmp_path):
     bad.write_text("hello")
     r = lorakit_proc("train", *tiny_run_args(tiny_model_dir, tmp_path / "o", f"data.train={bad}"))
     assert r.returncode == 2 and "unknown format" in r.stderr and "Traceback" not in r.stderr
-    r = lorakit_proc("train", "train.lr=fast")
+    r = lorakit_proc("train", "train.lr=fast", f"output_dir={tmp_path / 'o2'}")
     assert r.returncode == 2 and "train.lr" in r.stderr
-    assert not (REPO / "runs" / "default").exists() or True
+    assert not (tmp_path / "o2").exists()

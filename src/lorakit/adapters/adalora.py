@@ -342,6 +342,7 @@ class AdaLoRA(Method):
     options = AdaLoRAOptions
     hooks = AdaLoRAHooks
     peft_type = "ADALORA"
+    peft_r_is_rank = False
     heatmaps = {"adalora_rank": ("adalora_ranks", "AdaLoRA kept rank")}
 
     def check(self, cfg) -> None:
@@ -375,6 +376,14 @@ class AdaLoRA(Method):
 
     def reads_peft(self, pc: dict) -> bool:
         return pc.get("peft_type") == "ADALORA"
+
+    def check_tensors(self, cfg, tensors: dict) -> Optional[str]:
+        too_big = [k for k, t in tensors.items() if k.endswith(".lora_E")
+                   and t.shape[0] > cfg.options.init_r]
+        if too_big:
+            return (f"{too_big[0]} has rank {tensors[too_big[0]].shape[0]}, more than "
+                    f"adalora.init_r = {cfg.options.init_r}")
+        return None  # pruned ranks vary per layer: the on_load hook resizes to them
 
     def options_from_peft(self, pc: dict) -> dict:
         names = {"init_r": "init_r", "target_r": "target_r", "tinit": "tinit",

@@ -270,6 +270,8 @@ class Method:
     options: Optional[type] = None
     hooks: type = MethodHooks
     peft_type: str = "LORA"
+    #: adapter_config.json's ``r`` is the adapter's rank (PEFT's AdaLoRA writes a placeholder)
+    peft_r_is_rank: bool = True
     #: False for full fine-tuning: nothing is wrapped, every weight trains
     wraps_layers: bool = True
     #: inspect's heatmaps: column of :meth:`inspect_columns` -> (file prefix, title)
@@ -320,6 +322,19 @@ class Method:
     def options_from_peft(self, pc: dict) -> dict:
         """Config fields (common ones and ``{options_key: {...}}``) from a PEFT config."""
         return {}
+
+    def check_tensors(self, cfg, tensors: dict[str, torch.Tensor]) -> Optional[str]:
+        """Why an adapter file's tensors disagree with its config (None: they agree). Default:
+        each LoRA A's rank equals the configured rank of its module (``rank_pattern``)."""
+        for key, t in tensors.items():
+            for suffix in (".lora_A.weight", ".lora_embedding_A"):
+                if key.endswith(suffix):
+                    module = key[:-len(suffix)]
+                    want = pattern_value(cfg.rank_pattern, module, self.initial_rank(cfg))
+                    if t.ndim != 2 or t.shape[0] != want:
+                        return (f"{key} has rank {t.shape[0] if t.ndim else 0} but the config "
+                                f"gives {module!r} rank {want}")
+        return None
 
     def save_whole_model(self) -> bool:
         """True when the result is a whole model folder, not an adapter (full fine-tuning)."""

@@ -138,7 +138,7 @@ def normalize(energy: dict[str, float]) -> dict[str, float]:
     total = sum(energy.values())
     if not total > 0:
         raise LorakitError("every LoRA output was zero after LoRA-drop's sample phase, so no "
-                           "layer ranks above another; raise adapter.sample_ratio or train.lr")
+                           "layer ranks above another; raise adapter.lora_drop.sample_ratio or train.lr")
     return {n: g / total for n, g in energy.items()}
 
 
@@ -331,7 +331,7 @@ class LoRADropHooks(MethodHooks):
         return dict(state_of(model).extras.get("lora_drop") or {})
 
     def on_load(self, model: nn.Module, extras: dict, tensors: dict[str, torch.Tensor]) -> None:
-        """Tie the saved copies of each shared pair again (called by ``io.load_adapter`` after
+        """Tie the saved copies of each shared pair again (called by ``peft_format.load_adapter`` after
         ``apply``, before the tensors are copied in), so further training updates one pair."""
         record = (extras.get("extras") or {}).get("lora_drop")
         if not record:

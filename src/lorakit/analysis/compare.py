@@ -39,7 +39,7 @@ from .. import inject, models
 from ..config import load_run_config, parse_overrides, split_config_args
 from ..errors import LorakitError
 from ..files import write_json
-from ..registry import METHODS, PRESETS, get_method
+from ..registry import METHODS, PRESETS, all_methods, get_method
 from ..training.evaluation import PREDICTIONS
 from ..training.loop import base_metrics, prepare_data
 from ..training.runtime import cast_frozen, resolve_precision
@@ -82,7 +82,9 @@ def _has_key(data: dict, dotted: str) -> bool:
 def method_overrides(config: Optional[str], overrides: list[str], method: str,
                      run_dir: Path) -> list[str]:
     """The ``lorakit train`` overrides of one method's run: the compare budget where the user
-    set nothing, then the user's overrides, then the method and its folder."""
+    set nothing, then the user's overrides, then the method and its folder. An override of a
+    method's own options (``adapter.lora_drop.threshold=0.7``) goes to that method's run
+    only."""
     user: dict = {}
     if config:
         try:
@@ -92,7 +94,11 @@ def method_overrides(config: Optional[str], overrides: list[str], method: str,
     given = parse_overrides(overrides)
     budget = [f"{k}={v}" for k, v in COMPARE_DEFAULTS.items()
               if not _has_key(user, k) and not _has_key(given, k)]
-    return [*budget, *overrides, f"adapter.method={method}", f"output_dir={run_dir}",
+    base = PRESETS.get(method, {}).get("method", method)
+    others = {f"adapter.{m.options_key}." for m in all_methods()
+              if m.options is not None and m.name != base}
+    own = [o for o in overrides if not o.startswith(tuple(others))]
+    return [*budget, *own, f"adapter.method={method}", f"output_dir={run_dir}",
             "train.resume=true"]
 
 
