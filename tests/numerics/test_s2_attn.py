@@ -244,3 +244,26 @@ def test_rope_position_interpolation():
     with torch.no_grad():
         ids = batch()
         assert torch.equal(same(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_two_models_with_different_ratios_in_one_process():
+    """The group ratio belongs to the model: setting up a second model with another ratio
+    leaves the first one's training logits as they were (the registered attention function
+    is shared by name across the process)."""
+    ids = batch(n=2, length=32)
+
+    def s2_model(ratio):
+        model = lk.apply(tiny_model("llama"), method="lora", r=4, s2_attn=True,
+                         s2_group_ratio=ratio)
+        return model.train()
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    quarter_alone = logits(s2_model(0.25))
+    half_alone = logits(s2_model(0.5))
+    assert (quarter_alone - half_alone).abs().max() > 1e-4  # the ratios do differ
+    quarter, half = s2_model(0.25), s2_model(0.5)  # both set up, the latest with 0.5
+    assert torch.allclose(logits(quarter), quarter_alone, atol=1e-6)
+    assert torch.allclose(logits(half), half_alone, atol=1e-6)

@@ -1,7 +1,7 @@
 """LongLoRA's shifted sparse attention (S2-Attn) and RoPE position interpolation.
 
 Chen et al. 2023, "LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models"
-(arXiv:2309.12307; dvlab-research/LongLoRA). METHODS.md §8 is the specification.
+(arXiv:2309.12307; dvlab-research/LongLoRA); docs/methods/longlora.md.
 
 S2-Attn, applied after RoPE to a causal self-attention over N tokens with group size
 G = N × ratio (N % G == 0, G even):
@@ -36,8 +36,12 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import (ALL_ATTENTION_FUNCTIONS, AttentionInterface,
+                                         PreTrainedModel)
 
 from ..errors import LorakitError
+from ..module_tree import set_submodule
 
 PREFIX = "lorakit_s2_"
 SUPPORTED = ("sdpa", "eager")  # the implementations S2-Attn can stand in for
@@ -176,31 +180,49 @@ def _full_attention(module: nn.Module, inner: str) -> Callable:
             raise LorakitError(f"{type(module).__name__} has no eager_attention_forward; load the "
                                "model with attn_implementation='sdpa' to use S2-Attn")
         return fn
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     return ALL_ATTENTION_FUNCTIONS[inner]
 
 
-def make_attention_function(inner: str, ratio: float) -> Callable:
-    """An ``AttentionInterface`` function: S2-Attn while ``module.training``, else ``inner``."""
-    groups_per_sequence(ratio)  # fail now, not in the first forward
+#: attribute of a model's modules that holds its S2-Attn group ratio (See Note: the ratio
+#: belongs to the model)
+RATIO_ATTR = "lorakit_s2_group_ratio"
+
+# Note: the ratio belongs to the model
+# The attention function is registered under a process-wide name (one per inner
+# implementation), so it must not carry a ratio: a second model set up with another ratio
+# would change the first one's training. :func:`enable_s2_attention` stores the ratio on
+# every module of its model, and the function reads it from the attention module it is
+# called with.
+
+
+def make_attention_function(inner: str, ratio: Optional[float] = None) -> Callable:
+    """An ``AttentionInterface`` function: S2-Attn while ``module.training``, else ``inner``.
+
+    The group ratio is the calling module's ``RATIO_ATTR``; ``ratio`` (for a function used
+    outside a model) is the fallback."""
+    if ratio is not None:
+        groups_per_sequence(ratio)  # fail now, not in the first forward
 
     def s2_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
                              scaling=None, **kwargs):
         n = query.shape[2]
+        r = getattr(module, RATIO_ATTR, ratio)
         if (not module.training or n != key.shape[2] or n < 2
                 or not getattr(module, "is_causal", True)):
             # inference, cached decoding or a non-causal layer: the model's full attention
             return _full_attention(module, inner)(module, query, key, value, attention_mask,
                                                   dropout=dropout, scaling=scaling, **kwargs)
-        n_pad = padded_length(n, ratio)
+        if r is None:
+            raise LorakitError(f"{type(module).__name__} was not set up for S2-Attn (no group "
+                               "ratio); use lorakit.apply with s2_attn")
+        n_pad = padded_length(n, r)
         mask = attention_mask
         if mask is not None:
             mask = mask[:, :, :, :n]
             fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
             mask = _pad_to(_pad_to(mask, n_pad, -1, fill), n_pad, -2, fill)
         q, k, v = (_pad_to(t, n_pad, 2) for t in (query, key, value))
-        out = s2_attention(q, k, v, n_pad // groups_per_sequence(ratio), mask, scaling, dropout)
+        out = s2_attention(q, k, v, n_pad // groups_per_sequence(r), mask, scaling, dropout)
         return out[:, :n], None
 
     s2_attention_forward.__name__ = f"{PREFIX}{inner}"
@@ -211,9 +233,6 @@ def enable_s2_attention(model: nn.Module, ratio: float = 0.25) -> str:
     """Register S2-Attn for ``model``'s current attention implementation and select it.
 
     Returns the registered name (``lorakit_s2_sdpa`` or ``lorakit_s2_eager``)."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface, PreTrainedModel
-
     config = getattr(model, "config", None)
     if not isinstance(model, PreTrainedModel) or config is None:
         raise LorakitError("adapter.s2_attn needs a transformers model whose attention goes "
@@ -224,10 +243,14 @@ def enable_s2_attention(model: nn.Module, ratio: float = 0.25) -> str:
         raise LorakitError(f"adapter.s2_attn works with the 'sdpa' or 'eager' attention "
                            f"implementation, not {inner!r}; load the model with "
                            "attn_implementation='sdpa'")
+    groups_per_sequence(ratio)
     name = PREFIX + inner
-    # Re-registering replaces the function, so the latest ratio wins for this name.
-    AttentionInterface.register(name, make_attention_function(inner, ratio))
+    # One function per name for the whole process; the ratio stays with this model (See
+    # Note: the ratio belongs to the model)
+    AttentionInterface.register(name, make_attention_function(inner))
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    for m in model.modules():
+        setattr(m, RATIO_ATTR, float(ratio))
     model.set_attn_implementation(name)
     if config._attn_implementation != name:  # transformers only warns when it cannot
         raise LorakitError(f"adapter.s2_attn: {type(model).__name__}'s attention does not go "
@@ -242,6 +265,8 @@ def disable_s2_attention(model: nn.Module) -> None:
     current = getattr(config, "_attn_implementation", None) or ""
     if current.startswith(PREFIX):
         model.set_attn_implementation(current[len(PREFIX):])
+    for m in model.modules():
+        m.__dict__.pop(RATIO_ATTR, None)
 
 
 # ---- RoPE position interpolation ----------------------------------------------------------------
@@ -279,8 +304,7 @@ def interpolate_rope(model: nn.Module, context_length: int) -> Optional[int]:
         inv = getattr(old, "inv_freq", None)
         if inv is not None:
             new.to(inv.device)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        set_submodule(model, name, new)
     return factor
 
 
