@@ -20,7 +20,10 @@ lorakit does not patch model code: :func:`configure_long_context` registers S2-A
 transformers' ``AttentionInterface`` (with the attention-mask builder of the implementation the
 model had) and selects it with ``model.set_attn_implementation``. The function computes S2-Attn
 only while the attention module is in training mode; in eval mode it calls the model's own
-attention ("sdpa" or "eager"), so inference is full attention, bit for bit.
+attention ("sdpa" or "eager"), so inference is full attention, bit for bit. The registered
+function is shared by the whole process; the group ratio is not part of it but of the model
+(an attribute of its modules, see Note: the ratio belongs to the model), so models set up with
+different ratios train side by side.
 
 Note: Lengths. A length that is not a multiple of ``2/ratio`` (8 for the default 1/4) is padded
 at the end to the next multiple before grouping, and the padded positions are dropped from the
@@ -191,8 +194,10 @@ RATIO_ATTR = "lorakit_s2_group_ratio"
 # The attention function is registered under a process-wide name (one per inner
 # implementation), so it must not carry a ratio: a second model set up with another ratio
 # would change the first one's training. :func:`enable_s2_attention` stores the ratio on
-# every module of its model, and the function reads it from the attention module it is
-# called with.
+# every module of its model (so also on each attention module, whatever its class), and the
+# function reads it from the attention module it is called with. It is a plain attribute, not
+# in ``model.config`` or the state dict, so nothing saved carries it; and
+# :func:`disable_s2_attention` (called before export) removes it.
 
 
 def make_attention_function(inner: str, ratio: Optional[float] = None) -> Callable:
@@ -213,6 +218,9 @@ def make_attention_function(inner: str, ratio: Optional[float] = None) -> Callab
             return _full_attention(module, inner)(module, query, key, value, attention_mask,
                                                   dropout=dropout, scaling=scaling, **kwargs)
         if r is None:
+            # Raise rather than fall back to the default 0.25: a module without a ratio was not
+            # set up by enable_s2_attention (or has been through disable_s2_attention since), and
+            # silently training with a ratio nobody chose would be worse than stopping.
             raise LorakitError(f"{type(module).__name__} was not set up for S2-Attn (no group "
                                "ratio); use lorakit.apply with s2_attn")
         n_pad = padded_length(n, r)
