@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__, models
+from .faults import kill_point
 from .files import atomic_dir, read_json, write_json
 from .config import AdapterConfig, parse, upgrade_recorded
 from .errors import LorakitError
@@ -98,6 +99,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             save_file(adapter_tensors(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            kill_point("adapter-save")  # tests only (lorakit.faults)
             write_json(tmp / CONFIG_NAME, peft_config_dict(model, base_model_name_or_path))
             (tmp / "README.md").write_text(_model_card(model, base_model_name_or_path))
         write_json(tmp / EXTRAS_NAME, {

@@ -46,6 +46,7 @@ def _md_rows(report_md: str) -> dict[str, dict[str, str]]:
     return rows
 
 
+@pytest.mark.slow  # the compare fixture trains every method: ~45 s
 def test_report_figures_are_each_runs_summary(compared):
     md = (compared / "report.md").read_text()
     table = _md_rows(md)
@@ -77,6 +78,7 @@ def test_report_figures_are_each_runs_summary(compared):
     assert html.count("data:image/png;base64,") >= 9 and "src=\"http" not in html
 
 
+@pytest.mark.slow  # the compare fixture trains every method: ~45 s
 def test_each_run_measures_its_own_base_or_an_identical_one(compared):
     """The base is measured in a process of its own (so no peak memory includes it): the
     16-bit runs share one measurement, QLoRA measures its 4-bit base."""
@@ -89,6 +91,7 @@ def test_each_run_measures_its_own_base_or_an_identical_one(compared):
     assert not (compared / "logs" / "dora.base.log").exists()
 
 
+@pytest.mark.slow  # the compare fixture trains every method: ~45 s
 def test_finished_methods_are_not_run_again(compared, tiny_model_dir):
     stamps = {m: (compared / m / "summary.json").stat().st_mtime_ns for m in METHODS}
     msgs: list[str] = []
@@ -130,6 +133,7 @@ def test_bad_override_fails_before_any_run(tiny_model_dir, tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the compare fixture trains every method: ~45 s
 def test_html_report_renders_in_headless_chromium(compared):
     from matplotlib.image import imread
 

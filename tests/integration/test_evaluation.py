@@ -34,6 +34,7 @@ def long_answer_run(tiny_model_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # full fine-tuning until 40-token answers are learned: ~30 s
 def test_long_answers_score_through_eval_and_cuts_are_reported(long_answer_run, capsys,
                                                                 tmp_path):
     from transformers import AutoTokenizer
@@ -73,6 +74,7 @@ def test_long_answers_score_through_eval_and_cuts_are_reported(long_answer_run, 
     assert sum(r["f1"] for r in rows) / 6 == pytest.approx(res["f1"])
 
 
+@pytest.mark.slow  # full fine-tuning until 40-token answers are learned: ~30 s
 def test_run_predictions_agree_with_the_summary(long_answer_run):
     out = long_answer_run
     summary = json.loads((out / "summary.json").read_text())
@@ -86,6 +88,7 @@ def test_run_predictions_agree_with_the_summary(long_answer_run):
                                          ["valid"]["lines"]})
 
 
+@pytest.mark.slow  # full fine-tuning until 40-token answers are learned: ~30 s
 def test_plain_text_gets_loss_and_perplexity(long_answer_run, tmp_path, capsys):
     text = tmp_path / "prose.jsonl"
     text.write_text("".join(json.dumps({"text": f"Paragraph {i} about rivers and bridges."})

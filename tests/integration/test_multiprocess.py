@@ -31,6 +31,7 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(shutil.which("accelerate") is None and not
                     (Path(sys.executable).parent / "accelerate").exists(),
                     reason="accelerate's launcher is not installed")
+@pytest.mark.slow  # two gloo processes and a reference run: ~20 s
 def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
     common = ["eval.compare_base=false", "eval.metric=null", "train.max_steps=5",
               "train.save_every=0"]

@@ -101,6 +101,7 @@ def _adapter(path):
     return load_file(str(path / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow  # three training processes: ~17 s
 def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
     common = tiny_run_args(tiny_model_dir, None, "train.max_steps=10", "train.save_every=2",
                            "eval.compare_base=false", "eval.metric=null", "adapter.dropout=0.1",

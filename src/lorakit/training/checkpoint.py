@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import LorakitError
+from ..faults import kill_point
 from ..files import atomic_dir, write_json
 
 _STEP = re.compile(r"^step-(\d+)$")
@@ -81,17 +82,21 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module,
 
 
 def remove_partial(out_dir: Path) -> None:
-    """Delete what an interrupted write or deletion left behind ('.'-folders)."""
+    """Delete what an interrupted write or deletion left behind ('.'-folders of checkpoints,
+    and of the adapter folder)."""
     root = Path(out_dir) / "checkpoints"
     if root.is_dir():
         for p in root.iterdir():
             if p.name.startswith("."):
                 shutil.rmtree(p, ignore_errors=True)
+    for p in Path(out_dir).glob(".adapter.*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _write_checkpoint(path, params, opt_tensors, opt_meta, model, scheduler, hooks, step, extra):
     with atomic_dir(path) as tmp:
         save_file(params, str(tmp / "trainable.safetensors"))
+        kill_point("checkpoint-write", step)  # tests only (lorakit.faults)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "optimizer.json", opt_meta)
         method_state = hooks.state_tensors(model) if hooks is not None else {}

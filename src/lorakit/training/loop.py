@@ -37,6 +37,7 @@ from .. import inject, models, peft_format
 from ..adapters.base import MethodHooks
 from ..config import RunConfig
 from ..errors import LorakitError
+from ..faults import kill_point
 from ..files import write_json
 from ..registry import get_method
 from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
@@ -138,6 +139,7 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
         bar.update(1)
         _log_step(run, desc, step + 1, total_steps, {"loss": loss, "lr": lr,
                                                      "step_time_s": dt, "tokens": tokens_seen})
+        kill_point("after-step", step + 1)  # tests only (lorakit.faults)
         if checkpoints:
             _maybe_checkpoint(run, step + 1, total_steps, optimizer, scheduler)
     bar.close()

@@ -1,0 +1,25 @@
+"""Faults on demand, for lorakit's own tests only: deterministic kills instead of races.
+
+``LORAKIT_TEST_KILL_AT=POINT[:STEP]`` makes the process SIGKILL itself when a run reaches a
+named point: ``checkpoint-write:N`` (halfway through writing the checkpoint of step N),
+``after-step:N`` (right after optimizer step N, before its checkpoint) or ``adapter-save``
+(halfway through writing the final adapter folder). Unset, it costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Optional
+
+ENV = "LORAKIT_TEST_KILL_AT"
+
+
+def kill_point(point: str, step: Optional[int] = None) -> None:
+    """SIGKILL this process if ``LORAKIT_TEST_KILL_AT`` names ``point`` (and ``step``)."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    name, _, at = spec.partition(":")
+    if name == point and (not at or (step is not None and step == int(at))):
+        os.kill(os.getpid(), signal.SIGKILL)
