@@ -7,6 +7,7 @@ that names the field (see :func:`parse`).
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any, Callable, ClassVar, Literal, Optional, Union
 
@@ -128,7 +129,7 @@ class AdapterConfig(_Strict):
             data["options"] = method.options.model_validate(raw)
         except ValidationError as e:
             raise LorakitError("invalid config: " + validation_message(
-                e, f"adapter.{method.options_key}")) from None
+                e, f"adapter.{method.options_key}", method.options)) from None
         return data
 
     @model_validator(mode="after")
@@ -188,14 +189,47 @@ def upgrade_recorded(adapter: dict) -> dict:
     return data
 
 
-def validation_message(err: ValidationError, prefix: str = "") -> str:
+#: Keys of LLaMA-Factory, TRL/transformers and axolotl configs -> what lorakit calls them
+PEER_KEYS = {
+    "num_train_epochs": "train.epochs", "learning_rate": "train.lr",
+    "lr_scheduler_type": "train.schedule", "per_device_train_batch_size": "train.batch_size",
+    "micro_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+    "warmup_ratio": "train.warmup_ratio", "max_grad_norm": "train.max_grad_norm",
+    "gradient_checkpointing": "train.gradient_checkpointing", "bf16": "train.precision",
+    "fp16": "train.precision", "lora_rank": "adapter.r", "lora_r": "adapter.r",
+    "lora_alpha": "adapter.alpha", "lora_dropout": "adapter.dropout",
+    "lora_target": "adapter.target_modules", "lora_target_modules": "adapter.target_modules",
+    "finetuning_type": "adapter.method", "use_dora": "adapter.method (dora)",
+    "quantization_bit": "adapter.quantize (nf4)", "load_in_4bit": "adapter.quantize (nf4)",
+    "model_name_or_path": "model", "base_model": "model", "dataset": "data.train",
+    "datasets": "data.train", "cutoff_len": "data.max_seq_len",
+    "sequence_len": "data.max_seq_len", "max_seq_length": "data.max_seq_len",
+    "report_to": "metrics.jsonl in the run folder (trackers are not supported yet)",
+}
+
+
+def _unknown_key_hint(model_cls: Optional[type], loc: tuple) -> str:
+    """"; lorakit calls it X" for a peer's key, "; did you mean X?" for a near miss."""
+    key = str(loc[-1])
+    if key in PEER_KEYS:
+        return f"; lorakit calls it {PEER_KEYS[key]}"
+    for part in loc[:-1]:  # the section the key was found in
+        field = getattr(model_cls, "model_fields", {}).get(part)
+        model_cls = getattr(field, "annotation", None)
+    known = [k for k, f in getattr(model_cls, "model_fields", {}).items() if not f.exclude]
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def validation_message(err: ValidationError, prefix: str = "",
+                       model_cls: Optional[type] = None) -> str:
     """Turn pydantic's multi-line report into one sentence naming the first bad field."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     where = ".".join(p for p in (prefix, loc) if p)
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _unknown_key_hint(model_cls, tuple(first["loc"]))
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     return f"{where}: {msg}" if where else msg
@@ -206,7 +240,8 @@ def parse(model_cls: type[BaseModel], data: dict, prefix: str = "") -> Any:
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
-        raise LorakitError(f"invalid config: {validation_message(e, prefix)}") from None
+        raise LorakitError(f"invalid config: {validation_message(e, prefix, model_cls)}") \
+            from None
 
 
 def adapter_config(cfg: AdapterConfig | dict | None = None, **kwargs) -> AdapterConfig:

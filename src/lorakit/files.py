@@ -22,12 +22,18 @@ def atomic_dir(path: str | os.PathLike):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    # mkdtemp makes the folder private (0700) and safetensors its files (0600); the finished
+    # folder gets the permissions any new folder and file get under the process umask, so a
+    # serving process of another user can read it
+    mask = _umask()
+    os.chmod(tmp, 0o777 & ~mask)
     try:
         yield tmp
         for f in tmp.iterdir():  # data on disk before the rename makes it visible
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+                os.chmod(f, 0o666 & ~mask)  # safetensors writes 0600 files
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -38,6 +44,12 @@ def atomic_dir(path: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -153,6 +153,8 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: Union[str, torch.dtype
         tok.pad_token = tok.eos_token
     if device is not None:
         model.to(device)
-    model.name_or_path = name_or_path
-    model.config._name_or_path = name_or_path
+    # where the weights are (an embedded model's converted folder): what an adapter records as
+    # base_model_name_or_path, so that PEFT's loaders find the base without the network
+    model.name_or_path = path
+    model.config._name_or_path = path
     return model, tok

@@ -22,7 +22,7 @@ from .faults import kill_point
 from .files import atomic_dir, read_json, write_json
 from .config import AdapterConfig, parse, upgrade_recorded
 from .errors import LorakitError
-from .inject import adapter_layers, apply, find_targets, state_of, trained_modules, unload
+from .inject import adapter_layers, apply, name_matches, state_of, trained_modules, unload
 from .quant import is_quantized
 from .registry import all_methods, get_method
 
@@ -50,10 +50,9 @@ def _target_list(model: nn.Module, targets: list[str]) -> list[str]:
     """Short leaf names when they select exactly the targets again (as PEFT writes for
     "all-linear"), else the full module names."""
     leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
-    try:
-        again = find_targets(model, leaves)
-    except LorakitError:
-        again = []
+    # PEFT matches names only, on the unwrapped model: the wrappers' own children
+    # (``.base_layer``, ``.dropout``) never end in a target's leaf name
+    again = [n for n, _ in model.named_modules() if n and name_matches(n, leaves)]
     return leaves if sorted(again) == sorted(targets) else sorted(targets)
 
 

@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import lorakit as lk
+from lorakit.inject import adapter_layers
 from tests.conftest import batch, tiny_model, train_steps
 
 TOL = 1e-5
@@ -131,3 +132,21 @@ def test_embedded_smollm2_parity_both_ways(smollm2, tmp_path):
     peft_model.save_pretrained(tmp_path / "peft")
     back = lk.load_adapter(pristine, tmp_path / "peft")
     assert (ours - _logits(back, ids)).abs().max().item() <= TOL
+
+
+def test_adapter_on_the_embedded_model_loads_with_auto_peft_offline(smollm2, tmp_path):
+    """base_model_name_or_path is the embedded model's local folder, so PEFT's
+    AutoPeftModelForCausalLM finds the base without the network (HF_HUB_OFFLINE=1 here)."""
+    from peft import AutoPeftModelForCausalLM
+
+    model, _ = smollm2
+    model = lk.apply(model, r=4, target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            layer.lora_B.normal_(std=0.02)
+    lk.save_adapter(model, tmp_path / "ad")
+    theirs = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "ad").eval()
+    ids = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        diff = (theirs(input_ids=ids).logits - model.eval()(input_ids=ids).logits).abs().max()
+    assert diff.item() <= 1e-4

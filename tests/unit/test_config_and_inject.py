@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import lorakit as lk
-from lorakit.config import PRESETS
+from lorakit.registry import PRESETS
 from lorakit.inject import find_targets, name_matches, pattern_value
 from tests.conftest import tiny_model
 
@@ -92,3 +94,17 @@ def test_unload_restores_plain_modules():
     lk.unload(model, merge_adapters=False)
     assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
     assert not hasattr(model, "lorakit_state")
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("num_train_epochs=2", "lorakit calls it train.epochs"),
+    ("learning_rate=1e-4", "lorakit calls it train.lr"),
+    ("lora_rank=8", "lorakit calls it adapter.r"),
+    ("train.batchsize=4", "did you mean 'batch_size'?"),
+    ("adapter.targt_modules=[q_proj]", "did you mean 'target_modules'?"),
+])
+def test_unknown_keys_point_to_lorakits_name(override, hint):
+    from lorakit.config import load_run_config
+
+    with pytest.raises(lk.LorakitError, match="unknown key; " + re.escape(hint)):
+        load_run_config(None, [override])

@@ -44,3 +44,21 @@ def test_weights_written_are_safetensors_only(tmp_path):
     lk.save_adapter(lk.apply(tiny_model(), r=2), tmp_path / "a")
     suffixes = {p.suffix for p in (tmp_path / "a").iterdir()}
     assert suffixes <= {".json", ".safetensors", ".md"}
+
+
+def test_adapter_folder_and_files_follow_the_umask(tmp_path):
+    """An adapter folder is as readable as any folder the process makes (umask 022: by
+    everyone), not private to its owner, so a server running as another user can load it."""
+    import os
+    import stat
+
+    from tests.conftest import tiny_model
+
+    old = os.umask(0o022)
+    try:
+        lk.save_adapter(lk.apply(tiny_model("llama"), r=4), tmp_path / "ad")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ad").stat().st_mode) == 0o755
+    for f in (tmp_path / "ad").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044, f.name

@@ -355,7 +355,8 @@ def _train_and_finish(run: Run, method, total: int, base: Optional[dict]) -> dic
         "processes": acc.num_processes, "total_steps": total, **stats,
         "method_summary": run.hooks.summary(model)}
     if acc.is_main_process:
-        peft_format.save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model,
+        peft_format.save_adapter(model, out / "adapter",
+                                 base_model_name_or_path=models.resolve_model_path(cfg.model),
                                  summary={k: v for k, v in summary.items() if k != "loss_curve"})
         if method.save_whole_model():  # a whole model folder wants its tokenizer
             run.tokenizer.save_pretrained(out / "adapter")
