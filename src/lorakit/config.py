@@ -262,12 +262,23 @@ class DataConfig(_Strict):
                                  "validation split, or valid_ratio of the training file")
     valid_ratio: float = Field(0.05, ge=0, lt=1, description="held out of train when valid is "
                                "not given")
-    format: Literal["auto", "chat", "alpaca", "prompt_completion", "text"] = Field(
-        "auto", description="row format; auto detects messages / instruction / prompt / text")
+    format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+        "auto", description="row format; auto detects messages / conversations / instruction "
+        "/ prompt / text")
     max_seq_len: int = Field(512, gt=0, description="longer examples are truncated")
     packing: bool = Field(False, description="concatenate examples into max_seq_len blocks")
-    train_on_prompt: bool = Field(False, description="also compute the loss on prompt tokens")
+    train_on: Literal["all_assistant", "last_assistant", "all"] = Field(
+        "all_assistant", description="conversations: the loss on every assistant turn, on "
+        "the last one, or on every token")
+    train_on_prompt: bool = Field(False, description="also compute the loss on prompt tokens "
+                                  "(the same as train_on: all)")
     limit: Optional[int] = Field(None, gt=0, description="use only the first N training rows")
+
+
+    @property
+    def loss_on(self) -> str:
+        """What the loss covers: ``train_on``, or every token with ``train_on_prompt``."""
+        return "all" if self.train_on_prompt else self.train_on
 
 
 class TrainConfig(_Strict):

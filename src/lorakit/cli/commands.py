@@ -175,7 +175,7 @@ def _eval_rows(spec: Optional[str], run_dir: Optional[Path], cfg, tok):
                            "lorakit); pass --data")
     record = json.loads(record_file.read_text())
     valid, metric_rows = build_heldout(record, tok, cfg.data.max_seq_len,
-                                       cfg.data.train_on_prompt)
+                                       cfg.data.loss_on)
     what = {"data": record["valid"]["data"], "split": record["valid"]["split"]
             if record["valid"]["lines"] is None else "held-out rows"}
     if record.get("metric"):

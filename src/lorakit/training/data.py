@@ -4,12 +4,10 @@ Rows come from a built-in task (``task:NAME``) or a local file. JSONL is read li
 (``json.loads``: data only) so that a malformed line is reported with its number and skipped
 while the rest is used; JSON arrays, CSV and Parquet are read with ``datasets``.
 
-Formats (``data.format: auto`` detects them from the first usable row):
-- ``chat``: ``{"messages": [{"role": ..., "content": ...}, ...]}``, rendered with the tokenizer's
-  chat template; the loss is on the last assistant message.
-- ``alpaca``: ``{"instruction", "input"?, "output"}``, rendered as a user/assistant chat.
-- ``prompt_completion``: ``{"prompt", "completion"}``, concatenated as plain text.
-- ``text``: ``{"text"}``, loss on every token.
+The row formats (chat, sharegpt, alpaca, prompt/completion, text) are in ``formats.py``. A
+conversation is rendered with the tokenizer's chat template and the loss is on every assistant
+turn (``data.train_on``), found as character spans of the rendered text and mapped to tokens
+through the tokenizer's offsets; plain text trains on every token.
 """
 
 from __future__ import annotations
@@ -23,12 +21,12 @@ from typing import Optional
 import torch
 
 from ..errors import LorakitError
+from .formats import (assistant_spans, check_row, conversation, detect_format,
+                      prompt_and_answer, render)
 from .tasks import get_task
 
 IGNORE = -100
 MAX_LINE_BYTES = 16 * 2**20  # a JSONL line longer than this is skipped and reported
-FORMAT_FIELDS = {"chat": ("messages",), "alpaca": ("instruction", "output"),
-                 "prompt_completion": ("prompt", "completion"), "text": ("text",)}
 
 
 @dataclass
@@ -104,77 +102,41 @@ def read_rows(spec: str, split: str = "train") -> Rows:
     return out
 
 
-def detect_format(row: dict) -> str:
-    for fmt, fields in FORMAT_FIELDS.items():
-        if all(f in row for f in fields):
-            return fmt
-    keys = ", ".join(sorted(k for k in row if k != "_line"))
-    raise LorakitError(f"cannot tell the data format from the fields ({keys}); expected "
-                       "messages, instruction/output, prompt/completion or text")
-
-
-def _check_row(row: dict, fmt: str) -> Optional[str]:
-    for f in FORMAT_FIELDS[fmt]:
-        if f not in row or row[f] is None:
-            return f"missing field {f!r}"
-    if fmt == "chat":
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            return "messages must be a list of {role, content}"
-        if msgs[-1]["role"] != "assistant":
-            return "the last message must be the assistant's"
-    elif not all(isinstance(row[f], str) for f in FORMAT_FIELDS[fmt]):
-        return "fields must be strings"
-    return None
-
-
-def _as_chat(row: dict, fmt: str) -> Optional[list[dict]]:
-    if fmt == "chat":
-        return row["messages"]
-    if fmt == "alpaca":
-        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
-    return None
-
-
-def prompt_and_answer(row: dict, fmt: str, tokenizer) -> tuple[str, str]:
-    """(prompt text, reference answer text): the generation metric's input and target."""
-    chat = _as_chat(row, fmt)
-    if chat is not None:
-        if getattr(tokenizer, "chat_template", None):
-            prompt = tokenizer.apply_chat_template(chat[:-1], add_generation_prompt=True,
-                                                   tokenize=False)
-        else:
-            prompt = "".join(f"{m['role']}: {m['content']}\n" for m in chat[:-1]) + "assistant: "
-        return prompt, chat[-1]["content"]
-    if fmt == "prompt_completion":
-        return row["prompt"], row["completion"]
-    return "", row["text"]
-
-
-def encode_row(row: dict, fmt: str, tokenizer, max_len: int, train_on_prompt: bool
+def encode_row(row: dict, fmt: str, tokenizer, max_len: int, train_on: str = "all_assistant"
                ) -> Optional[dict]:
-    """input_ids and labels (prompt tokens -> -100 unless train_on_prompt); None if nothing
-    of the answer survives truncation."""
+    """input_ids and labels: the loss is on every assistant turn (``all_assistant``), the last
+    one (``last_assistant``) or every token (``all``); None if nothing to learn survives
+    truncation. Prompt tokens get the label -100."""
+    conv = conversation(row, fmt)
+    if conv is not None and train_on != "all" and getattr(tokenizer, "is_fast", False):
+        marked = assistant_spans(tokenizer, *conv)
+        if marked is not None:
+            full, spans = marked
+            return _labelled(tokenizer, full, spans[-1:] if train_on == "last_assistant"
+                             else spans, max_len)
     prompt, answer = prompt_and_answer(row, fmt, tokenizer)
-    chat = _as_chat(row, fmt)
-    if chat is not None and getattr(tokenizer, "chat_template", None):
-        full = tokenizer.apply_chat_template(chat, tokenize=False)
-        if not full.startswith(prompt):  # templates that rewrite history: fall back
-            full = prompt + answer + (tokenizer.eos_token or "")
-    else:
-        full = prompt + answer + (tokenizer.eos_token or "")
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    full = prompt + answer + (tokenizer.eos_token or "")
+    if conv is not None and getattr(tokenizer, "chat_template", None):
+        rendered = render(tokenizer, *conv)
+        if rendered.startswith(prompt):  # else a template that rewrites history: the above
+            full = rendered
+    span = [(0, len(full))] if train_on == "all" else [(len(prompt), len(full))]
+    return _labelled(tokenizer, full, span, max_len)
+
+
+def _labelled(tokenizer, text: str, spans: list[tuple[int, int]], max_len: int
+              ) -> Optional[dict]:
+    """Tokenize ``text``; a token is labelled when it starts inside one of ``spans``."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if not ids:
         return None
+    labels = [t if any(a <= s < b for a, b in spans) else IGNORE
+              for t, (s, _) in zip(ids, offsets)]
     if (tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)
             and ids[0] != tokenizer.bos_token_id):
-        ids, p_ids = [tokenizer.bos_token_id] + ids, [tokenizer.bos_token_id] + p_ids
-    n_prompt = len(p_ids) if ids[:len(p_ids)] == p_ids else 0
-    ids = ids[:max_len]
-    labels = list(ids) if train_on_prompt else [IGNORE] * min(n_prompt, len(ids)) + ids[n_prompt:]
+        ids, labels = [tokenizer.bos_token_id] + ids, [IGNORE] + labels
+    ids, labels = ids[:max_len], labels[:max_len]
     if all(t == IGNORE for t in labels[1:]):
         return None
     return {"input_ids": ids, "labels": labels}
@@ -193,13 +155,13 @@ class Encoded:
 
 
 def encode(rows: Rows, tokenizer, fmt: str = "auto", max_len: int = 512,
-           train_on_prompt: bool = False, packing: bool = False) -> Encoded:
+           train_on: str = "all_assistant", packing: bool = False) -> Encoded:
     """Check, render and tokenize rows; bad rows are skipped and reported with line numbers."""
     fmt = detect_format(rows.rows[0]) if fmt == "auto" else fmt
     examples, kept, skipped = [], [], list(rows.skipped)
     for row in rows.rows:
-        why = _check_row(row, fmt)
-        ex = None if why else encode_row(row, fmt, tokenizer, max_len, train_on_prompt)
+        why = check_row(row, fmt)
+        ex = None if why else encode_row(row, fmt, tokenizer, max_len, train_on)
         if ex is None:
             skipped.append((row.get("_line", 0), why or "nothing left to learn after truncation"))
             continue
@@ -267,7 +229,7 @@ def heldout_record(train_spec: str, valid_spec: Optional[str], fmt: str,
     return {"format": fmt, "valid": valid, "metric": metric}
 
 
-def build_heldout(record: dict, tokenizer, max_len: int, train_on_prompt: bool = False
+def build_heldout(record: dict, tokenizer, max_len: int, train_on: str = "all_assistant"
                   ) -> tuple[list[dict], list[dict]]:
     """(validation examples, rows for the generation metric) of a held-out record; the
     same call serves the training run and a later ``lorakit eval`` of its adapter."""
@@ -276,12 +238,12 @@ def build_heldout(record: dict, tokenizer, max_len: int, train_on_prompt: bool =
     if v["lines"] is None or v["lines"]:
         rows = select_lines(read_rows(v["data"], v["split"]), v["lines"])
         if rows.rows:
-            valid = encode(rows, tokenizer, fmt, max_len, train_on_prompt).examples
+            valid = encode(rows, tokenizer, fmt, max_len, train_on).examples
     metric_rows: list[dict] = []
     if m is not None:
         rows = select_lines(read_rows(m["data"], m["split"]), m["lines"])
         if rows.rows:
-            metric_rows = encode(rows, tokenizer, fmt, max_len, train_on_prompt).rows
+            metric_rows = encode(rows, tokenizer, fmt, max_len, train_on).rows
     return valid, metric_rows
 
 

@@ -290,7 +290,7 @@ def measure(model: nn.Module, tokenizer, heldout: HeldOut, ec, max_seq_len: int,
         if heldout.fmt == "text":
             out["valid_perplexity"] = perplexity(out["valid_loss"])
     general = encode(Rows(get_task("general-text").rows("test"), [], "general-text"),
-                     tokenizer, "text", max_seq_len, train_on_prompt=True)
+                     tokenizer, "text", max_seq_len, train_on="all")
     out["general_text_loss"] = eval_loss(model, general.examples, pad, dtype=dtype)
     if ec.metric and heldout.metric_rows:
         res = generation_metrics(model, tokenizer, heldout.metric_rows, heldout.fmt, ec.limit,

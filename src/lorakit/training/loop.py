@@ -263,11 +263,11 @@ def prepare_data(cfg: RunConfig, tokenizer, log: Log) -> tuple[list[dict], HeldO
         kept, held = split_rows(rows.rows, dc.valid_ratio, cfg.train.seed)
         held_lines = [r["_line"] for r in held]
         rows.rows = kept
-    enc = encode(rows, tokenizer, dc.format, dc.max_seq_len, dc.train_on_prompt, dc.packing)
+    enc = encode(rows, tokenizer, dc.format, dc.max_seq_len, dc.loss_on, dc.packing)
     if enc.report():
         log(enc.report())
     record = heldout_record(dc.train, dc.valid, enc.fmt, held_lines)
-    valid, metric_rows = build_heldout(record, tokenizer, dc.max_seq_len, dc.train_on_prompt)
+    valid, metric_rows = build_heldout(record, tokenizer, dc.max_seq_len, dc.loss_on)
     return enc.examples, HeldOut(valid, metric_rows, enc.fmt), record
 
 
