@@ -1,4 +1,4 @@
-"""Activation memory of one training step: LoRA vs LoRA-FA (METHODS.md §4).
+"""Activation memory of one training step: LoRA vs LoRA-FA (docs/methods/lora-fa.md).
 
 The embedded SmolLM2-135M, batch 1, sequence length 1024, r=16 on every linear layer, fp32 on
 the CPU. Each configuration runs in its own subprocess, and two measures are taken for one

@@ -1,4 +1,4 @@
-"""Weight and training-step memory of QLoRA's NF4 base vs a 16/32-bit base (METHODS.md §2).
+"""Weight and training-step memory of QLoRA's NF4 base vs a 16/32-bit base (docs/methods/qlora.md).
 
 The embedded SmolLM2-135M, LoRA r=16 (alpha 32) on every linear layer but lm_head, one training
 step (forward, backward, AdamW step) at batch 2, sequence length 256, on the CPU. Each

@@ -33,6 +33,14 @@ def other_model_dir(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", *tiny_run_args(tiny_model_dir, out, "train.max_steps=1",
+                                         "eval.compare_base=false", "eval.metric=null")]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, tiny_model_dir):
     d = tmp_path_factory.mktemp("adapter") / "ad"
     model, _ = lk.load_model(str(tiny_model_dir))
@@ -208,6 +216,9 @@ CASES = [
     ("unknown built-in task", _train("data.train=task:nope"), "unknown task 'nope'"),
     ("validation file missing", _train("data.valid=/nonexistent/valid.jsonl"),
      "does not exist"),
+    ("resume a finished run with other settings", lambda ctx: ["train", *tiny_run_args(
+        ctx["model"], ctx["finished"], "train.max_steps=1", "eval.compare_base=false",
+        "eval.metric=null", "adapter.r=8", "train.resume=true")], "made with another adapter.r"),
     ("a method without options given some", _train("adapter.method=dora",
                                                     "adapter.dora.x=1"),
      "unknown key"),
@@ -216,12 +227,14 @@ CASES = [
 
 @pytest.mark.parametrize("name,build,needle", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(name, build, needle, tmp_path, capsys, tiny_model_dir, other_model_dir,
-                   adapter_dir, monkeypatch):
+                   adapter_dir, finished_run, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "out"
     before = sorted(p.name for p in tmp_path.iterdir())
     ctx = {"model": tiny_model_dir, "other": other_model_dir, "adapter": adapter_dir,
-           "tmp": tmp_path, "out": out, "noweights": _no_weights(tiny_model_dir, tmp_path)}
+           "tmp": tmp_path, "out": out, "noweights": _no_weights(tiny_model_dir, tmp_path),
+           "finished": finished_run}
+    finished_before = {str(f): f.read_bytes() for f in finished_run.rglob("*") if f.is_file()}
     args = build(ctx)
     made = sorted(p.name for p in tmp_path.iterdir())
     adapter_before = {f.name: f.read_bytes() for f in adapter_dir.iterdir()}
@@ -234,6 +247,8 @@ def test_bad_input(name, build, needle, tmp_path, capsys, tiny_model_dir, other_
     assert not out.exists(), "an output folder was written"
     assert sorted(p.name for p in tmp_path.iterdir()) == made  # nothing else written
     assert {f.name: f.read_bytes() for f in adapter_dir.iterdir()} == adapter_before
+    assert {str(f): f.read_bytes() for f in finished_run.rglob("*")
+            if f.is_file()} == finished_before  # a finished run is never touched
 
 
 

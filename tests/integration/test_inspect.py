@@ -26,7 +26,7 @@ def _base_weights(model_dir) -> dict[str, torch.Tensor]:
 
 
 def _direct(w0: torch.Tensor, w1: torch.Tensor) -> dict:
-    """ΔM, ΔD, ||ΔW|| written out from their definitions (METHODS.md §7)."""
+    """ΔM, ΔD, ||ΔW|| written out from their definitions (docs/methods/dora.md)."""
     m0, m1 = w0.norm(dim=1), w1.norm(dim=1)
     cos = torch.nn.functional.cosine_similarity(w1, w0, dim=1)
     return {"delta_m": (m1 - m0).abs().mean().item(), "delta_d": (1 - cos).mean().item(),

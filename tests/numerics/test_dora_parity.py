@@ -1,6 +1,6 @@
 """DoRA parity with PEFT 0.21 (``LoraConfig(use_dora=True)``) on identical weights.
 
-Tolerance: fp32, 1e-5 on logits and on the gradients of A, B and m (METHODS.md §7).
+Tolerance: fp32, 1e-5 on logits and on the gradients of A, B and m (docs/methods/dora.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LoRA-drop (METHODS.md §5): importance against a direct computation, selection, sharing by
+"""LoRA-drop (docs/methods/lora-drop.md): importance against a direct computation, selection, sharing by
 Parameter identity (optimizer, steps, save/load), PEFT loads the adapter (fp32, <= 1e-5)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""QLoRA (METHODS.md §2): NF4 base weights through bitsandbytes under the adapter methods.
+"""QLoRA (docs/methods/qlora.md): NF4 base weights through bitsandbytes under the adapter methods.
 
 Tolerances, measured on this CPU (bitsandbytes 0.50.2, torch 2.x):
 - LoRA over NF4 == LoRA over an nn.Linear holding dequantize(W_nf4), forward and dL/dx:

@@ -1,4 +1,4 @@
-"""LoRA-FA (METHODS.md §4): frozen A, trained B, a branch that never saves its input x."""
+"""LoRA-FA (docs/methods/lora-fa.md): frozen A, trained B, a branch that never saves its input x."""
 
 from __future__ import annotations
 

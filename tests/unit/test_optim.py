@@ -1,4 +1,4 @@
-"""Optimizer groups: plain AdamW groups, LoRA+ (METHODS.md §3) against PEFT's
+"""Optimizer groups: plain AdamW groups, LoRA+ (docs/methods/lora-plus.md) against PEFT's
 ``create_loraplus_optimizer`` on the same model, and the schedule."""
 
 from __future__ import annotations
