@@ -110,9 +110,12 @@ class AdapterConfig(_Strict):
                 if new is not None:
                     raise LorakitError(f"invalid config: adapter.{key} is now "
                                        f"adapter.{m.options_key}.{new}")
+        if isinstance(raw, MethodOptions) and not isinstance(raw, method.options or ()):
+            raw = None  # another method's parsed options: the method was just changed
         if method.options is None:
             if raw:
                 raise LorakitError(f"invalid config: method {name!r} has no options of its own")
+            data["options"] = None  # explicit: an assignment re-validates from this dict
             return data
         if isinstance(raw, method.options):
             data["options"] = raw

@@ -108,3 +108,13 @@ def test_unknown_keys_point_to_lorakits_name(override, hint):
 
     with pytest.raises(lk.LorakitError, match="unknown key; " + re.escape(hint)):
         load_run_config(None, [override])
+
+
+def test_assigning_fields_keeps_the_options_right():
+    cfg = lk.AdapterConfig(method="adalora", adalora={"target_r": 4})
+    cfg.alpha = 8.0
+    assert cfg.options.target_r == 4 and cfg.alpha == 8.0
+    cfg.method = "lora"  # another method: its options go
+    assert cfg.options is None
+    cfg.method = "lora-drop"
+    assert cfg.options.threshold == 0.9
