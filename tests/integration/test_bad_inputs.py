@@ -4,7 +4,6 @@ traceback, and nothing written or changed (issue: reliability and safety)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -230,7 +229,6 @@ def test_bad_input(name, build, needle, tmp_path, capsys, tiny_model_dir, other_
                    adapter_dir, finished_run, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "out"
-    before = sorted(p.name for p in tmp_path.iterdir())
     ctx = {"model": tiny_model_dir, "other": other_model_dir, "adapter": adapter_dir,
            "tmp": tmp_path, "out": out, "noweights": _no_weights(tiny_model_dir, tmp_path),
            "finished": finished_run}
