@@ -16,7 +16,8 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, model_seria
                       model_validator)
 
 from .errors import LorakitError
-from .registry import DEFAULT_METHOD, METHODS, PRESETS, all_methods, get_method
+from .registry import (DEFAULT_METHOD, METHODS, PRESETS, all_methods, get_method,
+                       preset_options)
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -87,7 +88,7 @@ class AdapterConfig(_Strict):
         if not isinstance(data, dict):
             return data
         if data.get("method") in PRESETS:
-            preset = PRESETS[data["method"]]
+            preset = preset_options(data["method"])
             data = {**preset, **{k: v for k, v in data.items() if k != "method"},
                     "method": preset["method"]}
         data = dict(data)

@@ -29,20 +29,38 @@ METHODS: dict[str, str] = {
 DEFAULT_METHOD = "lora"
 
 # Presets named after the seed document; each expands to a method plus common options.
-# User-given values always win over the preset's.
+# User-given values always win over the preset's. Keys of PRESET_META are not options:
+# "compare" holds what ``lorakit compare`` gives the preset (key, value, source), like a
+# method's ``compare_settings``; "compare_suite": "long" runs it on the long-context suite.
 PRESETS: dict[str, dict[str, Any]] = {
     # QLoRA (Dettmers et al. 2023, artidoro/qlora qlora.py defaults): NF4 base, r 64, alpha 16,
     # every linear layer but the output head.
     "qlora": {"method": "lora", "quantize": "nf4", "r": 64, "alpha": 16, "dropout": 0.05,
-              "target_modules": "all-linear"},
+              "target_modules": "all-linear",
+              "compare": [("train.lr", 2e-4, "Dettmers et al. 2023, App. B (models up to 13B)"),
+                          ("train.schedule", "constant", "artidoro/qlora: constant schedule"),
+                          ("train.max_grad_norm", 0.3, "artidoro/qlora: max_grad_norm 0.3")]},
     # LoRA+ (Hayou et al. 2024): B learns lambda times faster than A; PEFT's docs use 16.
-    "lora+": {"method": "lora", "loraplus_ratio": 16.0},
+    "lora+": {"method": "lora", "loraplus_ratio": 16.0,
+              "compare": [("train.lr", 2e-4, "Hayou et al. 2024: lr is A's learning rate, "
+                           "LoRA's; lambda = 2^4 for LLaMA fine-tuning")]},
     # LongLoRA (Chen et al. 2023): LoRA r 8 / alpha 16 on attention, embeddings and norms
     # trained whole, S2-Attn in training.
     "longlora": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                 "trainable_modules": ["embeddings", "norms"], "s2_attn": True},
+                 "trainable_modules": ["embeddings", "norms"], "s2_attn": True,
+                 "compare": [("train.lr", 2e-4, "LoRA's rate: LongLoRA's own 2e-5 (Chen et al. "
+                              "2023) is for 7B-70B models over 1000 steps"),
+                             ("train.schedule", "constant", "Chen et al. 2023: constant with "
+                              "warm-up")],
+                 "compare_suite": "long"},
 }
+PRESET_META = ("compare", "compare_suite")
+
+
+def preset_options(name: str) -> dict[str, Any]:
+    """The adapter options preset ``name`` expands to (its ``method`` included)."""
+    return {k: v for k, v in PRESETS[name].items() if k not in PRESET_META}
 
 
 def register(name: str, module: str) -> None:
@@ -69,6 +87,6 @@ def describe() -> list[str]:
     """One line per method and preset (``lorakit methods``)."""
     lines = [f"{m.name:10s} {m.summary}" for m in all_methods()]
     for name, preset in PRESETS.items():
-        opts = ", ".join(f"{k}={v}" for k, v in preset.items() if k != "method")
+        opts = ", ".join(f"{k}={v}" for k, v in preset_options(name).items() if k != "method")
         lines.append(f"{name:10s} preset: {preset['method']} with {opts}")
     return lines

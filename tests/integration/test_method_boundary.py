@@ -170,6 +170,8 @@ def test_layers_below_loop_above():
         rel = f.relative_to(SRC)
         if rel.parts[0] == "adapters" or rel.name == "registry.py":
             continue
+        if rel == Path("analysis/claims.py"):
+            continue  # the literature's claims about named methods; a new method needs none
         strings = [n.value for n in ast.walk(ast.parse(f.read_text()))
                    if isinstance(n, ast.Constant) and isinstance(n.value, str)]
         assert not [s for s in strings if s in names], (str(rel), [s for s in strings

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import ClassVar, Optional
 
+import math
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -29,8 +31,8 @@ from torch import nn
 
 from ..config import MethodOptions
 from ..errors import LorakitError
-from .base import (AdapterLayer, Method, MethodHooks, layers_of, linear_dims, make_dropout,
-                   state_of)
+from .base import (AdapterLayer, Budget, Method, MethodHooks, Setting, budget_fraction,
+                   layers_of, linear_dims, make_dropout, state_of)
 
 
 class AdaLoRAOptions(MethodOptions):
@@ -334,6 +336,16 @@ class AdaLoRAHooks(MethodHooks):
                 layer.set_rank(int(saved.shape[0]))
 
 
+def _init_r(b: Budget) -> int:
+    """1.5 x LoRA's rank"""
+    return math.ceil(1.5 * b.r)
+
+
+def _target_r(b: Budget) -> int:
+    """LoRA's rank"""
+    return b.r
+
+
 class AdaLoRA(Method):
     name = "adalora"
     summary = ("AdaLoRA: SVD-form adapters, rank budget moves to important matrices "
@@ -341,6 +353,21 @@ class AdaLoRA(Method):
     linear = AdaLoRALinear
     options = AdaLoRAOptions
     hooks = AdaLoRAHooks
+    compare_settings = (
+        Setting("train.lr", 1e-3, "Zhang et al. 2023 (AdaLoRA) App.: 5e-4 to 1.2e-3; its "
+                "N(0, 0.02) factors start far smaller than LoRA's"),
+        Setting("adapter.adalora.target_r", _target_r, "equal final budget: AdaLoRA's "
+                "comparisons with LoRA are at the same parameter count"),
+        Setting("adapter.adalora.init_r", _init_r, "AdaLoRA/PEFT: init_r 12 for target_r 8 "
+                "(1.5x)"),
+        Setting("adapter.adalora.tinit", budget_fraction(0.1), "AdaLoRA's GLUE runs: warm-up "
+                "about 10% of training"),
+        Setting("adapter.adalora.tfinal", budget_fraction(0.3), "AdaLoRA's GLUE runs: the last "
+                "30-60% of training at the final budget"),
+        Setting("adapter.adalora.delta_t", budget_fraction(0.02, minimum=1), "rank "
+                "reallocated about 30 times during the budget schedule (paper: every 100 "
+                "steps)"),
+        Setting("adapter.adalora.orth_reg_weight", 0.1, "Zhang et al. 2023: gamma 0.1"))
     peft_type = "ADALORA"
     peft_r_is_rank = False
     heatmaps = {"adalora_rank": ("adalora_ranks", "AdaLoRA kept rank")}

@@ -252,6 +252,40 @@ class MethodHooks:
         return {}
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What a compare setting can depend on: the run's optimizer steps and LoRA's rank."""
+
+    steps: int
+    r: int
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A value ``lorakit compare`` gives a method where the user's config leaves ``key``
+    unset, with its ``source`` (the paper or reference implementation). ``value`` is a
+    constant or a function of the :class:`Budget`, whose docstring says what it is."""
+
+    key: str
+    value: Any
+    source: str
+
+    def resolve(self, budget: Budget) -> Any:
+        return self.value(budget) if callable(self.value) else self.value
+
+    def shown(self) -> str:
+        return self.value.__doc__ if callable(self.value) else str(self.value)
+
+
+def budget_fraction(f: float, minimum: int = 0):
+    """A setting of ``f`` times the run's steps (at least ``minimum``)."""
+    def value(b: Budget) -> int:
+        return max(minimum, round(f * b.steps))
+
+    value.__doc__ = f"{f:.0%} of the steps"
+    return value
+
+
 class Method:
     """A fine-tuning method, as the registry lists it. One instance per method module
     (``METHOD = ...``); subclasses override what differs from plain LoRA.
@@ -279,6 +313,9 @@ class Method:
     #: drawn in compare's magnitude/direction figure (the DoRA paper's Fig. 2: full
     #: fine-tuning, LoRA and DoRA)
     dm_dd_figure: bool = False
+    #: what ``lorakit compare`` gives this method where the user leaves a key unset: the
+    #: values of its paper, each with its source (docs/compare.md prints them)
+    compare_settings: tuple[Setting, ...] = ()
 
     @property
     def options_key(self) -> str:

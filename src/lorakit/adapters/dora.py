@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import Setting
 from .lora import LoRA, LoRALinear
 
 #: Norms below this are clamped: a zero row (Llama-3.1 o_proj has 511) gives k = m/EPS, and m
@@ -154,6 +155,8 @@ class DoRA(LoRA):
     summary = "DoRA: magnitude m and direction (W0+sBA)/||.|| (Liu et al. 2024)"
     linear = DoRALinear
     embedding = None
+    compare_settings = (Setting("train.lr", 2e-4, "Liu et al. 2024 compare DoRA with LoRA at "
+                                "LoRA's hyper-parameters"),)
 
     def peft_fields(self, cfg, model: nn.Module) -> dict:
         return {"use_dora": True}

@@ -7,7 +7,7 @@ why the training loop measures the base before applying this method."""
 
 from __future__ import annotations
 
-from .base import Method
+from .base import Method, Setting
 
 
 class Full(Method):
@@ -15,6 +15,10 @@ class Full(Method):
     summary = "Full fine-tuning: every weight trains (the baseline)"
     wraps_layers = False
     dm_dd_figure = True
+    compare_settings = (
+        Setting("train.lr", 2e-5, "full fine-tuning of LLMs: 1e-5 to 2e-5 (Alpaca; Biderman et "
+                "al. 2024, LoRA Learns Less and Forgets Less)"),
+        Setting("train.weight_decay", 0.0, "as the adapters (no decay)"))
 
 
 METHOD = Full()

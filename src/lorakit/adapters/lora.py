@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, Method, kaiming_uniform_, linear_dims, make_dropout
+from .base import (AdapterLayer, Method, Setting, kaiming_uniform_, linear_dims,
+                   make_dropout)
 
 
 class LoRALinear(AdapterLayer):
@@ -105,6 +106,8 @@ class LoRA(Method):
     linear = LoRALinear
     embedding = LoRAEmbedding
     dm_dd_figure = True
+    compare_settings = (Setting("train.lr", 2e-4, "Hu et al. 2021 and the QLoRA paper (Dettmers et al. 2023, "
+                "App. B: 2e-4 for models up to 13B); PEFT's examples"),)
 
     def reads_peft(self, pc: dict) -> bool:
         return pc.get("peft_type") == "LORA" and not pc.get("use_dora")

@@ -47,7 +47,7 @@ from torch import nn
 from ..config import MethodOptions
 from ..errors import LorakitError
 from ..files import read_json, write_json
-from .base import AdapterLayer, MethodHooks, adapter_layers, state_of
+from .base import AdapterLayer, MethodHooks, Setting, adapter_layers, state_of
 from .lora import LoRA, LoRAEmbedding
 
 
@@ -358,6 +358,9 @@ class LoRADrop(LoRA):
     options = LoRADropOptions
     hooks = LoRADropHooks
     dm_dd_figure = False
+    compare_settings = (Setting("train.lr", 2e-4, "Zhou et al. 2024 (LoRA-drop) keep LoRA's "
+                                "hyper-parameters; sample ratio 10% and threshold 0.9 are "
+                                "lorakit's defaults, the paper's"),)
     heatmaps = {"importance": ("lora_drop_importance", "LoRA-drop importance")}
 
     def reads_peft(self, pc: dict) -> bool:

@@ -33,6 +33,7 @@ from pydantic import Field
 from torch import nn
 
 from ..config import MethodOptions
+from .base import Setting
 from .lora import LoRA, LoRALinear
 
 #: Ridge of the v2 projection, as in PEFT's LoraFAOptimizer.
@@ -137,6 +138,8 @@ class LoRAFA(LoRA):
     embedding = None
     options = LoRAFAOptions
     dm_dd_figure = False
+    compare_settings = (Setting("train.lr", 2e-4, "Zhang et al. 2023 (LoRA-FA) train with "
+                                "LoRA's hyper-parameters, at LoRA's rank"),)
 
     def reads_peft(self, pc: dict) -> bool:
         return False  # a LoRA-FA adapter is a plain LoRA adapter to PEFT

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -39,17 +41,36 @@ from .. import inject, models
 from ..config import load_run_config, parse_overrides, split_config_args
 from ..errors import LorakitError
 from ..files import write_json
-from ..registry import METHODS, PRESETS, all_methods, get_method
+from ..registry import METHODS, PRESETS, all_methods, get_method, preset_options
 from ..training.evaluation import PREDICTIONS
 from ..training.loop import base_metrics, prepare_data
 from ..training.runtime import cast_frozen, resolve_precision
-from .report import write_report
+from .report import best_lr_factors, write_report
+from .settings import Budget, settings_for
 
+#: presets that compare runs on the long-context suite (LongLoRA), not on the task's short
+#: examples unless --methods names them
+LONG_PRESETS = tuple(n for n, p in PRESETS.items() if p.get("compare_suite") == "long")
 #: every registered method, then the presets named after the papers
-DEFAULT_METHODS = (*METHODS, *PRESETS)
+DEFAULT_METHODS = tuple(m for m in (*METHODS, *PRESETS) if m not in LONG_PRESETS)
 #: The compare budget, applied only where the user's config and overrides leave the key unset:
-#: 9 methods of the embedded model on the built-in task fit in 45 minutes on 2 CPU cores.
+#: the default compare (every method, both suites) fits in 60 minutes on 2 CPU cores.
 COMPARE_DEFAULTS = {"train.max_steps": 150, "eval.limit": 100}
+#: ``--quick``: a first look in a few minutes (figures too noisy for the claims)
+QUICK_DEFAULTS = {"train.max_steps": 30, "eval.limit": 30}
+#: The long-context suite (LongLoRA, Chen et al. 2023): the pass-key task, the same budget
+#: for S2-Attn and full attention. These keys are the suite's own (the user's short-task
+#: overrides do not change them); ``--long-steps`` and ``--long-len`` do.
+LONG_DEFAULTS = {"data.train": "task:passkey", "data.max_seq_len": 2048, "train.batch_size": 1,
+                 "train.grad_accum": 1, "train.max_steps": 30, "eval.limit": 30,
+                 "eval.batch_size": 4}
+LONG_QUICK = {"data.max_seq_len": 1024, "train.max_steps": 6, "eval.limit": 8}
+LONG_PREFIX = "long."
+#: the long suite's rows: each long preset as it is, and with full attention in training
+LONG_RUNS = {f"{LONG_PREFIX}{n}{tail}": (n, extra) for n in LONG_PRESETS
+             for tail, extra in (("", []), (".full-attn", ["adapter.s2_attn=false"]))}
+#: learning-rate multipliers of ``--lr-sweep`` (1 is the row's own run)
+LR_GRID = (0.5, 1.0, 2.0)
 STATE_NAME = "compare.json"
 
 Log = Callable[[str], None]
@@ -79,27 +100,67 @@ def _has_key(data: dict, dotted: str) -> bool:
     return True
 
 
-def method_overrides(config: Optional[str], overrides: list[str], method: str,
-                     run_dir: Path) -> list[str]:
-    """The ``lorakit train`` overrides of one method's run: the compare budget where the user
-    set nothing, then the user's overrides, then the method and its folder. An override of a
-    method's own options (``adapter.lora_drop.threshold=0.7``) goes to that method's run
-    only."""
+def _user_settings(config: Optional[str], overrides: list[str]) -> tuple[dict, dict]:
+    """(the YAML config's data, the overrides as a nested dict): what the user set."""
     user: dict = {}
     if config:
         try:
             user = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError):
             user = {}  # load_run_config reports it properly
-    given = parse_overrides(overrides)
-    budget = [f"{k}={v}" for k, v in COMPARE_DEFAULTS.items()
-              if not _has_key(user, k) and not _has_key(given, k)]
-    base = PRESETS.get(method, {}).get("method", method)
+    return user, parse_overrides(overrides)
+
+
+def method_overrides(config: Optional[str], overrides: list[str], method: str,
+                     run_dir: Path, defaults: Optional[dict] = None,
+                     forced: Optional[dict] = None, extra: Optional[list[str]] = None
+                     ) -> tuple[list[str], list[tuple[str, object, str]]]:
+    """The ``lorakit train`` overrides of one method's run, and the compare settings it got.
+
+    In order: the compare budget (``defaults``) and the method's paper settings
+    (:mod:`~lorakit.analysis.settings`) where the user set nothing, then the user's overrides,
+    then ``forced`` (a suite's own keys) and ``extra``, then the method and its folder. An
+    override of a method's own options (``adapter.lora_drop.threshold=0.7``) goes to that
+    method's run only."""
+    user, given = _user_settings(config, overrides)
+
+    def unset(k: str) -> bool:
+        return not _has_key(user, k) and not _has_key(given, k)
+
+    defaults = COMPARE_DEFAULTS if defaults is None else defaults
+    forced = forced or {}
+    budget = [f"{k}={v}" for k, v in defaults.items() if unset(k) and k not in forced]
+    base = preset_options(method)["method"] if method in PRESETS else method
     others = {f"adapter.{m.options_key}." for m in all_methods()
               if m.options is not None and m.name != base}
-    own = [o for o in overrides if not o.startswith(tuple(others))]
-    return [*budget, *own, f"adapter.method={method}", f"output_dir={run_dir}",
-            "train.resume=true"]
+    own = [o for o in overrides if not o.startswith(tuple(others))
+           and o.split("=", 1)[0].strip() not in forced]
+    tail = [*[f"{k}={v}" for k, v in forced.items()], *(extra or []),
+            f"adapter.method={method}", f"output_dir={run_dir}", "train.resume=true"]
+    # the paper settings depend on the budget (steps, LoRA's rank): resolve it first
+    cfg = load_run_config(config, [*budget, *own, *tail])
+    applied = [(k, v, src) for k, v, src in settings_for(method, Budget(_steps(cfg),
+                                                                        cfg.adapter.r))
+               if unset(k) and k not in forced]
+    paper = [f"{k}={_yaml_value(v)}" for k, v, _ in applied]
+    return [*budget, *paper, *own, *tail], applied
+
+
+def _yaml_value(v) -> str:
+    return json.dumps(v) if isinstance(v, str) else str(v)
+
+
+def _steps(cfg) -> int:
+    """The run's optimizer steps: max_steps, or the epochs over the training rows."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    from ..training.data import read_rows
+
+    n = len(read_rows(cfg.data.train, "train", cfg.data.max_seq_len).rows)
+    if cfg.data.limit:
+        n = min(n, cfg.data.limit)
+    per = cfg.train.batch_size * cfg.train.grad_accum
+    return max(1, math.ceil(n / per * cfg.train.epochs))
 
 
 def _base_key(cfg) -> str:
@@ -121,79 +182,152 @@ def _last_error(text: str) -> str:
 
 # ---- running -------------------------------------------------------------------------------
 
+@dataclass
+class Plan:
+    """One training run of a compare: ``row`` is the report row it counts towards (a row is
+    the mean of its seeds); ``name`` is its folder under the compare's ``--out``."""
+
+    name: str
+    method: str
+    row: str
+    run_dir: Path
+    args: list[str]
+    cfg: object
+    applied: list = field(default_factory=list)  # compare settings: (key, value, source)
+    lr_factor: float = 1.0
+    seed_index: int = 0
+
+
 def compare(config: Optional[str], overrides: list[str], methods: list[str], out: str | Path,
-            log: Log = print, python: str = sys.executable) -> dict:
-    """Train each method (skipping finished ones) and write the report; returns the report's
-    data (also ``report.json``)."""
+            log: Log = print, python: str = sys.executable, seeds: int = 1,
+            lr_sweep: bool = False, long_context: bool = False, quick: bool = False,
+            long_steps: Optional[int] = None, long_len: Optional[int] = None) -> dict:
+    """Train each method (skipping finished runs) and write the report; returns the report's
+    data (also ``report.json``).
+
+    ``seeds``: runs per row (seed, seed+1, ...), the row shows their mean and spread;
+    ``lr_sweep``: each row's learning rate times :data:`LR_GRID` first, the best by
+    validation loss is the row (and its seeds' rate); ``long_context``: also the pass-key
+    suite (:data:`LONG_RUNS`); ``quick``: a few minutes' budget (:data:`QUICK_DEFAULTS`)."""
+    if seeds < 1:
+        raise LorakitError("--seeds must be at least 1")
     out = Path(out)
-    plans = _plans(config, overrides, methods, out)
+    spec = _Spec(config, overrides, out, quick, long_steps, long_len)
+    plans = spec.first_plans(methods, lr_sweep, long_context)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_NAME
     state = json.loads(state_path.read_text()) if state_path.exists() else {"runs": {}}
     t_all = time.perf_counter()
-    for i, (m, run_dir, args, cfg) in enumerate(plans, 1):
-        tag = f"[{i}/{len(plans)}] {m}"
-        if (run_dir / "summary.json").exists():
-            log(f"{tag}: finished earlier, not run again")
-            state["runs"].setdefault(m, {})["status"] = "done"
-            continue
-        reason = unavailable_reason(cfg)
-        if reason:
-            log(f"{tag}: not available here: {reason}")
-            state["runs"][m] = {"status": "unavailable", "error": reason}
-            continue
-        state["runs"][m] = _run_one(tag, m, run_dir, args, cfg, plans, config, out, log,
-                                    python)
-        write_json(state_path, state)
+    _run_plans(plans, state, state_path, config, out, log, python)
+    if seeds > 1:
+        more = spec.seed_plans(plans, seeds, best_lr_factors(out, plans))
+        _run_plans(plans + more, state, state_path, config, out, log, python, only=more)
+        plans += more
     state["last_call_wall_s"] = time.perf_counter() - t_all
     write_json(state_path, state)
-    report = write_report(out, [m for m, *_ in plans], state)
+    report = write_report(out, plans, state)
     log(f"report: {out / 'report.md'} and {out / 'report.html'}")
     return report
 
 
-def _plans(config: Optional[str], overrides: list[str], methods: list[str], out: Path) -> list:
-    """(method, run folder, train overrides, resolved config) of every method: every run's
-    config is resolved first, so that a bad override fails before any training."""
-    if not methods:
-        raise LorakitError("--methods names no method")
-    if len(set(methods)) != len(methods):
-        raise LorakitError("--methods names a method twice")
-    plans = []
-    for m in methods:
-        run_dir = out / m
-        args = method_overrides(config, overrides, m, run_dir)
-        cfg = load_run_config(config, args)
+class _Spec:
+    """Builds the plans of one compare call: every config is resolved when its plan is
+    made, so a bad override fails before any training."""
+
+    def __init__(self, config, overrides, out, quick, long_steps, long_len):
+        self.config, self.overrides, self.out = config, overrides, out
+        self.defaults = QUICK_DEFAULTS if quick else COMPARE_DEFAULTS
+        self.long = dict(LONG_DEFAULTS, **(LONG_QUICK if quick else {}))
+        if long_steps:
+            self.long["train.max_steps"] = long_steps
+        if long_len:
+            self.long["data.max_seq_len"] = long_len
+
+    def plan(self, name: str, method: str, row: str, extra: list[str], long: bool = False,
+             lr_factor: float = 1.0, seed_index: int = 0) -> Plan:
+        run_dir = self.out / name
+        args, applied = method_overrides(self.config, self.overrides, method, run_dir,
+                                         {} if long else self.defaults,
+                                         self.long if long else None, extra)
+        cfg = load_run_config(self.config, args)
         old = run_dir / "config.yaml"
         if old.exists() and yaml.safe_load(old.read_text()) != cfg.model_dump(mode="json"):
             raise LorakitError(f"{run_dir} was run with other settings; use another --out or "
                                "delete that folder")
-        plans.append((m, run_dir, args, cfg))
-    return plans
+        return Plan(name, method, row, run_dir, args, cfg, applied, lr_factor, seed_index)
+
+    def first_plans(self, methods: list[str], lr_sweep: bool, long_context: bool) -> list:
+        if not methods:
+            raise LorakitError("--methods names no method")
+        if len(set(methods)) != len(methods):
+            raise LorakitError("--methods names a method twice")
+        rows = [(m, m, [], False) for m in methods]
+        if long_context:
+            rows += [(r, m, extra, True) for r, (m, extra) in LONG_RUNS.items()]
+        plans = []
+        for row, method, extra, long in rows:
+            main = self.plan(row, method, row, extra, long)
+            plans.append(main)
+            for f in (LR_GRID if lr_sweep else ()):
+                if f != 1.0:
+                    lr = main.cfg.train.lr * f
+                    plans.append(self.plan(f"{row}.lr{lr:g}", method, row,
+                                           [*extra, f"train.lr={lr:g}"], long, f))
+        return plans
+
+    def seed_plans(self, plans: list, seeds: int, best: dict) -> list:
+        more = []
+        for p in [p for p in plans if p.lr_factor == 1.0]:
+            factor = best.get(p.row, 1.0)
+            extra = [a for a in p.args if a.startswith("adapter.s2_attn=")]
+            if factor != 1.0:
+                extra.append(f"train.lr={p.cfg.train.lr * factor:g}")
+            for k in range(1, seeds):
+                more.append(self.plan(f"{p.row}.seed{k}", p.method, p.row,
+                                      [*extra, f"train.seed={p.cfg.train.seed + k}"],
+                                      p.row.startswith(LONG_PREFIX), factor, k))
+        return more
 
 
-def _run_one(tag: str, m: str, run_dir: Path, args: list[str], cfg, plans, config, out: Path,
-             log: Log, python: str) -> dict:
-    """Measure the base (unless an equal base was measured) and train one method, each in a
-    process of its own; returns the method's state record."""
+def _run_plans(plans: list, state: dict, state_path: Path, config, out: Path, log: Log,
+               python: str, only: Optional[list] = None) -> None:
+    todo = plans if only is None else only
+    for i, p in enumerate(todo, 1):
+        tag = f"[{i}/{len(todo)}] {p.name}"
+        if (p.run_dir / "summary.json").exists():
+            log(f"{tag}: finished earlier, not run again")
+            state["runs"].setdefault(p.name, {})["status"] = "done"
+            continue
+        reason = unavailable_reason(p.cfg)
+        if reason:
+            log(f"{tag}: not available here: {reason}")
+            state["runs"][p.name] = {"status": "unavailable", "error": reason}
+            continue
+        state["runs"][p.name] = _run_one(tag, p, plans, config, out, log, python)
+        write_json(state_path, state)
+
+
+def _run_one(tag: str, p: Plan, plans: list, config, out: Path, log: Log, python: str) -> dict:
+    """Measure the base (unless an equal base was measured) and train one run, each in a
+    process of its own; returns the run's state record."""
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     cfg_arg = [config] if config else []
-    if not _reuse_base(run_dir, cfg, plans):
+    if not _reuse_base(p.run_dir, p.cfg, plans):
         log(f"{tag}: measuring the base model")
-        with open(logs / f"{m}.base.log", "w", encoding="utf-8") as fh:
+        with open(logs / f"{p.name}.base.log", "w", encoding="utf-8") as fh:
             subprocess.run([python, "-m", "lorakit.analysis.compare", "--measure-base",
-                            *cfg_arg, *args], stdout=fh, stderr=subprocess.STDOUT)
+                            *cfg_arg, *p.args], stdout=fh, stderr=subprocess.STDOUT)
         # on failure the training run measures the base itself (and reports the error)
-    log_file = logs / f"{m}.log"
+    log_file = logs / f"{p.name}.log"
     log(f"{tag}: training (log: {log_file})")
     t0 = time.perf_counter()
     with open(log_file, "w", encoding="utf-8") as fh:
-        rc = subprocess.run([python, "-m", "lorakit", "train", *cfg_arg, *args], stdout=fh,
+        rc = subprocess.run([python, "-m", "lorakit", "train", *cfg_arg, *p.args], stdout=fh,
                             stderr=subprocess.STDOUT,
                             env=dict(os.environ, TOKENIZERS_PARALLELISM="false")).returncode
     wall = time.perf_counter() - t0
-    if rc == 0 and (run_dir / "summary.json").exists():
+    if rc == 0 and (p.run_dir / "summary.json").exists():
         log(f"{tag}: done in {wall:.0f} s")
         return {"status": "done", "wall_s": wall}
     err = _last_error(log_file.read_text(encoding="utf-8", errors="replace"))
@@ -208,9 +342,9 @@ def _reuse_base(run_dir: Path, cfg, plans) -> bool:
     if target.exists() or not cfg.eval.compare_base:
         return True
     key = _base_key(cfg)
-    for _, other_dir, _, other_cfg in plans:
-        src = other_dir / "base_metrics.json"
-        if other_dir != run_dir and src.exists() and _base_key(other_cfg) == key:
+    for other in plans:
+        other_dir, src = other.run_dir, other.run_dir / "base_metrics.json"
+        if other_dir != run_dir and src.exists() and _base_key(other.cfg) == key:
             run_dir.mkdir(parents=True, exist_ok=True)
             preds = other_dir / PREDICTIONS["base"]
             if preds.exists():

@@ -162,7 +162,7 @@ def _eval_config(run_dir: Optional[Path], args):
 def _eval_rows(spec: Optional[str], run_dir: Optional[Path], cfg, tok):
     """(what was evaluated, validation examples, metric rows, format)."""
     if spec:
-        enc = encode(read_rows(spec, "test"), tok, "auto", cfg.data.max_seq_len,
+        enc = encode(read_rows(spec, "test", cfg.data.max_seq_len), tok, "auto", cfg.data.max_seq_len,
                      cfg.data.loss_on)  # the loss covers what the run trained on
         if enc.skipped:
             print(Rows(enc.rows, enc.skipped, spec).report(), file=sys.stderr)

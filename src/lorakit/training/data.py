@@ -72,10 +72,11 @@ def _read_jsonl(path: Path) -> Rows:
     return Rows(rows, skipped, str(path))
 
 
-def read_rows(spec: str, split: str = "train") -> Rows:
-    """Rows of a built-in task split or of a local data file."""
+def read_rows(spec: str, split: str = "train", max_len: Optional[int] = None) -> Rows:
+    """Rows of a built-in task split or of a local data file; ``max_len`` (the run's
+    ``data.max_seq_len``) sets the lengths of a task whose rows follow it (``passkey``)."""
     if spec.startswith("task:"):
-        rows = get_task(spec[5:]).rows(split)
+        rows = get_task(spec[5:]).rows(split, max_len=max_len)
         return Rows([dict(r, _line=i + 1) for i, r in enumerate(rows)], [], spec)
     path = Path(spec)
     if not path.is_file():
@@ -236,12 +237,12 @@ def build_heldout(record: dict, tokenizer, max_len: int, train_on: str = "all_as
     fmt, v, m = record["format"], record["valid"], record.get("metric")
     valid: list[dict] = []
     if v["lines"] is None or v["lines"]:
-        rows = select_lines(read_rows(v["data"], v["split"]), v["lines"])
+        rows = select_lines(read_rows(v["data"], v["split"], max_len), v["lines"])
         if rows.rows:
             valid = encode(rows, tokenizer, fmt, max_len, train_on).examples
     metric_rows: list[dict] = []
     if m is not None:
-        rows = select_lines(read_rows(m["data"], m["split"]), m["lines"])
+        rows = select_lines(read_rows(m["data"], m["split"], max_len), m["lines"])
         if rows.rows:
             metric_rows = encode(rows, tokenizer, fmt, max_len, train_on).rows
     return valid, metric_rows

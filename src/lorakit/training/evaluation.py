@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import METRIC_NAMES
-from .data import IGNORE, Rows, collate, encode, prompt_and_answer
+from .data import Rows, collate, encode, prompt_and_answer
 from .tasks import get_task
 
 #: default cap = longest reference + this margin, never above MAX_NEW_TOKENS_CAP
@@ -97,25 +97,33 @@ def autocast_for(model: nn.Module, dtype: Optional[torch.dtype]):
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int = 16,
-              dtype: Optional[torch.dtype] = None, progress: Optional[str] = None) -> float:
-    """Mean next-token loss over every labelled token of ``examples`` (token-weighted)."""
+def loss_sums(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int = 16,
+              dtype: Optional[torch.dtype] = None, progress: Optional[str] = None
+              ) -> list[tuple[float, int]]:
+    """(sum of next-token losses, labelled tokens) of each batch of ``examples``
+    (``batch_size=1``: of each example). Computed by the training loss
+    (:func:`~lorakit.training.loss.loss_sum`): only labelled positions get logits, so a long
+    prompt with a short answer costs one forward pass, not a sequence x vocabulary tensor."""
+    from .loss import loss_sum  # loss imports data, which this module imports too
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    out = []
     for i in _bar(range(0, len(examples), batch_size), progress, len(examples), batch_size):
         b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
         with autocast_for(model, dtype):
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        labels = b["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1),
-                                           labels.flatten(), ignore_index=IGNORE,
-                                           reduction="sum")
-        total += loss.item()
-        count += int((labels != IGNORE).sum())
+            loss, n = loss_sum(model, b)
+        out.append((loss.item(), n))
     model.train(was_training)
-    return total / max(1, count)
+    return out
+
+
+def eval_loss(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int = 16,
+              dtype: Optional[torch.dtype] = None, progress: Optional[str] = None) -> float:
+    """Mean next-token loss over every labelled token of ``examples`` (token-weighted)."""
+    sums = loss_sums(model, examples, pad_id, batch_size, dtype, progress)
+    return sum(s for s, _ in sums) / max(1, sum(n for _, n in sums))
 
 
 def _bar(it, desc: Optional[str], n_items: int, per: int):
@@ -291,7 +299,10 @@ def measure(model: nn.Module, tokenizer, heldout: HeldOut, ec, max_seq_len: int,
             out["valid_perplexity"] = perplexity(out["valid_loss"])
     general = encode(Rows(get_task("general-text").rows("test"), [], "general-text"),
                      tokenizer, "text", max_seq_len, train_on="all")
-    out["general_text_loss"] = eval_loss(model, general.examples, pad, dtype=dtype)
+    # per paragraph, so that a forgetting figure can carry its standard error
+    per = loss_sums(model, general.examples, pad, batch_size=1, dtype=dtype)
+    out["general_text_loss"] = sum(s for s, _ in per) / max(1, sum(n for _, n in per))
+    out["general_text_losses"] = [s / max(1, n) for s, n in per]
     if ec.metric and heldout.metric_rows:
         res = generation_metrics(model, tokenizer, heldout.metric_rows, heldout.fmt, ec.limit,
                                  ec.batch_size, ec.max_new_tokens, dtype=dtype,

@@ -255,7 +255,7 @@ def prepare_data(cfg: RunConfig, tokenizer, log: Log) -> tuple[list[dict], HeldO
     before encoding and never trained on; the record (``heldout.json`` in the run folder)
     lets ``lorakit eval`` find them again."""
     dc = cfg.data
-    rows = read_rows(dc.train, "train")
+    rows = read_rows(dc.train, "train", dc.max_seq_len)
     if dc.limit:
         rows.rows = rows.rows[:dc.limit]
     held_lines = None

@@ -9,8 +9,9 @@ from __future__ import annotations
 from ...errors import LorakitError
 from .arithmetic import Arithmetic
 from .general_text import GeneralText
+from .passkey import Passkey
 
-TASKS = {t.name: t for t in (Arithmetic(), GeneralText())}
+TASKS = {t.name: t for t in (Arithmetic(), GeneralText(), Passkey())}
 
 
 def get_task(name: str):

@@ -23,7 +23,7 @@ class Arithmetic:
         random.Random(1234).shuffle(qs)
         return qs
 
-    def rows(self, split: str) -> list[dict]:
+    def rows(self, split: str, max_len: int | None = None) -> list[dict]:
         qs = self._all_questions()
         start = {"test": 0, "valid": self.sizes["test"],
                  "train": self.sizes["test"] + self.sizes["valid"]}[split]

@@ -49,5 +49,5 @@ class GeneralText:
     name = "general-text"
     metric = None
 
-    def rows(self, split: str) -> list[dict]:
+    def rows(self, split: str, max_len: int | None = None) -> list[dict]:
         return [{"text": p} for p in PARAGRAPHS]
