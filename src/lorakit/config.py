@@ -260,8 +260,12 @@ def adapter_config(cfg: AdapterConfig | dict | None = None, **kwargs) -> Adapter
 class DataConfig(_Strict):
     """Where the examples come from and how they become token sequences."""
 
-    train: str = Field("task:arithmetic", description="a .jsonl/.json/.csv/.parquet file, or "
-                       "task:NAME for a built-in task")
+    train: Union[str, list[str]] = Field(
+        "task:arithmetic", description="a .jsonl/.json/.csv/.parquet/.txt file, task:NAME for a "
+        "built-in task, or a list of files (in one format) trained together")
+    weights: Optional[list[float]] = Field(
+        None, description="with several train files: how many times each file's examples are "
+        "used (2: twice; 0.5: a random half); default 1 each")
     valid: Optional[str] = Field(None, description="validation file; default: the task's "
                                  "validation split, or valid_ratio of the training file")
     valid_ratio: float = Field(0.05, ge=0, lt=1, description="held out of train when valid is "
@@ -269,7 +273,17 @@ class DataConfig(_Strict):
     format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
         "auto", description="row format; auto detects messages / conversations / instruction "
         "/ prompt / text")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="lorakit's field name -> the file's (as "
+        "LLaMA-Factory's dataset_info): {messages: dialog, role: speaker, content: text}, "
+        "{instruction: question, output: answer}")
+    roles: dict[str, str] = Field(
+        default_factory=dict, description="the file's role names -> user, assistant, system "
+        "or tool: {Q: user, A: assistant}")
     max_seq_len: int = Field(512, gt=0, description="longer examples are truncated")
+    truncation: Literal["right", "left"] = Field(
+        "right", description="which end of a longer example is cut: right keeps its start; "
+        "left keeps its end (the answer and the end of a long prompt)")
     packing: bool = Field(False, description="concatenate examples into max_seq_len blocks")
     train_on: Literal["all_assistant", "last_assistant", "all"] = Field(
         "all_assistant", description="conversations: the loss on every assistant turn, on "
@@ -278,6 +292,25 @@ class DataConfig(_Strict):
                                   "(the same as train_on: all)")
     limit: Optional[int] = Field(None, gt=0, description="use only the first N training rows")
 
+
+    @model_validator(mode="after")
+    def _sources(self) -> "DataConfig":
+        files = [self.train] if isinstance(self.train, str) else self.train
+        if not files:
+            raise ValueError("data.train names no file")
+        if len(files) > 1 and any(f.startswith("task:") for f in files):
+            raise ValueError("data.train: a built-in task cannot be listed with other sources")
+        if self.weights is not None:
+            if len(self.weights) != len(files):
+                raise ValueError(f"data.weights has {len(self.weights)} values for "
+                                 f"{len(files)} train file(s)")
+            if any(w <= 0 for w in self.weights):
+                raise ValueError("data.weights must be positive")
+        return self
+
+    @property
+    def train_files(self) -> list[str]:
+        return [self.train] if isinstance(self.train, str) else list(self.train)
 
     @property
     def loss_on(self) -> str:
@@ -307,6 +340,23 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, gt=0, description="how many recent checkpoints to keep")
     log_every: int = Field(1, gt=0, description="metrics.jsonl line every N steps")
     resume: bool = Field(False, description="continue from the last checkpoint in output_dir")
+    early_stopping_patience: Optional[int] = Field(
+        None, gt=0, description="stop after this many evaluations (every eval_every steps) "
+        "without a lower validation loss")
+    keep_best: bool = Field(False, description="end with the weights of the lowest validation "
+                            "loss (evaluated every eval_every steps), not the last step's")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers, through accelerate: "
+        "tensorboard (events in <output_dir>/tensorboard; pip install 'lorakit[tensorboard]') "
+        "and/or wandb; metrics.jsonl is always written")
+
+    @model_validator(mode="after")
+    def _validation_every(self) -> "TrainConfig":
+        for key in ("early_stopping_patience", "keep_best"):
+            if getattr(self, key) and not self.eval_every:
+                raise ValueError(f"train.{key} needs train.eval_every > 0 (how often the "
+                                 "validation loss is measured)")
+        return self
 
 
 #: the generation metrics (lorakit.training.evaluation computes each; docs/evaluation.md)

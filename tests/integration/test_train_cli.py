@@ -158,3 +158,54 @@ def test_unknown_file_format_and_bad_override(tiny_model_dir, tmp_path):
     r = lorakit_proc("train", "train.lr=fast", f"output_dir={tmp_path / 'o2'}")
     assert r.returncode == 2 and "train.lr" in r.stderr
     assert not (tmp_path / "o2").exists()
+
+
+def test_tensorboard_events_are_written_when_asked(tiny_model_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(["train", *tiny_run_args(tiny_model_dir, out, "train.max_steps=3",
+                                         "train.report_to=[tensorboard]",
+                                         "eval.compare_base=false")]) == 0
+    (events,) = (out / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    logged = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx([r["loss"] for r in logged if "loss" in r], rel=1e-6)
+    assert "tuned/valid_loss" in acc.Tags()["scalars"]
+
+
+def test_a_tracker_that_is_not_installed_is_one_sentence(tiny_model_dir, tmp_path, capsys,
+                                                         monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    out = tmp_path / "run"
+    assert main(["train", *tiny_run_args(tiny_model_dir, out, "train.report_to=[wandb]")]) == 2
+    assert "train.report_to: wandb needs the wandb package" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_early_stopping_keeps_the_best_weights(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *tiny_run_args(tiny_model_dir, out, "train.lr=3.0",
+                                         "train.max_steps=12", "train.eval_every=1",
+                                         "train.schedule=constant", "train.warmup_ratio=0",
+                                         "train.early_stopping_patience=2",
+                                         "train.keep_best=true", "eval.compare_base=false")]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    evals = [(r["step"], r["valid_loss"]) for r in map(json.loads, (
+        out / "metrics.jsonl").read_text().splitlines()) if "valid_loss" in r]
+    best_step, best_loss = min(evals, key=lambda x: x[1])
+    assert (s["best_step"], s["best_valid_loss"]) == (best_step, best_loss)
+    assert s["stopped_at"] == best_step + 2 == s["steps"] < 12  # two evaluations, no better
+    assert len(evals) == s["stopped_at"]
+    # the adapter holds the best step's weights: its validation loss is the best one
+    assert s["tuned"]["valid_loss"] == pytest.approx(best_loss, rel=1e-5)
+    assert "early stopping at step" in capsys.readouterr().err
+    assert main(["train", *tiny_run_args(tiny_model_dir, tmp_path / "r2",
+                                         "train.keep_best=true")]) == 2
+    assert "train.keep_best needs train.eval_every > 0" in capsys.readouterr().err

@@ -156,7 +156,8 @@ def _steps(cfg) -> int:
         return cfg.train.max_steps
     from ..training.data import read_rows
 
-    n = len(read_rows(cfg.data.train, "train", cfg.data.max_seq_len).rows)
+    n = sum(len(read_rows(f, "train", cfg.data.max_seq_len).rows) * w for f, w in
+            zip(cfg.data.train_files, cfg.data.weights or [1.0] * len(cfg.data.train_files)))
     if cfg.data.limit:
         n = min(n, cfg.data.limit)
     per = cfg.train.batch_size * cfg.train.grad_accum

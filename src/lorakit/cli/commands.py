@@ -17,7 +17,7 @@ from .. import models, peft_format
 from ..config import METRIC_NAMES, RunConfig, config_reference, load_run_config, split_config_args
 from ..errors import LorakitError
 from ..registry import describe
-from ..training.data import Rows, build_heldout, encode, read_rows
+from ..training.data import Rows, build_heldout, encode, read_rows, remap
 from ..training.evaluation import HeldOut, measure
 from ..training.loop import train
 from ..training.runtime import cast_frozen, dtype_name, resolve_precision
@@ -162,8 +162,10 @@ def _eval_config(run_dir: Optional[Path], args):
 def _eval_rows(spec: Optional[str], run_dir: Optional[Path], cfg, tok):
     """(what was evaluated, validation examples, metric rows, format)."""
     if spec:
-        enc = encode(read_rows(spec, "test", cfg.data.max_seq_len), tok, "auto", cfg.data.max_seq_len,
-                     cfg.data.loss_on)  # the loss covers what the run trained on
+        rows = remap(read_rows(spec, "test", cfg.data.max_seq_len), cfg.data.columns,
+                     cfg.data.roles)
+        enc = encode(rows, tok, "auto",
+                     cfg.data.max_seq_len, cfg.data.loss_on, truncation=cfg.data.truncation)  # the loss covers what the run trained on
         if enc.skipped:
             print(Rows(enc.rows, enc.skipped, spec).report(), file=sys.stderr)
         return ({"data": spec, "split": "test" if spec.startswith("task:") else "all"},
@@ -176,11 +178,14 @@ def _eval_rows(spec: Optional[str], run_dir: Optional[Path], cfg, tok):
                            "lorakit); pass --data")
     record = json.loads(record_file.read_text())
     valid, metric_rows = build_heldout(record, tok, cfg.data.max_seq_len,
-                                       cfg.data.loss_on)
-    what = {"data": record["valid"]["data"], "split": record["valid"]["split"]
-            if record["valid"]["lines"] is None else "held-out rows"}
+                                       cfg.data.loss_on, cfg.data.truncation)
+    v = record["valid"] if isinstance(record["valid"], dict) else record["valid"][0]
+    files = ([p["data"] for p in record["valid"]] if isinstance(record["valid"], list)
+             else v["data"])
+    what = {"data": files, "split": v["split"] if v["lines"] is None else "held-out rows"}
     if record.get("metric"):
-        what["metric_split"] = record["metric"]["split"]
+        m = record["metric"] if isinstance(record["metric"], dict) else record["metric"][0]
+        what["metric_split"] = m["split"]
     return what, valid, metric_rows, record["format"]
 
 

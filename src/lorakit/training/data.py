@@ -13,10 +13,12 @@ through the tokenizer's offsets; plain text trains on every token.
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -72,6 +74,47 @@ def _read_jsonl(path: Path) -> Rows:
     return Rows(rows, skipped, str(path))
 
 
+def _read_txt(path: Path) -> Rows:
+    """Plain text: each paragraph (separated by blank lines) is one ``{"text"}`` row, its
+    line number that of its first line; a file without blank lines is one row."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LorakitError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    rows, para, start = [], [], 0
+    for n, line in enumerate(text.splitlines() + [""], 1):
+        if line.strip():
+            start = start or n
+            para.append(line.rstrip())
+        elif para:
+            rows.append({"text": "\n".join(para), "_line": start})
+            para, start = [], 0
+    return Rows(rows, [], str(path))
+
+
+#: what a Hugging Face Hub dataset id looks like (``name`` or ``org/name``)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _read_hub(spec: str, split: str) -> Rows:
+    """The ``train`` split of a Hub dataset through ``datasets.load_dataset`` (its local
+    cache when offline); held-out rows come from ``data.valid_ratio`` as for a file."""
+    import datasets  # start-up time: slow to import, and only Hub ids and some files need it
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(spec, split="train")
+    except Exception as e:  # datasets raises many types: offline, not found, gated
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+        why = ("it is not in the local Hugging Face datasets cache and the Hub is offline"
+               if offline or "offline" in first.lower() or "connect" in first.lower()
+               else first)
+        raise LorakitError(f"{spec!r} is not a local file, and as a Hub dataset it cannot be "
+                           f"loaded: {why}") from None
+    return Rows([dict(r, _line=i + 1) for i, r in enumerate(ds)], [], spec)
+
+
 def read_rows(spec: str, split: str = "train", max_len: Optional[int] = None) -> Rows:
     """Rows of a built-in task split or of a local data file; ``max_len`` (the run's
     ``data.max_seq_len``) sets the lengths of a task whose rows follow it (``passkey``)."""
@@ -80,10 +123,14 @@ def read_rows(spec: str, split: str = "train", max_len: Optional[int] = None) ->
         return Rows([dict(r, _line=i + 1) for i, r in enumerate(rows)], [], spec)
     path = Path(spec)
     if not path.is_file():
+        if HUB_ID.fullmatch(spec) and not path.suffix and not path.exists():
+            return _read_hub(spec, split)
         raise LorakitError(f"data file {spec!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         out = _read_jsonl(path)
+    elif suffix == ".txt":
+        out = _read_txt(path)
     elif suffix in (".json", ".csv", ".parquet"):
         import datasets  # start-up time: slow to import, and only these formats need it
 
@@ -95,26 +142,68 @@ def read_rows(spec: str, split: str = "train", max_len: Optional[int] = None) ->
             raise LorakitError(f"cannot read {spec}: {str(e).splitlines()[0][:200]}") from None
         out = Rows([dict(r, _line=i + 1) for i, r in enumerate(ds)], [], str(path))
     else:
-        raise LorakitError(f"data file {spec!r} has an unknown format; use .jsonl, .json, .csv "
-                           "or .parquet")
+        raise LorakitError(f"data file {spec!r} has an unknown format; use .jsonl, .json, .csv, "
+                           ".parquet or .txt")
     if not out.rows:
         raise LorakitError(f"data file {spec!r} has no usable rows"
                            + (f" ({out.report()})" if out.skipped else ""))
     return out
 
 
-def encode_row(row: dict, fmt: str, tokenizer, max_len: int, train_on: str = "all_assistant"
-               ) -> Optional[dict]:
+#: fields ``data.columns`` may rename: a row's own, and those of each message in it
+ROW_FIELDS = ("messages", "conversations", "instruction", "input", "output", "system",
+              "history", "prompt", "completion", "text", "tools")
+MESSAGE_FIELDS = ("role", "content", "from", "value")
+
+
+def remap(rows: Rows, columns: dict[str, str], roles: dict[str, str]) -> Rows:
+    """``rows`` with the file's field and role names mapped to lorakit's (``data.columns``:
+    lorakit name -> the file's; ``data.roles``: the file's role -> user/assistant/...)."""
+    unknown = sorted(set(columns) - set(ROW_FIELDS) - set(MESSAGE_FIELDS))
+    if unknown:
+        raise LorakitError(f"data.columns: {unknown[0]!r} is not a field lorakit reads; "
+                           f"map one of {', '.join(ROW_FIELDS + MESSAGE_FIELDS)}")
+    if not columns and not roles:
+        return rows
+    top = {ours: theirs for ours, theirs in columns.items() if ours in ROW_FIELDS}
+    inner = {theirs: ours for ours, theirs in columns.items() if ours in MESSAGE_FIELDS}
+
+    def message(m: Any) -> Any:
+        if not isinstance(m, dict):
+            return m
+        m = {inner.get(k, k): v for k, v in m.items()}
+        for key in ("role", "from"):
+            if key in m and isinstance(m[key], str):
+                m[key] = roles.get(m[key], m[key])
+        return m
+
+    out = []
+    for row in rows.rows:
+        row = dict(row)
+        for ours, theirs in top.items():
+            if theirs in row and ours not in row:
+                row[ours] = row.pop(theirs)
+        for key in ("messages", "conversations", "prompt", "completion"):
+            if isinstance(row.get(key), list):
+                row[key] = [message(m) for m in row[key]]
+        out.append(row)
+    return Rows(out, rows.skipped, rows.source)
+
+
+def encode_row(row: dict, fmt: str, tokenizer, max_len: int, train_on: str = "all_assistant",
+               truncation: str = "right") -> Optional[dict]:
     """input_ids and labels: the loss is on every assistant turn (``all_assistant``), the last
     one (``last_assistant``) or every token (``all``); None if nothing to learn survives
-    truncation. Prompt tokens get the label -100."""
+    truncation. Prompt tokens get the label -100. A row longer than ``max_len`` loses its
+    end (``truncation="right"``) or its beginning (``"left"``: the answer and the end of the
+    prompt stay)."""
     conv = conversation(row, fmt)
     if conv is not None and train_on != "all" and getattr(tokenizer, "is_fast", False):
         marked = assistant_spans(tokenizer, *conv)
         if marked is not None:
             full, spans = marked
             return _labelled(tokenizer, full, spans[-1:] if train_on == "last_assistant"
-                             else spans, max_len)
+                             else spans, max_len, truncation)
     prompt, answer = prompt_and_answer(row, fmt, tokenizer)
     full = prompt + answer + (tokenizer.eos_token or "")
     if conv is not None and getattr(tokenizer, "chat_template", None):
@@ -122,11 +211,11 @@ def encode_row(row: dict, fmt: str, tokenizer, max_len: int, train_on: str = "al
         if rendered.startswith(prompt):  # else a template that rewrites history: the above
             full = rendered
     span = [(0, len(full))] if train_on == "all" else [(len(prompt), len(full))]
-    return _labelled(tokenizer, full, span, max_len)
+    return _labelled(tokenizer, full, span, max_len, truncation)
 
 
-def _labelled(tokenizer, text: str, spans: list[tuple[int, int]], max_len: int
-              ) -> Optional[dict]:
+def _labelled(tokenizer, text: str, spans: list[tuple[int, int]], max_len: int,
+              truncation: str = "right") -> Optional[dict]:
     """Tokenize ``text``; a token is labelled when it starts inside one of ``spans``."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -134,8 +223,12 @@ def _labelled(tokenizer, text: str, spans: list[tuple[int, int]], max_len: int
         return None
     labels = [t if any(a <= s < b for a, b in spans) else IGNORE
               for t, (s, _) in zip(ids, offsets)]
-    if (tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)
-            and ids[0] != tokenizer.bos_token_id):
+    bos = (tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)
+           and ids[0] != tokenizer.bos_token_id)
+    if truncation == "left" and len(ids) + bos > max_len:
+        keep = max_len - bos  # the last tokens, after the BOS token the model expects first
+        ids, labels = ids[len(ids) - keep:], labels[len(labels) - keep:]
+    if bos:
         ids, labels = [tokenizer.bos_token_id] + ids, [IGNORE] + labels
     ids, labels = ids[:max_len], labels[:max_len]
     if all(t == IGNORE for t in labels[1:]):
@@ -156,13 +249,14 @@ class Encoded:
 
 
 def encode(rows: Rows, tokenizer, fmt: str = "auto", max_len: int = 512,
-           train_on: str = "all_assistant", packing: bool = False) -> Encoded:
+           train_on: str = "all_assistant", packing: bool = False,
+           truncation: str = "right") -> Encoded:
     """Check, render and tokenize rows; bad rows are skipped and reported with line numbers."""
     fmt = detect_format(rows.rows[0]) if fmt == "auto" else fmt
     examples, kept, skipped = [], [], list(rows.skipped)
     for row in rows.rows:
         why = check_row(row, fmt)
-        ex = None if why else encode_row(row, fmt, tokenizer, max_len, train_on)
+        ex = None if why else encode_row(row, fmt, tokenizer, max_len, train_on, truncation)
         if ex is None:
             skipped.append((row.get("_line", 0), why or "nothing left to learn after truncation"))
             continue
@@ -211,7 +305,7 @@ def select_lines(rows: Rows, lines: Optional[list[int]]) -> Rows:
 # ---- the held-out rows of a run ---------------------------------------------------------
 
 def heldout_record(train_spec: str, valid_spec: Optional[str], fmt: str,
-                   valid_lines: Optional[list[int]]) -> dict:
+                   valid_lines: Optional[list[int]], mapping: Optional[dict] = None) -> dict:
     """Which rows a run holds out, as written to ``<run>/heldout.json``.
 
     ``valid``: the rows of the validation loss; ``metric``: the rows the generation metric
@@ -227,24 +321,43 @@ def heldout_record(train_spec: str, valid_spec: Optional[str], fmt: str,
         metric: Optional[dict] = {"data": train_spec, "split": "test", "lines": None}
     else:
         metric = dict(valid) if fmt != "text" and (valid_spec or valid_lines) else None
-    return {"format": fmt, "valid": valid, "metric": metric}
+    return {"format": fmt, "valid": valid, "metric": metric,
+            **({"mapping": mapping} if mapping else {})}
 
 
-def build_heldout(record: dict, tokenizer, max_len: int, train_on: str = "all_assistant"
-                  ) -> tuple[list[dict], list[dict]]:
+def merge_records(records: list[dict]) -> dict:
+    """The held-out record of several training files: each file's rows, in order."""
+    metric = [r["metric"] for r in records if r.get("metric")]
+    return {**records[0], "valid": [r["valid"] for r in records], "metric": metric or None}
+
+
+def weighted(examples: list[dict], weight: float, seed: int) -> list[dict]:
+    """``examples`` used ``weight`` times: whole repeats, then a seeded random share."""
+    whole, frac = int(weight), weight - int(weight)
+    extra = random.Random(seed).sample(examples, round(frac * len(examples))) if frac else []
+    return examples * whole + extra
+
+
+def build_heldout(record: dict, tokenizer, max_len: int, train_on: str = "all_assistant",
+                  truncation: str = "right") -> tuple[list[dict], list[dict]]:
     """(validation examples, rows for the generation metric) of a held-out record; the
-    same call serves the training run and a later ``lorakit eval`` of its adapter."""
-    fmt, v, m = record["format"], record["valid"], record.get("metric")
-    valid: list[dict] = []
-    if v["lines"] is None or v["lines"]:
-        rows = select_lines(read_rows(v["data"], v["split"], max_len), v["lines"])
-        if rows.rows:
-            valid = encode(rows, tokenizer, fmt, max_len, train_on).examples
-    metric_rows: list[dict] = []
-    if m is not None:
-        rows = select_lines(read_rows(m["data"], m["split"], max_len), m["lines"])
-        if rows.rows:
-            metric_rows = encode(rows, tokenizer, fmt, max_len, train_on).rows
+    same call serves the training run and a later ``lorakit eval`` of its adapter. A record
+    of several training files lists each file's held-out rows."""
+    fmt, mapping = record["format"], record.get("mapping") or {}
+
+    def encoded(part: Optional[dict | list]) -> list[Encoded]:
+        out = []
+        for p in (part if isinstance(part, list) else [part] if part else []):
+            if p["lines"] is None or p["lines"]:
+                rows = select_lines(read_rows(p["data"], p["split"], max_len), p["lines"])
+                rows = remap(rows, mapping.get("columns", {}), mapping.get("roles", {}))
+                if rows.rows:
+                    out.append(encode(rows, tokenizer, fmt, max_len, train_on,
+                                      truncation=truncation))
+        return out
+
+    valid = [ex for e in encoded(record["valid"]) for ex in e.examples]
+    metric_rows = [r for e in encoded(record.get("metric")) for r in e.rows]
     return valid, metric_rows
 
 

@@ -29,7 +29,8 @@ from typing import Any, Callable, Optional
 
 import torch
 import yaml
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -38,16 +39,16 @@ from ..adapters.base import MethodHooks
 from ..config import RunConfig
 from ..errors import LorakitError
 from ..faults import kill_point
-from ..files import write_json
+from ..files import atomic_dir, write_json
 from ..registry import get_method
 from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
 from .data import (IGNORE, StepSampler, build_heldout, collate, encode, heldout_record,
-                   read_rows, split_rows)
+                   merge_records, pack, read_rows, remap, split_rows, weighted)
 from .evaluation import PREDICTIONS, HeldOut, eval_loss, measure
 from .loss import loss_sum
 from .optim import build_optimizer, build_scheduler
 from .runtime import (activation_checkpointing, cast_frozen, dtype_name, make_accelerator,
-                      peak_memory_mb, resolve_precision)
+                      peak_memory_mb, resolve_precision, tracker_config)
 
 Log = Callable[[str], None]
 
@@ -107,6 +108,67 @@ class Run:
 
 # ---- optimization ---------------------------------------------------------------------------
 
+class BestTracker:
+    """The validation loss of the main training, every ``train.eval_every`` steps: the best so
+    far, early stopping after ``train.early_stopping_patience`` evaluations without an
+    improvement, and with ``train.keep_best`` the best weights (``<out>/best/``, restored
+    when training ends). Its state travels in checkpoints, so a resumed run decides the same."""
+
+    BEST = "best"
+
+    def __init__(self, run: Run, state: Optional[dict] = None):
+        self.run = run
+        s = (state or {}).get("best") or {}
+        self.loss: Optional[float] = s.get("loss")
+        self.step: Optional[int] = s.get("step")
+        self.bad: int = s.get("bad", 0)
+
+    def state(self) -> dict:
+        return {"best": {"loss": self.loss, "step": self.step, "bad": self.bad}}
+
+    def update(self, step: int, valid_loss: Optional[float]) -> bool:
+        """Record an evaluation (``valid_loss`` is None on the other processes); True when
+        training should stop, the same answer on every process."""
+        run, tc = self.run, self.run.cfg.train
+        stop = 0.0
+        if run.is_main and valid_loss is not None:
+            if self.loss is None or valid_loss < self.loss:
+                self.loss, self.step, self.bad = valid_loss, step, 0
+                if tc.keep_best:
+                    with atomic_dir(run.out_dir / self.BEST) as tmp:
+                        save_file({n: p.detach().cpu().contiguous()
+                                   for n, p in run.model.named_parameters() if p.requires_grad},
+                                  str(tmp / "trainable.safetensors"))
+            else:
+                self.bad += 1
+            pat = tc.early_stopping_patience
+            if pat and self.bad >= pat:
+                run.log(f"early stopping at step {step}: no better validation loss in {pat} "
+                        f"evaluations (best {self.loss:.4f} at step {self.step})")
+                stop = 1.0
+        flag = torch.tensor([stop], device=run.accelerator.device)
+        if run.accelerator.num_processes > 1:
+            flag = broadcast(flag, from_process=0)
+        return bool(flag.item())
+
+    def restore(self, last_step: int) -> None:
+        """Load the best weights (``train.keep_best``) on every process (the main one saved
+        them); a no-op change when the last step was the best."""
+        run = self.run
+        run.accelerator.wait_for_everyone()
+        path = run.out_dir / self.BEST / "trainable.safetensors"
+        if not path.exists():
+            return
+        best = load_file(str(path))
+        with torch.no_grad():
+            for n, p in run.model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(best[n])
+        if self.step is not None and self.step != last_step:
+            run.log(f"kept the best weights: step {self.step} (validation loss "
+                    f"{self.loss:.4f}), not the last step's ({last_step})")
+
+
 def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool = False,
              desc: str = "train") -> dict:
     """Train ``run.model`` for ``total_steps`` optimizer steps on ``examples``.
@@ -119,8 +181,12 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
     scheduler = build_scheduler(optimizer, tc.schedule, int(tc.warmup_ratio * total_steps),
                                 total_steps)
     ddp_model, optimizer = acc.prepare(model, optimizer)
-    start = _resume(run, optimizer, scheduler, total_steps, desc) if checkpoints else 0
+    state = _resume(run, optimizer, scheduler, total_steps, desc) if checkpoints else {}
+    start = state.get("step", 0)
+    tracker = (BestTracker(run, state) if checkpoints and (tc.keep_best or
+                                                           tc.early_stopping_patience) else None)
     times, losses, tokens_seen = [], [], 0
+    done = start
     bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not run.is_main,
                dynamic_ncols=True)
     model.train()
@@ -137,16 +203,28 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
         lr = scheduler.get_last_lr()[0]
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}")
         bar.update(1)
-        _log_step(run, desc, step + 1, total_steps, {"loss": loss, "lr": lr,
+        done = step + 1
+        vl = _log_step(run, desc, done, total_steps, {"loss": loss, "lr": lr,
                                                      "step_time_s": dt, "tokens": tokens_seen})
-        kill_point("after-step", step + 1)  # tests only (lorakit.faults)
-        if checkpoints:
-            _maybe_checkpoint(run, step + 1, total_steps, optimizer, scheduler)
+        stop = (tracker is not None and tc.eval_every and done % tc.eval_every == 0
+                and tracker.update(done, vl))
+        kill_point("after-step", done)  # tests only (lorakit.faults)
+        if checkpoints and not stop:
+            _maybe_checkpoint(run, done, total_steps, optimizer, scheduler,
+                              tracker.state() if tracker else None)
+        if stop:
+            break
     bar.close()
+    best = {}
+    if tracker is not None:
+        if tc.keep_best:
+            tracker.restore(done)
+        best = {"best_step": tracker.step, "best_valid_loss": tracker.loss,
+                "stopped_at": done if done < total_steps else None}
     # drop DDP and the autocast wrapper accelerate put on forward; run.model is what we keep
     acc.unwrap_model(ddp_model, keep_fp32_wrapper=False)
     acc.free_memory()
-    return {"steps": total_steps - start,
+    return {"steps": done - start, **best,
             "median_step_time_s": statistics.median(times) if times else None,
             "tokens_per_s": tokens_seen / sum(times) if times else None,
             "final_train_loss": losses[-1] if losses else None, "loss_curve": losses}
@@ -188,41 +266,55 @@ def _optimizer_step(run: Run, ddp_model: nn.Module, optimizer, scheduler, exampl
     return value
 
 
-def _resume(run: Run, optimizer, scheduler, total_steps: int, phase: str) -> int:
-    """The step to start from: 0, or the last checkpoint's when ``train.resume`` is set."""
+def _resume(run: Run, optimizer, scheduler, total_steps: int, phase: str) -> dict:
+    """The state to start from: {} (step 0), or the last checkpoint's state.json when
+    ``train.resume`` is set."""
     if not run.cfg.train.resume:
-        return 0
+        return {}
     remove_partial(run.out_dir)
-    start = 0
+    state: dict = {}
     if list_checkpoints(run.out_dir):
         last = list_checkpoints(run.out_dir)[-1]
-        start = load_checkpoint(last, run.model, optimizer, scheduler, run.hooks)["step"]
-        run.log(f"resumed from {last} (step {start} of {total_steps})")
+        state = load_checkpoint(last, run.model, optimizer, scheduler, run.hooks)
+        run.log(f"resumed from {last} (step {state['step']} of {total_steps})")
     if run.is_main:
-        _truncate_metrics(run.out_dir / "metrics.jsonl", phase, start)
-    return start
+        _truncate_metrics(run.out_dir / "metrics.jsonl", phase, state.get("step", 0))
+    return state
 
 
-def _log_step(run: Run, phase: str, done: int, total: int, row: dict) -> None:
+def _log_step(run: Run, phase: str, done: int, total: int, row: dict) -> Optional[float]:
     """metrics.jsonl: a line every ``train.log_every`` steps, validation loss every
-    ``train.eval_every`` steps."""
+    ``train.eval_every`` steps (returned; None when not measured or not the main process)."""
     tc, path = run.cfg.train, run.out_dir / "metrics.jsonl"
     if not run.is_main:
-        return
+        return None
     if done % tc.log_every == 0 or done == total:
         _append_jsonl(path, {"phase": phase, "step": done, **row})
+        _track(run, phase, done, row)
     if tc.eval_every and done % tc.eval_every == 0 and run.heldout.valid_examples:
         vl = eval_loss(run.model, run.heldout.valid_examples, run.tokenizer.pad_token_id,
                        dtype=run.dtype)
         _append_jsonl(path, {"phase": phase, "step": done, "valid_loss": vl})
+        _track(run, phase, done, {"valid_loss": vl})
+        return vl
+    return None
 
 
-def _maybe_checkpoint(run: Run, done: int, total: int, optimizer, scheduler) -> None:
+def _track(run: Run, phase: str, step: int, row: dict) -> None:
+    """The numbers of ``row`` to the trackers of ``train.report_to`` (as ``phase/key``)."""
+    if run.cfg.train.report_to:
+        run.accelerator.log({f"{phase}/{k}": v for k, v in row.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                            step=step)
+
+
+def _maybe_checkpoint(run: Run, done: int, total: int, optimizer, scheduler,
+                      extra: Optional[dict] = None) -> None:
     tc = run.cfg.train
     if tc.save_every and done % tc.save_every == 0 and done < total:
         if run.is_main:
             save_checkpoint(run.out_dir, done, run.model, optimizer, scheduler, run.hooks,
-                            keep=tc.keep_checkpoints)
+                            keep=tc.keep_checkpoints, extra=extra)
         run.accelerator.wait_for_everyone()
 
 
@@ -255,20 +347,34 @@ def prepare_data(cfg: RunConfig, tokenizer, log: Log) -> tuple[list[dict], HeldO
     before encoding and never trained on; the record (``heldout.json`` in the run folder)
     lets ``lorakit eval`` find them again."""
     dc = cfg.data
-    rows = read_rows(dc.train, "train", dc.max_seq_len)
-    if dc.limit:
-        rows.rows = rows.rows[:dc.limit]
-    held_lines = None
-    if not dc.valid and not dc.train.startswith("task:"):
-        kept, held = split_rows(rows.rows, dc.valid_ratio, cfg.train.seed)
-        held_lines = [r["_line"] for r in held]
-        rows.rows = kept
-    enc = encode(rows, tokenizer, dc.format, dc.max_seq_len, dc.loss_on, dc.packing)
-    if enc.report():
-        log(enc.report())
-    record = heldout_record(dc.train, dc.valid, enc.fmt, held_lines)
-    valid, metric_rows = build_heldout(record, tokenizer, dc.max_seq_len, dc.loss_on)
-    return enc.examples, HeldOut(valid, metric_rows, enc.fmt), record
+    files = dc.train_files
+    mapping = {"columns": dc.columns, "roles": dc.roles} if dc.columns or dc.roles else None
+    examples, records, fmt = [], [], None
+    for spec, weight in zip(files, dc.weights or [1.0] * len(files)):
+        rows = remap(read_rows(spec, "train", dc.max_seq_len), dc.columns, dc.roles)
+        if dc.limit:
+            rows.rows = rows.rows[:dc.limit]
+        held_lines = None
+        if not dc.valid and not spec.startswith("task:"):
+            kept, held = split_rows(rows.rows, dc.valid_ratio, cfg.train.seed)
+            held_lines = [r["_line"] for r in held]
+            rows.rows = kept
+        enc = encode(rows, tokenizer, dc.format, dc.max_seq_len, dc.loss_on,
+                     truncation=dc.truncation)
+        if enc.report():
+            log(enc.report())
+        if fmt is not None and enc.fmt != fmt:
+            raise LorakitError(f"data.train: {files[0]} is in format {fmt!r} and {spec} in "
+                               f"{enc.fmt!r}; files trained together must share one format")
+        fmt = enc.fmt
+        examples += weighted(enc.examples, weight, cfg.train.seed)
+        records.append(heldout_record(spec, dc.valid, enc.fmt, held_lines, mapping))
+    if dc.packing:
+        examples = pack(examples, dc.max_seq_len)
+    record = records[0] if len(records) == 1 or dc.valid else merge_records(records)
+    valid, metric_rows = build_heldout(record, tokenizer, dc.max_seq_len, dc.loss_on,
+                                       dc.truncation)
+    return examples, HeldOut(valid, metric_rows, fmt), record
 
 
 def base_metrics(cfg: RunConfig, model: nn.Module, tokenizer, heldout: HeldOut,
@@ -302,7 +408,7 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
     if finished is not None:
         return finished
     dtype = resolve_precision(tc.precision)
-    acc = make_accelerator(dtype)
+    acc = make_accelerator(dtype, tuple(tc.report_to), out)
     log = log if acc.is_main_process else (lambda *_: None)
 
     # ---- everything below until the lock only reads and checks ----
@@ -323,6 +429,8 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
             (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"),
                                                             sort_keys=False))
             write_json(out / "heldout.json", record)
+        if tc.report_to:  # accelerate's trackers: tensorboard events in <out>/tensorboard
+            acc.init_trackers("tensorboard", config=tracker_config(cfg.model_dump(mode="json")))
         model.to(acc.device)
         cast_frozen(model, dtype)  # frozen weights in bf16: the fast path, also for eval
         base = None
@@ -365,14 +473,17 @@ def _train_and_finish(run: Run, method, total: int, base: Optional[dict]) -> dic
                                    out / PREDICTIONS["tuned"])
         summary["base"] = base
         write_json(out / "summary.json", summary)
+        _track(run, "tuned", total, summary["tuned"])
     acc.wait_for_everyone()
+    if cfg.train.report_to:
+        acc.end_training()
     return summary
 
 
 #: settings that cannot change a run's results: they may differ when a run is resumed or
 #: asked for again
 _NEUTRAL_KEYS = {"train.resume", "train.log_every", "train.eval_every", "train.save_every",
-                 "train.keep_checkpoints", "eval.compare_base"}
+                 "train.keep_checkpoints", "train.report_to", "eval.compare_base"}
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> Optional[str]:

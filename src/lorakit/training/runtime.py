@@ -4,8 +4,11 @@ compute dtype, frozen weights stored in it, activation checkpointing, peak memor
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import resource
+from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -31,19 +34,43 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def make_accelerator(dtype: torch.dtype) -> Accelerator:
+#: ``train.report_to`` tracker -> (the module it needs, the pip requirement that brings it)
+TRACKERS = {"tensorboard": ("tensorboard", "lorakit[tensorboard]"), "wandb": ("wandb", "wandb")}
+
+
+def make_accelerator(dtype: torch.dtype, report_to: tuple[str, ...] = (),
+                     out_dir: Optional[Path] = None) -> Accelerator:
     """An Accelerator for this process. On a machine without CUDA ``cpu=True`` makes
     accelerate form a gloo group (MULTI_CPU) when launched with several processes, instead of
-    silently running each one alone."""
+    silently running each one alone. ``report_to``: accelerate's experiment trackers, their
+    files under ``out_dir``; a tracker whose package is missing is an error here, before the
+    run writes anything."""
     if dtype == torch.float16 and not torch.cuda.is_available():
         raise LorakitError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    for name in report_to:
+        module, req = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise LorakitError(f"train.report_to: {name} needs the {module} package, which is "
+                               f"not installed (pip install '{req}')")
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # accelerate keeps one global state per process; a second in-process run (a notebook,
         # the test suite) may ask for another precision
         AcceleratorState._reset_state(reset_partial_state=True)
+    trackers = {"log_with": list(report_to), "project_dir": str(out_dir)} if report_to else {}
     return Accelerator(cpu=not torch.cuda.is_available(),
                        mixed_precision={torch.float32: "no", torch.bfloat16: "bf16",
-                                        torch.float16: "fp16"}[dtype])
+                                        torch.float16: "fp16"}[dtype], **trackers)
+
+
+def tracker_config(cfg_dict: dict, prefix: str = "") -> dict:
+    """The run config flattened to dotted scalars, as trackers' hyper-parameter tables take."""
+    out: dict = {}
+    for k, v in cfg_dict.items():
+        if isinstance(v, dict):
+            out.update(tracker_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
