@@ -173,7 +173,7 @@ CASES = [
     ("chat row without the answer", _data(b'{"messages": [{"role": "user", "content": "x"}]}\n'),
      "last message must be the assistant's"),
     ("non-UTF-8 bytes", _data(b'\xff\xfe{"text": "a"}\n'), "not UTF-8"),
-    ("unknown file type", _data(b"hello", "d.txt"), "unknown format"),
+    ("unknown file type", _data(b"hello", "d.xml"), "unknown format"),
     ("data file missing", _train("data.train=/nonexistent/d.jsonl"), "does not exist"),
     ("too few examples for a step", _data(b'{"text": "a b c"}\n' * 3), "fewer than one"),
     # adapters

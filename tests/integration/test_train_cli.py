@@ -151,7 +151,7 @@ def test_bad_data(tiny_model_dir, tmp_path, content, needle, code):
 
 
 def test_unknown_file_format_and_bad_override(tiny_model_dir, tmp_path):
-    bad = tmp_path / "d.txt"
+    bad = tmp_path / "d.xml"
     bad.write_text("hello")
     r = lorakit_proc("train", *tiny_run_args(tiny_model_dir, tmp_path / "o", f"data.train={bad}"))
     assert r.returncode == 2 and "unknown format" in r.stderr and "Traceback" not in r.stderr
