@@ -147,3 +147,24 @@ def test_docs_print_the_settings_table_of_the_code():
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "compare.md").read_text()
     assert md_table(*settings_table()) in doc
+
+
+def test_lr_sweep_picks_the_lowest_validation_loss_per_row(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from lorakit.analysis.report import best_lr_factors
+
+    def plan(name, row, factor, seed=0, loss=None):
+        if loss is not None:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "summary.json").write_text(json.dumps(
+                {"tuned": {"valid_loss": loss}}))
+        return SimpleNamespace(name=name, row=row, lr_factor=factor, seed_index=seed)
+
+    plans = [plan("lora", "lora", 1.0, loss=0.40), plan("lora.lr0.0001", "lora", 0.5, loss=0.45),
+             plan("lora.lr0.0004", "lora", 2.0, loss=0.31),
+             plan("lora.seed1", "lora", 2.0, seed=1, loss=0.10),  # seeds do not vote
+             plan("full", "full", 1.0, loss=0.5), plan("full.lr4e-05", "full", 2.0),  # failed
+             plan("dora", "dora", 1.0, loss=0.39)]
+    assert best_lr_factors(tmp_path, plans) == {"lora": 2.0, "full": 1.0, "dora": 1.0}
