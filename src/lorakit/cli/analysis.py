@@ -36,7 +36,7 @@ def compare_args(p: argparse.ArgumentParser) -> None:
                    help="also run each row at " + ", ".join(f"{f:g}x" for f in LR_GRID if f != 1)
                         + " its learning rate; the lowest validation loss is the row")
     p.add_argument("--quick", action="store_true",
-                   help="a first look in a few minutes: "
+                   help="a first look (about 14 min on 2 CPU cores): "
                         + ", ".join(f"{k}={v}" for k, v in QUICK_DEFAULTS.items())
                         + " and a shorter long-context suite")
     p.add_argument("--no-long", dest="long_context", action="store_false",
