@@ -56,7 +56,7 @@ DEFAULT_METHODS = tuple(m for m in (*METHODS, *PRESETS) if m not in LONG_PRESETS
 #: The compare budget, applied only where the user's config and overrides leave the key unset:
 #: the default compare (every method, both suites) fits in 60 minutes on 2 CPU cores.
 COMPARE_DEFAULTS = {"train.max_steps": 150, "eval.limit": 100}
-#: ``--quick``: a first look in a few minutes (figures too noisy for the claims)
+#: ``--quick``: a first look (about 14 min on 2 CPU cores; figures too noisy for the claims)
 QUICK_DEFAULTS = {"train.max_steps": 30, "eval.limit": 30}
 #: The long-context suite (LongLoRA, Chen et al. 2023): the pass-key task, the same budget
 #: for S2-Attn and full attention. These keys are the suite's own (the user's short-task
@@ -209,7 +209,7 @@ def compare(config: Optional[str], overrides: list[str], methods: list[str], out
     ``seeds``: runs per row (seed, seed+1, ...), the row shows their mean and spread;
     ``lr_sweep``: each row's learning rate times :data:`LR_GRID` first, the best by
     validation loss is the row (and its seeds' rate); ``long_context``: also the pass-key
-    suite (:data:`LONG_RUNS`); ``quick``: a few minutes' budget (:data:`QUICK_DEFAULTS`)."""
+    suite (:data:`LONG_RUNS`); ``quick``: a short budget (:data:`QUICK_DEFAULTS`)."""
     if seeds < 1:
         raise LorakitError("--seeds must be at least 1")
     out = Path(out)
