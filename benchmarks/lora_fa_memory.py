@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from common import status_kib  # noqa: E402  (benchmarks/common.py)
+from common import SavedBytes, status_kib  # noqa: E402  (benchmarks/common.py)
 
 CONFIGS = [  # (label, library, method, dropout)
     ("lorakit LoRA", "lorakit", "lora", 0.0),
@@ -61,23 +61,16 @@ def one(library: str, method: str, dropout: float, seq: int, r: int) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (1, seq))
 
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-        return t
-
     rss0 = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (the peak) to the current resident set
     t0 = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes() as saved:
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     opt.step()
     secs = time.perf_counter() - t0
-    return {"saved_mib": sum(seen.values()) / 2**20,
+    return {"saved_mib": saved.mib,
             "step_peak_mib": (status_kib("VmHWM") - rss0) / 1024,
             "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "trainable": sum(p.numel() for p in params), "step_s": secs}

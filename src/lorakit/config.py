@@ -334,6 +334,9 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 where the hardware runs it fast, else fp32")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+    compile: bool = Field(False, description="torch.compile each decoder layer for training "
+                          "(inductor: needs a C++ compiler on CPU); falls back to eager with "
+                          "a warning where compiling fails")
     seed: int = Field(0, description="seed for init, data order and dropout")
     eval_every: int = Field(0, ge=0, description="validation loss every N steps (0: at the end)")
     save_every: int = Field(50, ge=0, description="checkpoint every N steps (0: only at the end)")

@@ -111,3 +111,21 @@ def test_scheduler_keeps_the_loraplus_ratio():
         sched.step()
         lrs = {g["name"]: g["lr"] for g in opt.param_groups}
         assert lrs["B"] == pytest.approx(RATIO * lrs["A"])
+
+
+def test_the_fused_adamw_kernel_makes_the_same_update_as_the_loop():
+    ref = lk.apply(tiny_model(), r=4, alpha=8)
+    fused = lk.apply(tiny_model(), r=4, alpha=8)
+    opt = build_optimizer(fused, LR, WD)
+    assert opt.defaults["fused"] is True
+    loop = torch.optim.AdamW(list(lk.trainable_parameters(ref).values()), lr=LR,
+                             weight_decay=WD, foreach=False)
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for model, o in ((ref, loop), (fused, opt)):
+            model(input_ids=ids, labels=ids).loss.backward()
+            o.step()
+            o.zero_grad()
+    for (n, a), b in zip(lk.trainable_parameters(ref).items(),
+                         lk.trainable_parameters(fused).values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)

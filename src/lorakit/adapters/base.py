@@ -143,6 +143,10 @@ class AdapterLayer(nn.Module):
             self._write_base_weight(self.unmerged_weight())
         self.merged = False
 
+    def before_compile(self) -> None:
+        """Bring caches up to date before the layer runs inside a compiled graph, where they
+        cannot be checked (DoRA's ||W0||² per row). Default: nothing to do."""
+
     def bypass(self) -> bool:
         """True when the forward is the base layer's alone (disabled, or already merged)."""
         return self.disabled or self.merged

@@ -76,6 +76,10 @@ class DoRALinear(LoRALinear):
     # ---- the norm ------------------------------------------------------------------------
     def _w0_sq_norms(self, w0: torch.Tensor) -> torch.Tensor:
         """||W0||²_row, cached while the base weight's storage and version are unchanged."""
+        if torch.compiler.is_compiling() and self._w0_cache is not None:
+            # inside a compiled graph the key cannot be read (a data pointer); the cache was
+            # brought up to date by before_compile and W0 stays frozen while compiled
+            return self._w0_cache[1]
         weight = self.base_layer.weight
         key = (weight.data_ptr(), weight._version, weight.device, w0.dtype)
         if self._w0_cache is None or self._w0_cache[0] != key:
@@ -96,11 +100,15 @@ class DoRALinear(LoRALinear):
         w0_at = (w0 @ a.T.to(w0.dtype)).float() if w0.dtype in (torch.bfloat16, torch.float16) \
             else torch.cat([c.float() @ a.T for c in _row_chunks(w0)])  # (d_out, r)
         sq = w0_sq + 2 * s * (b * w0_at).sum(dim=1) + s * s * ((b @ (a @ a.T)) * b).sum(dim=1)
+        # cancellation: W0 ≈ -s·BA in these rows (usually none); compute them directly. No
+        # branch on their number, so a compiled graph holds it (a dynamic-size index)
         bad = (sq < CANCEL * w0_sq).nonzero().flatten()
-        if bad.numel():  # cancellation: W0 ≈ -s·BA in these rows; compute them directly
-            v = w0[bad].float() + s * (b[bad] @ a)
-            sq[bad] = v.pow(2).sum(dim=1)
+        v = w0[bad].float() + s * (b[bad] @ a)
+        sq = sq.index_put((bad,), v.pow(2).sum(dim=1))
         return sq.clamp_min(0).sqrt()
+
+    def before_compile(self) -> None:
+        self._w0_sq_norms(self.base_weight_matrix())
 
     def magnitude_scale(self) -> torch.Tensor:
         """k = m / stopgrad(||W0 + s·BA||_row), fp32, differentiable in m only."""

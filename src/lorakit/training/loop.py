@@ -47,7 +47,8 @@ from .data import (IGNORE, StepSampler, build_heldout, collate, encode, heldout_
 from .evaluation import PREDICTIONS, HeldOut, eval_loss, measure
 from .loss import loss_sum
 from .optim import build_optimizer, build_scheduler
-from .runtime import (activation_checkpointing, cast_frozen, dtype_name, make_accelerator,
+from .runtime import (activation_checkpointing, cast_frozen, compile_error_reason,
+                      compiled_layers, dtype_name, is_compile_error, make_accelerator,
                       peak_memory_mb, resolve_precision, tracker_config)
 
 Log = Callable[[str], None]
@@ -190,30 +191,46 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
     bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not run.is_main,
                dynamic_ncols=True)
     model.train()
-    for step in range(start, total_steps):
-        t0 = time.perf_counter()
-        idx = sampler.indices(step)
-        loss = _optimizer_step(run, ddp_model, optimizer, scheduler, examples, idx, step,
-                               total_steps)
-        dt = time.perf_counter() - t0
-        step_tokens = sum(len(examples[i]["input_ids"]) for i in idx)
-        times.append(dt)
-        losses.append(loss)
-        tokens_seen += step_tokens
-        lr = scheduler.get_last_lr()[0]
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}")
-        bar.update(1)
-        done = step + 1
-        vl = _log_step(run, desc, done, total_steps, {"loss": loss, "lr": lr,
-                                                     "step_time_s": dt, "tokens": tokens_seen})
-        stop = (tracker is not None and tc.eval_every and done % tc.eval_every == 0
-                and tracker.update(done, vl))
-        kill_point("after-step", done)  # tests only (lorakit.faults)
-        if checkpoints and not stop:
-            _maybe_checkpoint(run, done, total_steps, optimizer, scheduler,
-                              tracker.state() if tracker else None)
-        if stop:
-            break
+    compiled = contextlib.ExitStack()  # See Note: compiling the decoder layers (runtime.py)
+    layers = compiled.enter_context(compiled_layers(model, tc.compile, run.log))
+    try:
+        for step in range(start, total_steps):
+            t0 = time.perf_counter()
+            idx = sampler.indices(step)
+            try:
+                loss = _optimizer_step(run, ddp_model, optimizer, scheduler, examples, idx, step,
+                                       total_steps)
+            except Exception as exc:
+                if not layers or not is_compile_error(exc):
+                    raise
+                run.log(f"warning: train.compile failed ({compile_error_reason(exc)}); "
+                        "training eagerly")
+                compiled.close()
+                layers = []
+                optimizer.zero_grad(set_to_none=True)  # it failed before optimizer.step()
+                loss = _optimizer_step(run, ddp_model, optimizer, scheduler, examples, idx, step,
+                                       total_steps)
+            dt = time.perf_counter() - t0
+            step_tokens = sum(len(examples[i]["input_ids"]) for i in idx)
+            times.append(dt)
+            losses.append(loss)
+            tokens_seen += step_tokens
+            lr = scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}")
+            bar.update(1)
+            done = step + 1
+            vl = _log_step(run, desc, done, total_steps, {"loss": loss, "lr": lr,
+                                                         "step_time_s": dt, "tokens": tokens_seen})
+            stop = (tracker is not None and tc.eval_every and done % tc.eval_every == 0
+                    and tracker.update(done, vl))
+            kill_point("after-step", done)  # tests only (lorakit.faults)
+            if checkpoints and not stop:
+                _maybe_checkpoint(run, done, total_steps, optimizer, scheduler,
+                                  tracker.state() if tracker else None)
+            if stop:
+                break
+    finally:
+        compiled.close()
     bar.close()
     best = {}
     if tracker is not None:
@@ -480,10 +497,11 @@ def _train_and_finish(run: Run, method, total: int, base: Optional[dict]) -> dic
     return summary
 
 
-#: settings that cannot change a run's results: they may differ when a run is resumed or
-#: asked for again
-_NEUTRAL_KEYS = {"train.resume", "train.log_every", "train.eval_every", "train.save_every",
-                 "train.keep_checkpoints", "train.report_to", "eval.compare_base"}
+#: settings that cannot change a run's results (train.compile: only within floating-point
+#: rounding): they may differ when a run is resumed or asked for again
+_NEUTRAL_KEYS = {"train.resume", "train.compile", "train.log_every", "train.eval_every",
+                 "train.save_every", "train.keep_checkpoints", "train.report_to",
+                 "eval.compare_base"}
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> Optional[str]:

@@ -1,5 +1,6 @@
 """Where and how a run computes: the accelerator (devices, processes, mixed precision), the
-compute dtype, frozen weights stored in it, activation checkpointing, peak memory."""
+compute dtype, frozen weights stored in it, activation checkpointing, compiled decoder layers,
+peak memory."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch import nn
 
+from ..adapters.base import AdapterLayer
 from ..errors import LorakitError
 from ..models import resolve_dtype
 
@@ -100,6 +102,78 @@ def activation_checkpointing(model: nn.Module, enabled: bool):
         yield
     finally:
         off()
+
+
+# Note: compiling the decoder layers
+# ``train.compile`` compiles each decoder layer on its own (torchtune's per-layer compile,
+# ``training.compile_model``), not the whole model: the layers of a model share one class and
+# one structure, so with inductor's inlining of nn.Modules (parameters are graph inputs) one
+# compiled graph serves all of them and compile time does not grow with depth. The loss stays
+# eager: the fused output projection + cross-entropy (loss.py) picks labelled positions, a
+# data-dependent shape. ``dynamic=True`` marks sizes symbolic from the first call, so batches
+# of other lengths reuse the graph instead of recompiling. Graphs: the first layer (its input
+# does not need a gradient), the others, and the no-grad graph of validation in training.
+# Inductor compiles C++ on CPU (a C++ compiler must be installed) and Triton on CUDA; where
+# compiling fails, the loop warns once and goes on eagerly (:func:`is_compile_error`).
+
+
+#: torch.compile's backend (a test swaps in one that fails)
+COMPILE_BACKEND = "inductor"
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks of a transformers model (its
+    ``GradientCheckpointingLayer`` instances: LlamaDecoderLayer, GPT2Block, ...)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+@contextlib.contextmanager
+def compiled_layers(model: nn.Module, enabled: bool, log=print):
+    """Within the block each decoder layer runs through ``torch.compile`` (See Note: compiling
+    the decoder layers); afterwards the layers are plain modules again (generation and
+    evaluation stay eager)."""
+    layers = decoder_layers(model) if enabled else []
+    if enabled and not layers:
+        log("warning: train.compile: no decoder layers found in this model; training eagerly")
+    for layer in layers:
+        for m in layer.modules():
+            if isinstance(m, AdapterLayer):
+                m.before_compile()
+        layer.compile(backend=COMPILE_BACKEND, dynamic=True)
+    # data-dependent sizes (DoRA's rows lost to cancellation) stay inside the graph
+    import torch._dynamo
+
+    patch = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True) if layers \
+        else contextlib.nullcontext()
+    try:
+        with patch:
+            yield layers
+    finally:
+        uncompile(layers)
+
+
+def uncompile(layers: list[nn.Module]) -> None:
+    for layer in layers:
+        layer._compiled_call_impl = None
+
+
+def is_compile_error(exc: BaseException) -> bool:
+    """True for a failure of torch.compile itself (tracing, inductor, the C++/Triton
+    compiler), as opposed to an error of the model's own code."""
+    from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
+    from torch._inductor.exc import InductorError
+
+    return isinstance(exc, (BackendCompilerFailed, InternalTorchDynamoError, InductorError))
+
+
+def compile_error_reason(exc: BaseException) -> str:
+    """The root cause of a compile failure, on one line (dynamo wraps the backend's error)."""
+    while getattr(exc, "inner_exception", None) is not None or exc.__cause__ is not None:
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
 
 
 def peak_memory_mb() -> float:

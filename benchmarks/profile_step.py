@@ -1,0 +1,52 @@
+"""Where a training step's time goes: torch profiler over one step of each variant, operator
+self-times side by side (``benchmarks/run.py``'s variants, same model and batch).
+
+    python benchmarks/profile_step.py --dtype fp32 frozen+fusedloss lorakit-lora+fusedloss
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+import torch
+from run import build
+
+from common import machine
+
+
+def profile(variant: str, dtype: torch.dtype, steps: int) -> dict[str, float]:
+    """{operator: self CPU ms per step}, median-free: the sum over ``steps`` steps / steps."""
+    _, step, _ = build(variant, dtype)
+    step()
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    out: dict[str, float] = collections.defaultdict(float)
+    for ev in prof.key_averages():
+        out[ev.key] += ev.self_cpu_time_total / 1000 / steps
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("variants", nargs=2, help="reference and variant")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=15)
+    a = ap.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    ref, var = (profile(v, dtype, a.steps) for v in a.variants)
+    print(f"# {machine()}\n# {a.dtype}, self CPU ms per step, {a.steps} steps profiled\n")
+    print(f"total: {a.variants[0]} {sum(ref.values()):.0f} ms, {a.variants[1]} "
+          f"{sum(var.values()):.0f} ms (+{sum(var.values()) - sum(ref.values()):.0f})\n")
+    print(f"| operator | {a.variants[0]} | {a.variants[1]} | difference |\n|---|---|---|---|")
+    keys = sorted(set(ref) | set(var), key=lambda k: -abs(var.get(k, 0) - ref.get(k, 0)))
+    for k in keys[:a.top]:
+        r, v = ref.get(k, 0.0), var.get(k, 0.0)
+        print(f"| {k} | {r:.1f} | {v:.1f} | {v - r:+.1f} |")
+
+
+if __name__ == "__main__":
+    main()
