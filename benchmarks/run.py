@@ -102,11 +102,13 @@ def build(variant: str, dtype: torch.dtype, batch: int = BATCH, seq: int = SEQ):
     # fused AdamW for every variant: lorakit's loop uses it (training/optim.py), and so does
     # transformers' Trainer by default (optim="adamw_torch_fused")
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True) if params else None
-    if "compile" in extras:  # as train.compile does; kept compiled for the model's life
-        compiled_layers(model, True).__enter__()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 49152, (batch, seq), generator=g)
     state = {"step": 0}
+    if "compile" in extras:  # as train.compile does; compiled while `step` lives (a context
+        # manager left unreferenced would be collected, and its exit would uncompile)
+        state["compiled"] = compiled_layers(model, True)
+        state["compiled"].__enter__()
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     from lorakit.training.loss import loss_sum
 

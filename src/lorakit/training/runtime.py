@@ -134,18 +134,26 @@ def compiled_layers(model: nn.Module, enabled: bool, log=print):
     """Within the block each decoder layer runs through ``torch.compile`` (See Note: compiling
     the decoder layers); afterwards the layers are plain modules again (generation and
     evaluation stay eager)."""
+    import torch._dynamo
+
     layers = decoder_layers(model) if enabled else []
     if enabled and not layers:
         log("warning: train.compile: no decoder layers found in this model; training eagerly")
-    for layer in layers:
-        for m in layer.modules():
-            if isinstance(m, AdapterLayer):
-                m.before_compile()
-        layer.compile(backend=COMPILE_BACKEND, dynamic=True)
-    # data-dependent sizes (DoRA's rows lost to cancellation) stay inside the graph
-    import torch._dynamo
-
-    patch = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True) if layers \
+    try:
+        for layer in layers:
+            for m in layer.modules():
+                if isinstance(m, AdapterLayer):
+                    m.before_compile()
+            layer.compile(backend=COMPILE_BACKEND, dynamic=True)
+    except RuntimeError as exc:  # torch.compile unsupported here (platform, Python version)
+        log(f"warning: train.compile failed ({compile_error_reason(exc)}); training eagerly")
+        uncompile(layers)
+        layers = []
+    # data-dependent sizes (DoRA's rows lost to cancellation) stay inside the graph; room for
+    # more graphs of the one layer code than torch's default 8 (several models or runs in one
+    # process: past the limit torch would run eagerly without a word)
+    patch = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
+                                       recompile_limit=64) if layers \
         else contextlib.nullcontext()
     try:
         with patch:
@@ -156,7 +164,9 @@ def compiled_layers(model: nn.Module, enabled: bool, log=print):
 
 def uncompile(layers: list[nn.Module]) -> None:
     for layer in layers:
-        layer._compiled_call_impl = None
+        # what nn.Module.compile set, without Module.__setattr__ (this may run while the
+        # interpreter shuts down, for a model still compiled then)
+        layer.__dict__["_compiled_call_impl"] = None
 
 
 def is_compile_error(exc: BaseException) -> bool:
