@@ -19,7 +19,7 @@ Also in the same run:
   against transformers' generate on the same prompts, one prompt at a time and in batches;
 - merged-model generation vs the base model, and data collation against the step time.
 
-    python benchmarks/run.py                 # everything (fp32 and bf16), ~40 min on 2 cores
+    python benchmarks/run.py                 # everything (fp32 and bf16), ~30 min on 2 cores
     python benchmarks/run.py --dtypes bf16 --rounds 5 --variants frozen,lorakit-lora,peft-lora
 """
 
