@@ -334,6 +334,10 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 where the hardware runs it fast, else fp32")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="how several processes share the model: ddp (a whole copy each), "
+        "fsdp (FSDP2: each holds a shard of every weight), auto (what the launcher asked for: "
+        "fsdp under an accelerate FSDP config, else ddp)")
     compile: bool = Field(False, description="torch.compile each decoder layer for training "
                           "(inductor: needs a C++ compiler on CPU); falls back to eager with "
                           "a warning where compiling fails")

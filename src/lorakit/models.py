@@ -50,11 +50,29 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def embedded_model_dir(name: str) -> Path:
-    """The safetensors folder of an embedded model, converting its GGUF the first time."""
-    package, gguf_name, dist = EMBEDDED[name]
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+def embedded_model_dir(name: str, dtype: Optional[torch.dtype] = None) -> Path:
+    """The safetensors folder of an embedded model, converting its GGUF the first time.
+
+    The fp32 folder holds the GGUF's weights dequantized; ``dtype=torch.bfloat16`` gives a
+    second folder with those weights rounded once to bf16 (what a bf16 run computes with), so
+    that a bf16 run reads bf16 from disk and never holds an fp32 copy."""
     target = cache_dir() / name
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if dtype in (torch.bfloat16, torch.float16):
+        low = cache_dir() / f"{name}-{dtype_tag(dtype)}"
+        if not _complete(low):
+            model = AutoModelForCausalLM.from_pretrained(embedded_model_dir(name),
+                                                         dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(embedded_model_dir(name))
+            with atomic_dir(low) as tmp:
+                model.to(dtype).save_pretrained(tmp, safe_serialization=True)
+                tok.save_pretrained(tmp)
+        return low
+    package, gguf_name, dist = EMBEDDED[name]
+    if _complete(target):
         return target
     spec = importlib.util.find_spec(package)  # finds the files without importing the package
     if spec is None or not spec.submodule_search_locations:
@@ -75,13 +93,17 @@ def embedded_model_dir(name: str) -> Path:
     return target
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def dtype_tag(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def resolve_model_path(name_or_path: str, dtype: Optional[torch.dtype] = None) -> str:
     """The folder (or Hub id) to load: an embedded model's converted folder, a local folder,
     or a Hub id that is in the local cache or can be fetched. Fails at once, with one
     sentence, for a near miss of an embedded name and for a Hub id that is neither cached nor
     reachable (no network, or HF_HUB_OFFLINE), instead of waiting on network retries."""
     if name_or_path in EMBEDDED:
-        return str(embedded_model_dir(name_or_path))
+        return str(embedded_model_dir(name_or_path, dtype))
     local = Path(name_or_path)
     if local.exists() or local.is_absolute() or name_or_path.startswith("."):
         return name_or_path
@@ -131,30 +153,52 @@ def _offline() -> bool:
 
 
 def load_model(name_or_path: str = "smollm2-135m", dtype: Union[str, torch.dtype, None] = None,
-               trust_remote_code: bool = False, device: Union[str, torch.device, None] = None):
+               trust_remote_code: bool = False, device: Union[str, torch.device, None] = None,
+               meta: bool = False):
     """(model, tokenizer) for the embedded default, a local HF folder or a hub id.
 
-    ``trust_remote_code`` stays off unless the caller sets it."""
-    path = resolve_model_path(name_or_path)
+    The weights are read once, in ``dtype`` (default fp32) and onto ``device`` (default the
+    CPU): a bf16 run never holds an fp32 copy. ``meta=True`` builds the model on the meta
+    device from its config alone (no weights read): the processes of a sharded run other than
+    the first, which receive their shards from it. ``trust_remote_code`` stays off unless the
+    caller sets it."""
+    torch_dtype = resolve_dtype(dtype) or torch.float32
+    path = resolve_model_path(name_or_path, torch_dtype)
     local = Path(path)
     if (local.is_absolute() or path.startswith(".") or os.sep in path and local.exists()) \
             and not (local / "config.json").exists():
         raise LorakitError(f"{path!r} is not a model folder (it has no config.json)")
     kwargs = {"trust_remote_code": trust_remote_code}
-    torch_dtype = resolve_dtype(dtype)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype or torch.float32, **kwargs)
+        if meta:
+            model = _meta_model(path, torch_dtype, kwargs)
+        else:
+            placement = {} if device is None or torch.device(device).type == "cpu" \
+                else {"device_map": {"": torch.device(device)}}
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement,
+                                                         **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LorakitError(f"cannot load model {name_or_path!r}: {first}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if device is not None:
-        model.to(device)
     # where the weights are (an embedded model's converted folder): what an adapter records as
     # base_model_name_or_path, so that PEFT's loaders find the base without the network
     model.name_or_path = path
     model.config._name_or_path = path
     return model, tok
+
+
+def _meta_model(path: str, dtype: torch.dtype, kwargs: dict):
+    """The model of ``path`` on the meta device, with its generation config (stop tokens)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass  # no generation_config.json: the one from_config derived stays
+    return model

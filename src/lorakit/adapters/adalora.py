@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..config import MethodOptions
+from ..sharding import full, like
 from ..errors import LorakitError
 from .base import (AdapterLayer, Budget, Method, MethodHooks, Setting, budget_fraction,
                    layers_of, linear_dims, make_dropout, state_of)
@@ -155,7 +156,8 @@ def orthogonal_regularizer(model: nn.Module, weight: float) -> Optional[torch.Te
     kind. Returns None when there is nothing to regularize or γ = 0."""
     terms = []
     for layer in adalora_layers(model).values():
-        for cov in (layer.lora_A @ layer.lora_A.T, layer.lora_B.T @ layer.lora_B):
+        a, b = full(layer.lora_A), full(layer.lora_B)  # whole matrices under FSDP
+        for cov in (a @ a.T, b.T @ b):
             eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
             terms.append(torch.linalg.matrix_norm(cov - eye, ord="fro"))
     if not terms or weight == 0:
@@ -222,7 +224,8 @@ class RankAllocator:
         """S_i per layer, shape (r,)."""
         out = {}
         for name, layer in self.layers.items():
-            s = {p: self._ema_ipt[(name, p)] * self._ema_unc[(name, p)]
+            # whole tensors under FSDP: every process computes the same scores and masks
+            s = {p: full(self._ema_ipt[(name, p)] * self._ema_unc[(name, p)])
                  for p in layer.adapter_param_names}
             # A is (r, d_in): mean over a row; B is (d_out, r): mean over a column.
             out[name] = s["lora_E"].view(-1) + (s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0))
@@ -245,7 +248,7 @@ class RankAllocator:
     @torch.no_grad()
     def apply_masks(self) -> None:
         for layer in self.layers.values():
-            layer.lora_E.masked_fill_(~layer.rank_mask.view(-1, 1), 0.0)
+            layer.lora_E.masked_fill_(like(~layer.rank_mask.view(-1, 1), layer.lora_E), 0.0)
 
     def step(self, step: int) -> int:
         """PEFT ``AdaLoraModel.update_and_allocate``; returns the budget in force."""
@@ -312,10 +315,10 @@ class AdaLoRAHooks(MethodHooks):
         alloc.budget = int(tensors["allocator.budget"])
         for n, m in layers.items():
             for p in m.adapter_param_names:
-                dev = getattr(m, p).device
+                ref = getattr(m, p)  # laid out as the parameter is (a shard under FSDP)
                 if f"{n}.{p}.ema_ipt" in tensors:
-                    alloc._ema_ipt[(n, p)] = tensors[f"{n}.{p}.ema_ipt"].to(dev)
-                    alloc._ema_unc[(n, p)] = tensors[f"{n}.{p}.ema_unc"].to(dev)
+                    alloc._ema_ipt[(n, p)] = like(tensors[f"{n}.{p}.ema_ipt"], ref)
+                    alloc._ema_unc[(n, p)] = like(tensors[f"{n}.{p}.ema_unc"], ref)
         self.allocator = alloc
 
     def summary(self, model: nn.Module) -> dict:

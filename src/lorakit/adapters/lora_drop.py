@@ -121,6 +121,8 @@ def layer_output_energy(model: nn.Module, batches: Iterable[dict],
     try:
         for b in batches:
             mask["now"] = b["attention_mask"].to(torch.float64)
+            if b.get("repeat"):  # a repeat a sharded run makes to keep step: counts nothing
+                mask["now"] = torch.zeros_like(mask["now"])
             device = b["input_ids"].device.type
             with torch.autocast(device, dtype=dtype or torch.float32,
                                 enabled=dtype in (torch.bfloat16, torch.float16)):
@@ -293,8 +295,11 @@ class LoRADropHooks(MethodHooks):
         opts = run.cfg.adapter.options
         record = self._recorded_decision(run)
         if record is not None:  # resuming: the checkpoint holds the weights, not the decision
-            tie_groups(model, record["shared"])
-            state_of(model).extras["lora_drop"] = record
+            def retie(m: nn.Module) -> None:
+                tie_groups(m, record["shared"])
+                state_of(m).extras["lora_drop"] = record
+
+            run.edit_parameters(retie)  # under FSDP the model is built again around the ties
             run.log(f"lora-drop: reusing the layer selection in {run.out_dir / RECORD_NAME}")
             return
         idx = sample_indices(len(run.train_examples), opts.sample_ratio, run.examples_per_step,
@@ -305,7 +310,9 @@ class LoRADropHooks(MethodHooks):
         # each process scores its share of the sample; the sums are added across processes
         energy = layer_output_energy(model, run.batches(sample), dtype=run.dtype)
         energy = dict(zip(energy, run.reduce_sum(list(energy.values()))))
-        record = drop_layers(model, normalize(energy))
+        importance = normalize(energy)
+        # the sharing replaces Parameters: through the run, which rebuilds a sharded model
+        record = run.edit_parameters(lambda m: drop_layers(m, importance))
         record.update(sample_examples=len(sample), sample_steps=steps)
         for line in summary_lines(record):
             run.log(line)

@@ -6,6 +6,7 @@ Each parses its arguments and calls one library function.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from pathlib import Path
@@ -40,6 +41,8 @@ def train_args(p: argparse.ArgumentParser) -> None:
 def run_train(args) -> int:
     cfg = load_run_config(*split_config_args(args.items))
     summary = train(cfg, log=_stderr)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # one process of several: the first prints the results
     if summary.get("tuned") is not None:
         print(before_after_table(summary, Path(cfg.output_dir)))
     print(f"adapter: {Path(cfg.output_dir) / 'adapter'}")

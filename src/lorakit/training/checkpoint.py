@@ -5,8 +5,15 @@ A checkpoint folder ``checkpoints/step-000120`` holds:
 - ``trainable.safetensors``: every trainable parameter by name;
 - ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors and hyper-parameters;
 - ``hooks.safetensors``: method state (AdaLoRA's importance averages), if any;
-- ``state.json``: step, scheduler, Python/torch RNG states (torch's as a tensor file).
+- ``state.json``: step, scheduler, Python/torch RNG states (torch's as a tensor file), one
+  of each per process.
 Folders whose names start with '.' are unfinished writes and are never read.
+
+Every tensor is written whole, whatever the run's strategy: under FSDP each process's shards
+are gathered before the first process writes, and on resume each process cuts its shard out
+of the whole tensors again. So a checkpoint does not depend on the process count, and a run
+may be resumed with another one (the data order is a function of the global batch, which
+then changes: the resumed run says so).
 """
 
 from __future__ import annotations
@@ -26,8 +33,14 @@ from torch import nn
 from ..errors import LorakitError
 from ..faults import kill_point
 from ..files import atomic_dir, write_json
+from ..sharding import full, is_sharded, like
 
 _STEP = re.compile(r"^step-(\d+)$")
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of the whole tensor (gathered when sharded: every process calls this)."""
+    return full(t.detach()).cpu().contiguous()
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -36,7 +49,7 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     for idx, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"{idx}.{k}"] = _whole(v)
             else:
                 scalars[f"{idx}.{k}"] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -61,14 +74,21 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler, hooks=None,
-                    keep: int = 2, extra: Optional[dict] = None) -> Path:
-    params = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-              if p.requires_grad}
+                    keep: int = 2, extra: Optional[dict] = None, rank: int = 0,
+                    world: int = 1) -> Optional[Path]:
+    """Write checkpoint ``step``. With several processes every one calls this (sharded tensors
+    are gathered, and each process's RNG state is collected); process ``rank`` 0 writes."""
+    params = {n: _whole(p) for n, p in model.named_parameters() if p.requires_grad}
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    method_state = hooks.state_tensors(model) if hooks is not None else {}
+    method_state = {k: _whole(v) for k, v in method_state.items()}
+    rngs = _rng_states(world)
+    if rank != 0:
+        return None
     path = Path(out_dir) / "checkpoints" / f"step-{step:06d}"
     try:
-        _write_checkpoint(path, params, opt_tensors, opt_meta, model, scheduler, hooks, step,
-                          extra)
+        _write_checkpoint(path, params, opt_tensors, opt_meta, method_state, rngs, scheduler,
+                          step, extra)
     except OSError as e:
         raise LorakitError(f"could not write checkpoint {path} ({e.strerror or e}); the previous "
                            "checkpoint is intact") from None
@@ -79,6 +99,25 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module,
         os.replace(old, trash)
         shutil.rmtree(trash, ignore_errors=True)
     return path
+
+
+def _rng_states(world: int) -> list[dict]:
+    """Each process's RNG states (torch CPU, CUDA, Python), in rank order."""
+    mine = {"torch": torch.get_rng_state(), "python": _python_state()}
+    if torch.cuda.is_available():
+        mine["cuda"] = torch.cuda.get_rng_state()
+    if world == 1:
+        return [mine]
+    import torch.distributed as dist
+
+    out: list = [None] * world
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def _python_state() -> list:
+    v, internal, gauss = random.getstate()
+    return [v, list(internal), gauss]
 
 
 def remove_partial(out_dir: Path) -> None:
@@ -93,30 +132,32 @@ def remove_partial(out_dir: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _write_checkpoint(path, params, opt_tensors, opt_meta, model, scheduler, hooks, step, extra):
+def _write_checkpoint(path, params, opt_tensors, opt_meta, method_state, rngs, scheduler,
+                      step, extra):
     with atomic_dir(path) as tmp:
         save_file(params, str(tmp / "trainable.safetensors"))
         kill_point("checkpoint-write", step)  # tests only (lorakit.faults)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "optimizer.json", opt_meta)
-        method_state = hooks.state_tensors(model) if hooks is not None else {}
         if method_state:
-            save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()},
-                      str(tmp / "hooks.safetensors"))
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+            save_file(method_state, str(tmp / "hooks.safetensors"))
+        rng = {}
+        for i, r in enumerate(rngs):
+            rng["torch" if i == 0 else f"torch.rank{i}"] = r["torch"]
+            if "cuda" in r:
+                rng[f"cuda.rank{i}"] = r["cuda"]
         save_file(rng, str(tmp / "rng.safetensors"))
-        py_state = random.getstate()
         write_json(tmp / "state.json", {
             "step": step, "scheduler": scheduler.state_dict(),
-            "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
-            **(extra or {})})
+            "python_rng": rngs[0]["python"], "python_rng_ranks": [r["python"] for r in rngs],
+            "processes": len(rngs), **(extra or {})})
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                    hooks=None) -> dict:
-    """Restore everything :func:`save_checkpoint` wrote; returns state.json's content."""
+                    hooks=None, rank: int = 0) -> dict:
+    """Restore everything :func:`save_checkpoint` wrote; returns state.json's content. Each
+    process restores its own RNG states (process ``rank``'s, or the first process's when the
+    checkpoint was written by fewer processes) and cuts its shards out of the whole tensors."""
     try:
         state = json.loads((path / "state.json").read_text())
         params = load_file(str(path / "trainable.safetensors"))
@@ -132,16 +173,34 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                            "differs); was the config changed?")
     with torch.no_grad():
         for n, p in own.items():
-            p.copy_(params[n])
+            p.copy_(like(params[n].to(p.dtype), p))
     if hooks is not None and (path / "hooks.safetensors").exists():
         hooks.load_state_tensors(model, load_file(str(path / "hooks.safetensors")))
-    optimizer.load_state_dict(_unflatten_optimizer(opt_t, opt_meta))
+    try:
+        optimizer.load_state_dict(_laid_out(_unflatten_optimizer(opt_t, opt_meta), optimizer))
+    except (ValueError, KeyError) as e:
+        raise LorakitError(f"checkpoint {path}: its optimizer state does not fit this run "
+                           f"({e}); resume with the settings it was made with") from None
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-    v, internal, gauss = state["python_rng"]
+    torch.set_rng_state(rng.get(f"torch.rank{rank}", rng["torch"]) if rank else rng["torch"])
+    cuda = rng.get(f"cuda.rank{rank}") if f"cuda.rank{rank}" in rng else rng.get("cuda.rank0")
+    if torch.cuda.is_available() and cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+    ranks = state.get("python_rng_ranks") or [state["python_rng"]]
+    v, internal, gauss = ranks[rank] if rank < len(ranks) else ranks[0]
     random.setstate((v, tuple(internal), gauss))
     return state
+
+
+def _laid_out(sd: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state dict with each whole state tensor laid out as its parameter is
+    (sharded under FSDP), so ``load_state_dict`` gets what the optimizer itself would hold."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for idx, st in sd["state"].items():
+        p = params[int(idx)] if int(idx) < len(params) else None
+        if p is None or not is_sharded(p):
+            continue
+        for k, v in st.items():
+            if torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape):
+                st[k] = like(v.to(p.dtype if v.is_floating_point() else v.dtype), p)
+    return sd

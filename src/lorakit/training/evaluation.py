@@ -98,31 +98,44 @@ def autocast_for(model: nn.Module, dtype: Optional[torch.dtype]):
 
 @torch.no_grad()
 def loss_sums(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int = 16,
-              dtype: Optional[torch.dtype] = None, progress: Optional[str] = None
-              ) -> list[tuple[float, int]]:
+              dtype: Optional[torch.dtype] = None, progress: Optional[str] = None,
+              share: "Share | None" = None) -> list[tuple[float, int]]:
     """(sum of next-token losses, labelled tokens) of each batch of ``examples``
     (``batch_size=1``: of each example). Computed by the training loss
     (:func:`~lorakit.training.loss.loss_sum`): only labelled positions get logits, so a long
     prompt with a short answer costs one forward pass, not a sequence x vocabulary tensor."""
     from .loss import loss_sum  # loss imports data, which this module imports too
 
+    share = share or ONE_PROCESS
+    progress = progress if share.rank == 0 else None
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for i in _bar(range(0, len(examples), batch_size), progress, len(examples), batch_size):
-        b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+    device = _device(model)
+    starts = list(range(0, len(examples), batch_size))
+    mine = share.batches(len(starts))
+    results: dict[int, tuple[float, int]] = {}
+    for k in _bar(mine, progress, len(mine), 1):
+        i = starts[k if k is not None else 0]  # a repeat: any batch
+        b = {k2: v.to(device) for k2, v in collate(examples[i:i + batch_size], pad_id).items()}
         with autocast_for(model, dtype):
             loss, n = loss_sum(model, b)
-        out.append((loss.item(), n))
+        if k is not None:
+            results[k] = (loss.item(), n)
     model.train(was_training)
-    return out
+    merged = share.gather(results)
+    return [merged[k] for k in range(len(starts))]
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where the model computes (a sharded parameter's device is its shard's)."""
+    return next(model.parameters()).device
 
 
 def eval_loss(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int = 16,
-              dtype: Optional[torch.dtype] = None, progress: Optional[str] = None) -> float:
+              dtype: Optional[torch.dtype] = None, progress: Optional[str] = None,
+              share: Optional[Share] = None) -> float:
     """Mean next-token loss over every labelled token of ``examples`` (token-weighted)."""
-    sums = loss_sums(model, examples, pad_id, batch_size, dtype, progress)
+    sums = loss_sums(model, examples, pad_id, batch_size, dtype, progress, share)
     return sum(s for s, _ in sums) / max(1, sum(n for _, n in sums))
 
 
@@ -136,10 +149,49 @@ def _bar(it, desc: Optional[str], n_items: int, per: int):
         try:
             for i in it:
                 yield i
-                bar.update(min(per, n_items - i))
+                bar.update(1 if per == 1 else min(per, n_items - i))
         finally:
             bar.close()
     return gen()
+
+
+# ---- several processes ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Share:
+    """This process's part of an evaluation: batch ``k`` of the one-process order goes to
+    process ``k % world``, so every batch is the one a single process would form (the same
+    figures, not just close ones). ``lockstep``: every process must run the model the same
+    number of times (FSDP: each forward gathers weights from all of them), so a process with
+    fewer batches runs a repeat of one and discards it, and generation keeps stepping until
+    every process is done (transformers' ``synced_gpus``)."""
+
+    rank: int = 0
+    world: int = 1
+    lockstep: bool = False
+
+    def batches(self, n: int) -> list[Optional[int]]:
+        """The batch numbers this process runs (None: a repeat whose result is dropped)."""
+        mine: list[Optional[int]] = list(range(self.rank, n, self.world))
+        if self.lockstep:
+            mine += [None] * (-(-n // self.world) - len(mine))
+        return mine
+
+    def gather(self, results: dict) -> dict:
+        """{batch number: result} of every process, merged (a collective when world > 1)."""
+        if self.world == 1:
+            return results
+        import torch.distributed as dist
+
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, results)
+        merged: dict = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+
+ONE_PROCESS = Share()
 
 
 # ---- generation ---------------------------------------------------------------------------
@@ -174,37 +226,52 @@ class Answer:
 @torch.no_grad()
 def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int,
                      batch_size: int = 32, dtype: Optional[torch.dtype] = None,
-                     progress: Optional[str] = None) -> list[Answer]:
+                     progress: Optional[str] = None, share: Optional[Share] = None
+                     ) -> list[Answer]:
     """Greedy answers to ``prompts``, each generated until a stop token or the cap.
 
     Batched with the KV cache; prompts are sorted by length so that a batch holds prompts of
     similar length (less left padding). Answers come back in the prompts' order."""
+    share = share or ONE_PROCESS
+    progress = progress if share.rank == 0 else None
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = _device(model)
     stops = stop_token_ids(model, tokenizer)
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    starts = list(range(0, len(order), batch_size))
+    mine = share.batches(len(starts))
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    answers: list[Optional[Answer]] = [None] * len(prompts)
+    found: dict[int, list[tuple[int, Answer]]] = {}
     try:
-        for s in _bar(range(0, len(order), batch_size), progress, len(order), batch_size):
+        for k in _bar(mine, progress, len(mine), 1):
+            s = starts[k if k is not None else 0]  # a repeat: any batch
             idx = order[s:s + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
             with autocast_for(model, dtype):
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      eos_token_id=stops or None,
-                                     pad_token_id=tokenizer.pad_token_id, use_cache=True)
+                                     pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                                     **({"synced_gpus": True} if share.lockstep else {}))
+            if k is None:
+                continue
+            found[k] = []
             for i, row in zip(idx, gen[:, enc["input_ids"].shape[1]:].tolist()):
-                end = next((k for k, t in enumerate(row) if t in stops), None)
+                end = next((j for j, t in enumerate(row) if t in stops), None)
                 body = row if end is None else row[:end]
-                answers[i] = Answer(tokenizer.decode(body, skip_special_tokens=True),
-                                    len(body), cut=end is None and len(row) >= max_new_tokens)
+                found[k].append((i, Answer(tokenizer.decode(body, skip_special_tokens=True),
+                                           len(body),
+                                           cut=end is None and len(row) >= max_new_tokens)))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
+    answers: list[Optional[Answer]] = [None] * len(prompts)
+    for part in share.gather(found).values():
+        for i, ans in part:
+            answers[i] = ans
     return answers  # type: ignore[return-value]
 
 
@@ -237,7 +304,8 @@ def generation_metrics(model: nn.Module, tokenizer, rows: list[dict], fmt: str,
                        limit: Optional[int] = None, batch_size: int = 32,
                        max_new_tokens: Optional[int] = None,
                        dtype: Optional[torch.dtype] = None,
-                       progress: Optional[str] = None) -> GenerationResult:
+                       progress: Optional[str] = None,
+                       share: Optional[Share] = None) -> GenerationResult:
     """Generate an answer for each row (greedy, to its end) and score it against the row's
     reference with every metric in METRICS (means over the rows)."""
     pairs = [prompt_and_answer(r, fmt, tokenizer) for r in rows[:limit]]
@@ -245,7 +313,7 @@ def generation_metrics(model: nn.Module, tokenizer, rows: list[dict], fmt: str,
     cap = max_new_tokens or default_max_new_tokens(tokenizer, refs)
     t0 = time.perf_counter()
     answers = generate_answers(model, tokenizer, [p for p, _ in pairs], cap, batch_size,
-                               dtype, progress)
+                               dtype, progress, share)
     seconds = time.perf_counter() - t0
     preds = []
     for (prompt, ref), ans in zip(pairs, answers):
@@ -284,33 +352,35 @@ class HeldOut:
 
 def measure(model: nn.Module, tokenizer, heldout: HeldOut, ec, max_seq_len: int,
             dtype: Optional[torch.dtype], label: str, log=print,
-            predictions: Optional[Path] = None) -> dict:
+            predictions: Optional[Path] = None, share: Optional[Share] = None) -> dict:
     """Validation loss (and perplexity for plain text), the forgetting loss on general text
     and the generation metrics (``ec``: the run's EvalConfig); every answer goes to
     ``predictions`` (JSON lines). The one function behind the base and tuned figures of
-    ``lorakit train``, ``lorakit eval`` and ``lorakit compare``."""
+    ``lorakit train``, ``lorakit eval`` and ``lorakit compare``. With several processes
+    (``share``) each computes its part and every process returns the whole figures; the
+    first writes ``predictions``."""
     t0 = time.perf_counter()
     pad = tokenizer.pad_token_id
     out: dict = {}
     if heldout.valid_examples:
         out["valid_loss"] = eval_loss(model, heldout.valid_examples, pad, dtype=dtype,
-                                      progress=f"{label}: loss")
+                                      progress=f"{label}: loss", share=share)
         if heldout.fmt == "text":
             out["valid_perplexity"] = perplexity(out["valid_loss"])
     general = encode(Rows(get_task("general-text").rows("test"), [], "general-text"),
                      tokenizer, "text", max_seq_len, train_on="all")
     # per paragraph, so that a forgetting figure can carry its standard error
-    per = loss_sums(model, general.examples, pad, batch_size=1, dtype=dtype)
+    per = loss_sums(model, general.examples, pad, batch_size=1, dtype=dtype, share=share)
     out["general_text_loss"] = sum(s for s, _ in per) / max(1, sum(n for _, n in per))
     out["general_text_losses"] = [s / max(1, n) for s, n in per]
     if ec.metric and heldout.metric_rows:
         res = generation_metrics(model, tokenizer, heldout.metric_rows, heldout.fmt, ec.limit,
                                  ec.batch_size, ec.max_new_tokens, dtype=dtype,
-                                 progress=f"{label}: answers")
+                                 progress=f"{label}: answers", share=share)
         out.update(res.metrics)
         out["metric"] = ec.metric
         out["generation"] = res.as_dict()
-        if predictions is not None:
+        if predictions is not None and (share is None or share.rank == 0):
             write_predictions(predictions, res.predictions)
             out["predictions"] = predictions.name  # beside the run's other files
         if res.cut_note:

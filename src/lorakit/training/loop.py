@@ -41,15 +41,19 @@ from ..errors import LorakitError
 from ..faults import kill_point
 from ..files import atomic_dir, write_json
 from ..registry import get_method
+from ..sharding import full
 from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
+from .distributed import (Strategy, any_process, clip_grad_norm_, full_state, load_whole,
+                          process_bytes, requires_gradient_sync, resolve_strategy, shard_model,
+                          sync_replicated_grads, whole_parameters)
 from .data import (IGNORE, StepSampler, build_heldout, collate, encode, heldout_record,
                    merge_records, pack, read_rows, remap, split_rows, weighted)
-from .evaluation import PREDICTIONS, HeldOut, eval_loss, measure
+from .evaluation import PREDICTIONS, HeldOut, Share, eval_loss, measure
 from .loss import loss_sum
 from .optim import build_optimizer, build_scheduler
-from .runtime import (activation_checkpointing, cast_frozen, compile_error_reason,
-                      compiled_layers, dtype_name, is_compile_error, make_accelerator,
-                      peak_memory_mb, resolve_precision, tracker_config)
+from .runtime import (PeakMemory, activation_checkpointing, cast_frozen, cast_trainable,
+                      compile_error_reason, compiled_layers, dtype_name, is_compile_error,
+                      make_accelerator, resolve_precision, tracker_config)
 
 Log = Callable[[str], None]
 
@@ -70,10 +74,29 @@ class Run:
     out_dir: Path
     log: Log = print
     hooks: MethodHooks = field(default_factory=MethodHooks)
+    strategy: Strategy = field(default_factory=lambda: Strategy("single", 1))
+    #: rebuilds the model for :meth:`edit_parameters` under FSDP (:meth:`ModelBuild.rebuild`)
+    rebuild: Optional[Callable[..., tuple[nn.Module, Any]]] = None
 
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def share(self) -> Share:
+        """This process's part of an evaluation (See evaluation.Share)."""
+        acc = self.accelerator
+        return Share(acc.process_index, acc.num_processes, lockstep=self.strategy.fsdp)
+
+    def edit_parameters(self, edit: Callable[[nn.Module], Any]) -> Any:
+        """Run ``edit(model)``, which may replace adapter Parameters (LoRA-drop's sharing), and
+        return its result. Under FSDP a sharded model's Parameters cannot be replaced, so the
+        model is built again around the trained values, edited whole, then sharded (the
+        random state of the edit is this process's as it was at the call)."""
+        if not self.strategy.fsdp:
+            return edit(self.model)
+        self.model, result = self.rebuild(self.model, edit)
+        return result
 
     @property
     def examples_per_step(self) -> int:
@@ -92,11 +115,16 @@ class Run:
             return optimize(self, examples, steps, desc=desc)
 
     def batches(self, examples: list[dict]):
-        """This process's share of ``examples``, collated and on the device."""
+        """This process's share of ``examples``, collated and on the device. Under FSDP every
+        process runs as many batches (each forward is a collective): a process with fewer
+        gets a repeat marked ``repeat: True``, whose result a caller drops."""
         bs, acc = self.cfg.train.batch_size, self.accelerator
-        for i in range(acc.process_index * bs, len(examples), bs * acc.num_processes):
-            yield {k: v.to(acc.device) for k, v in collate(
+        starts = list(range(0, len(examples), bs))
+        for k in self.share.batches(len(starts)):
+            i = starts[k if k is not None else 0]
+            b = {key: v.to(acc.device) for key, v in collate(
                 examples[i:i + bs], self.tokenizer.pad_token_id).items()}
+            yield {**b, "repeat": True} if k is None else b
 
     def reduce_sum(self, values: list[float]) -> list[float]:
         """Element-wise sum of ``values`` over the processes."""
@@ -132,14 +160,17 @@ class BestTracker:
         training should stop, the same answer on every process."""
         run, tc = self.run, self.run.cfg.train
         stop = 0.0
-        if run.is_main and valid_loss is not None:
-            if self.loss is None or valid_loss < self.loss:
-                self.loss, self.step, self.bad = valid_loss, step, 0
-                if tc.keep_best:
+        better = valid_loss is not None and (self.loss is None or valid_loss < self.loss)
+        if tc.keep_best and any_process(better and run.is_main, run.accelerator.device):
+            with whole_parameters(run.model) as holder:  # gathered under FSDP
+                if holder:
                     with atomic_dir(run.out_dir / self.BEST) as tmp:
                         save_file({n: p.detach().cpu().contiguous()
                                    for n, p in run.model.named_parameters() if p.requires_grad},
                                   str(tmp / "trainable.safetensors"))
+        if run.is_main and valid_loss is not None:
+            if better:
+                self.loss, self.step, self.bad = valid_loss, step, 0
             else:
                 self.bad += 1
             pat = tc.early_stopping_patience
@@ -161,10 +192,7 @@ class BestTracker:
         if not path.exists():
             return
         best = load_file(str(path))
-        with torch.no_grad():
-            for n, p in run.model.named_parameters():
-                if p.requires_grad:
-                    p.copy_(best[n])
+        load_whole({n: p for n, p in run.model.named_parameters() if p.requires_grad}, best)
         if self.step is not None and self.step != last_step:
             run.log(f"kept the best weights: step {self.step} (validation loss "
                     f"{self.loss:.4f}), not the last step's ({last_step})")
@@ -181,7 +209,10 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
     scheduler = build_scheduler(optimizer, tc.schedule, int(tc.warmup_ratio * total_steps),
                                 total_steps)
-    ddp_model, optimizer = acc.prepare(model, optimizer)
+    if run.strategy.fsdp:  # sharded by shard_model already; autocast comes from the step
+        ddp_model = model
+    else:
+        ddp_model, optimizer = acc.prepare(model, optimizer)
     state = _resume(run, optimizer, scheduler, total_steps, desc) if checkpoints else {}
     start = state.get("step", 0)
     tracker = (BestTracker(run, state) if checkpoints and (tc.keep_best or
@@ -203,6 +234,13 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
             except Exception as exc:
                 if not layers or not is_compile_error(exc):
                     raise
+                if acc.num_processes > 1:
+                    # the other processes are inside the step's collectives: a retry here
+                    # alone would pair this process's collectives with theirs wrongly
+                    raise LorakitError(f"train.compile failed ({compile_error_reason(exc)}); "
+                                       "with several processes lorakit does not fall back to "
+                                       "eager training: set train.compile=false (the last "
+                                       "good checkpoint is kept)") from None
                 run.log(f"warning: train.compile failed ({compile_error_reason(exc)}); "
                         "training eagerly")
                 compiled.close()
@@ -239,7 +277,9 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
         best = {"best_step": tracker.step, "best_valid_loss": tracker.loss,
                 "stopped_at": done if done < total_steps else None}
     # drop DDP and the autocast wrapper accelerate put on forward; run.model is what we keep
-    acc.unwrap_model(ddp_model, keep_fp32_wrapper=False)
+    if not run.strategy.fsdp:
+        acc.unwrap_model(ddp_model, keep_fp32_wrapper=False)
+    run.process_bytes = process_bytes(model, optimizer)
     acc.free_memory()
     return {"steps": done - start, **best,
             "median_step_time_s": statistics.median(times) if times else None,
@@ -257,25 +297,37 @@ def _optimizer_step(run: Run, ddp_model: nn.Module, optimizer, scheduler, exampl
     micro = [idx[(j * world + acc.process_index) * tc.batch_size:
                  (j * world + acc.process_index + 1) * tc.batch_size]
              for j in range(tc.grad_accum)]
+    fsdp = run.strategy.fsdp
     step_loss = torch.zeros((), device=acc.device)
     for j, mb in enumerate(micro):
         batch = {k: v.to(acc.device) for k, v in collate([examples[i] for i in mb],
                                                          run.tokenizer.pad_token_id).items()}
-        sync = acc.no_sync(ddp_model) if j < len(micro) - 1 else contextlib.nullcontext()
+        last = j == len(micro) - 1
+        if fsdp:  # FSDP2: reduce-scatter the gradients on the last micro-batch only
+            requires_gradient_sync(model, last)
+        sync = acc.no_sync(ddp_model) if not last and not fsdp else contextlib.nullcontext()
         with sync:
-            s, _ = loss_sum(ddp_model, batch, model)
-            loss = s * world / max(1, n_tokens)
-            reg = run.hooks.regularizer(model)
-            if reg is not None:
-                loss = loss + reg / len(micro)
+            # DDP: accelerate's wrapper runs forward under autocast; FSDP: done here
+            with acc.autocast() if fsdp else contextlib.nullcontext():
+                s, _ = loss_sum(ddp_model, batch, model)
+                loss = s * world / max(1, n_tokens)
+                reg = run.hooks.regularizer(model)
+                if reg is not None:
+                    loss = loss + reg / len(micro)
             acc.backward(loss)
         step_loss += s.detach()
+    if fsdp:
+        sync_replicated_grads(model)
     value = acc.reduce(step_loss, reduction="sum").item() / max(1, n_tokens)
     if not math.isfinite(value):
         raise LorakitError(f"the loss became {value} at step {step + 1}; stopping "
                            "(lower train.lr or use fp32); the last good checkpoint is kept")
     if tc.max_grad_norm:
-        acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+        if fsdp:
+            clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                            tc.max_grad_norm)
+        else:
+            acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
     optimizer.step()
     run.hooks.after_optimizer_step(model, step + 1, total_steps)
     scheduler.step()
@@ -292,8 +344,14 @@ def _resume(run: Run, optimizer, scheduler, total_steps: int, phase: str) -> dic
     state: dict = {}
     if list_checkpoints(run.out_dir):
         last = list_checkpoints(run.out_dir)[-1]
-        state = load_checkpoint(last, run.model, optimizer, scheduler, run.hooks)
+        state = load_checkpoint(last, run.model, optimizer, scheduler, run.hooks,
+                                rank=run.accelerator.process_index)
         run.log(f"resumed from {last} (step {state['step']} of {total_steps})")
+        if state.get("processes", run.accelerator.num_processes) != run.accelerator.num_processes:
+            run.log(f"note: the checkpoint was written by {state['processes']} process(es) and "
+                    f"this run has {run.accelerator.num_processes}: the weights and optimizer "
+                    "state continue exactly, the remaining batches are drawn for the new "
+                    "global batch size")
     if run.is_main:
         _truncate_metrics(run.out_dir / "metrics.jsonl", phase, state.get("step", 0))
     return state
@@ -303,14 +361,15 @@ def _log_step(run: Run, phase: str, done: int, total: int, row: dict) -> Optiona
     """metrics.jsonl: a line every ``train.log_every`` steps, validation loss every
     ``train.eval_every`` steps (returned; None when not measured or not the main process)."""
     tc, path = run.cfg.train, run.out_dir / "metrics.jsonl"
-    if not run.is_main:
-        return None
-    if done % tc.log_every == 0 or done == total:
+    if run.is_main and (done % tc.log_every == 0 or done == total):
         _append_jsonl(path, {"phase": phase, "step": done, **row})
         _track(run, phase, done, row)
     if tc.eval_every and done % tc.eval_every == 0 and run.heldout.valid_examples:
+        # every process evaluates its share (See evaluation.Share): none waits for another
         vl = eval_loss(run.model, run.heldout.valid_examples, run.tokenizer.pad_token_id,
-                       dtype=run.dtype)
+                       dtype=run.dtype, share=run.share)
+        if not run.is_main:
+            return None
         _append_jsonl(path, {"phase": phase, "step": done, "valid_loss": vl})
         _track(run, phase, done, {"valid_loss": vl})
         return vl
@@ -329,9 +388,10 @@ def _maybe_checkpoint(run: Run, done: int, total: int, optimizer, scheduler,
                       extra: Optional[dict] = None) -> None:
     tc = run.cfg.train
     if tc.save_every and done % tc.save_every == 0 and done < total:
-        if run.is_main:
-            save_checkpoint(run.out_dir, done, run.model, optimizer, scheduler, run.hooks,
-                            keep=tc.keep_checkpoints, extra=extra)
+        # every process takes part (the gathers of a sharded model); the first one writes
+        save_checkpoint(run.out_dir, done, run.model, optimizer, scheduler, run.hooks,
+                        keep=tc.keep_checkpoints, extra=extra, rank=run.accelerator.process_index,
+                        world=run.accelerator.num_processes)
         run.accelerator.wait_for_everyone()
 
 
@@ -395,7 +455,7 @@ def prepare_data(cfg: RunConfig, tokenizer, log: Log) -> tuple[list[dict], HeldO
 
 
 def base_metrics(cfg: RunConfig, model: nn.Module, tokenizer, heldout: HeldOut,
-                 dtype: torch.dtype, out: Path, log: Log) -> dict:
+                 dtype: torch.dtype, out: Path, log: Log, share: Optional[Share] = None) -> dict:
     """The base model's figures, measured once per run folder (``base_metrics.json``).
 
     A model with an adapter is measured with the adapter disabled (so QLoRA's base is its
@@ -406,8 +466,9 @@ def base_metrics(cfg: RunConfig, model: nn.Module, tokenizer, heldout: HeldOut,
     adapted = getattr(model, "lorakit_state", None) is not None
     with inject.disabled(model) if adapted else contextlib.nullcontext():
         metrics = measure(model, tokenizer, heldout, cfg.eval, cfg.data.max_seq_len, dtype,
-                          "base model", log, out / PREDICTIONS["base"])
-    write_json(cached, metrics)
+                          "base model", log, out / PREDICTIONS["base"], share)
+    if share is None or share.rank == 0:
+        write_json(cached, metrics)
     return metrics
 
 
@@ -426,19 +487,24 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
         return finished
     dtype = resolve_precision(tc.precision)
     acc = make_accelerator(dtype, tuple(tc.report_to), out)
+    strategy = resolve_strategy(tc.distributed, acc.num_processes)
     log = log if acc.is_main_process else (lambda *_: None)
+    peak = PeakMemory()
 
     # ---- everything below until the lock only reads and checks ----
-    set_seed(tc.seed)
-    model, tok = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    method = get_method(cfg.adapter.method)
+    build = ModelBuild(cfg, acc, strategy, dtype)
+    model, tok = build.load()
     train_ex, heldout, record = prepare_data(cfg, tok, log)
     per_step = tc.batch_size * tc.grad_accum * acc.num_processes
     StepSampler(len(train_ex), per_step, tc.seed)  # enough data for one step?
     total = tc.max_steps or max(1, math.ceil(tc.epochs * (len(train_ex) // per_step)))
     set_seed(tc.seed)
-    method = get_method(cfg.adapter.method)
-    if method.wraps_layers:
-        inject.apply(model, cfg.adapter)
+    early = method.wraps_layers or strategy.fsdp  # a sharded model is adapted before sharding
+    if early:
+        build.adapt(model)
+    if strategy.fsdp:
+        fsdp_units_check(model, strategy)
 
     lock = _lock(out) if acc.is_main_process else None
     try:
@@ -448,46 +514,153 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
             write_json(out / "heldout.json", record)
         if tc.report_to:  # accelerate's trackers: tensorboard events in <out>/tensorboard
             acc.init_trackers("tensorboard", config=tracker_config(cfg.model_dump(mode="json")))
-        model.to(acc.device)
-        cast_frozen(model, dtype)  # frozen weights in bf16: the fast path, also for eval
+        model = build.place(model)
+        peak.phase("load")
+        run = Run(cfg, model, tok, acc, dtype, train_ex, heldout, out, log, method.hooks(),
+                  strategy, rebuild=build.rebuild)
         base = None
-        if cfg.eval.compare_base and acc.is_main_process:
-            base = base_metrics(cfg, model, tok, heldout, dtype, out, log)
-        if not method.wraps_layers:
-            inject.apply(model, cfg.adapter)
-        run = Run(cfg, model, tok, acc, dtype, train_ex, heldout, out, log, method.hooks())
+        if cfg.eval.compare_base:
+            base = base_metrics(cfg, model, tok, heldout, dtype, out, log, run.share)
+        peak.phase("base_eval")
+        if not early:
+            build.adapt(model)
         run.hooks.prepare(run)  # e.g. LoRA-drop's sample phase and layer selection
-        cast_frozen(model, dtype)
-        return _train_and_finish(run, method, total, base)
+        cast_frozen(run.model, dtype)
+        return _train_and_finish(run, method, total, base, peak)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _train_and_finish(run: Run, method, total: int, base: Optional[dict]) -> dict:
+def fsdp_units_check(model: nn.Module, strategy: Strategy) -> None:
+    """Refuse, before anything is written, a model FSDP cannot shard."""
+    from .distributed import fsdp_units
+
+    fsdp_units(model, strategy)
+
+
+class ModelBuild:
+    """How this run's model is made, once or again (LoRA-drop under FSDP builds it twice):
+    loaded in the compute dtype where it will run, adapted, placed or sharded.
+
+    Loading (See Note: FSDP2 in lorakit, distributed.py): one process, or DDP: each process
+    reads the weights once, in the compute dtype (frozen weights bf16 from the start; a
+    method that trains every weight loads fp32 master weights), onto its own device. FSDP
+    with sharded loading: process 0 reads the weights, the others build the model on the meta
+    device and receive their shards; a 4-bit base is read and quantized by every process."""
+
+    def __init__(self, cfg: RunConfig, acc, strategy: Strategy, dtype: torch.dtype):
+        self.cfg, self.acc, self.strategy, self.dtype = cfg, acc, strategy, dtype
+        method = get_method(cfg.adapter.method)
+        # trainable weights are fp32 masters: a method that trains every weight loads fp32
+        self.load_dtype = dtype if method.wraps_layers else torch.float32
+        self.meta = (strategy.fsdp and strategy.sharded_loading and not cfg.adapter.quantize)
+        self._state: Optional[dict] = None
+
+    def load(self, meta: Optional[bool] = None) -> tuple[nn.Module, Any]:
+        cfg, acc = self.cfg, self.acc
+        if acc.num_processes > 1 and cfg.model in models.EMBEDDED:
+            # the first process converts the embedded model's files; the others wait
+            if acc.is_main_process:
+                models.resolve_model_path(cfg.model, self.load_dtype)
+            acc.wait_for_everyone()
+        on_meta = self.meta and not acc.is_main_process if meta is None else meta
+        device = None if self.strategy.fsdp else acc.device
+        return models.load_model(cfg.model, dtype=self.load_dtype,
+                                 trust_remote_code=cfg.trust_remote_code, device=device,
+                                 meta=on_meta)
+
+    def adapt(self, model: nn.Module) -> nn.Module:
+        """Apply the method; trainable weights in fp32 (their master copies)."""
+        with torch.device("meta") if _on_meta(model) else contextlib.nullcontext():
+            inject.apply(model, self.cfg.adapter)
+        cast_trainable(model, torch.float32)
+        return model
+
+    def place(self, model: nn.Module, edits: tuple = ()) -> nn.Module:
+        """On the device (frozen weights in the compute dtype), or sharded under FSDP.
+        ``edits``: what was done to ``model`` after :meth:`adapt` (LoRA-drop's sharing), done
+        again to the meta twin process 0 shards, so both have one structure."""
+        cast_frozen(model, self.dtype)
+        if not self.strategy.fsdp:
+            return model.to(self.acc.device)
+        state = None
+        if self.meta and self.acc.is_main_process:
+            # process 0 keeps its whole weights (CPU) for the broadcast and shards a meta twin
+            # built the same way, so that no device ever holds the whole model
+            state = full_state(model)
+            with torch.random.fork_rng(devices=[]):
+                twin, _ = self.load(meta=True)
+                self.adapt(twin)
+                for edit in edits:
+                    edit(twin)
+            cast_frozen(twin, self.dtype)
+            model = twin
+        return shard_model(model, self.strategy, self.acc.device, state)
+
+    def rebuild(self, current: nn.Module, edit: Callable[[nn.Module], Any]
+                ) -> tuple[nn.Module, Any]:
+        """A new sharded model holding ``current``'s trained values, after ``edit`` (which
+        replaces Parameters: a sharded model's cannot be). The edit draws from the random
+        state this process had at the call, as it would on an unsharded model."""
+        trained = {n: full(p.detach()).cpu() for n, p in current.named_parameters()
+                   if p.requires_grad}  # a collective: every process calls it
+        rng = torch.get_rng_state()
+        model, _ = self.load()
+        self.adapt(model)
+        if not _on_meta(model):
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in trained:
+                        p.copy_(trained[n].to(p.dtype))
+        del trained
+        torch.set_rng_state(rng)
+        result = edit(model)
+        return self.place(model, edits=(edit,)), result
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def _train_and_finish(run: Run, method, total: int, base: Optional[dict],
+                      peak: PeakMemory) -> dict:
     """The main optimization, then the adapter, the tuned figures and summary.json."""
-    cfg, model, acc, out = run.cfg, run.model, run.accelerator, run.out_dir
-    trainable, n_total = inject.count_parameters(model)
+    cfg, acc, out = run.cfg, run.accelerator, run.out_dir
+    trainable, n_total = inject.count_parameters(run.model)
     run.log(f"{cfg.adapter.method}: {trainable:,} trainable of {n_total:,} parameters "
             f"({100 * trainable / n_total:.3f}%), {len(run.train_examples)} examples, "
-            f"{total} steps, {dtype_name(run.dtype)}, {acc.num_processes} process(es)")
-    with activation_checkpointing(model, cfg.train.gradient_checkpointing):
+            f"{total} steps, {dtype_name(run.dtype)}, {acc.num_processes} process(es), "
+            f"{run.strategy.name}")
+    peak.reset()
+    with activation_checkpointing(run.model, cfg.train.gradient_checkpointing):
         stats = optimize(run, run.train_examples, total, checkpoints=True)
+    peak.phase("train")
+    model = run.model
     summary: dict[str, Any] = {
         "method": cfg.adapter.method, "model": cfg.model,
         "trainable_params": trainable, "total_params": n_total,
-        "peak_memory_mb": peak_memory_mb(), "precision": dtype_name(run.dtype),
-        "processes": acc.num_processes, "total_steps": total, **stats,
-        "method_summary": run.hooks.summary(model)}
+        "precision": dtype_name(run.dtype), "processes": acc.num_processes,
+        "distributed": run.strategy.as_dict(), "total_steps": total, **stats}
+    # every process's bytes (its shards under FSDP), in rank order
+    summary["process_bytes"] = _gather(run, getattr(run, "process_bytes", {}))
+    with whole_parameters(model, trainable_only=not method.save_whole_model()) as holder:
+        summary["method_summary"] = run.hooks.summary(model)
+        if holder:
+            peft_format.save_adapter(
+                model, out / "adapter",
+                base_model_name_or_path=models.resolve_model_path(cfg.model),
+                summary={k: v for k, v in summary.items() if k != "loss_curve"})
+            if method.save_whole_model():  # a whole model folder wants its tokenizer
+                run.tokenizer.save_pretrained(out / "adapter")
+    acc.wait_for_everyone()
+    peak.reset()
+    tuned = measure(model, run.tokenizer, run.heldout, cfg.eval, cfg.data.max_seq_len,
+                    run.dtype, "tuned model", run.log, out / PREDICTIONS["tuned"], run.share)
+    peak.phase("tuned_eval")
+    summary.update(peak_memory_mb=peak.overall(), peak_memory_phases_mb=peak.phases)
     if acc.is_main_process:
-        peft_format.save_adapter(model, out / "adapter",
-                                 base_model_name_or_path=models.resolve_model_path(cfg.model),
-                                 summary={k: v for k, v in summary.items() if k != "loss_curve"})
-        if method.save_whole_model():  # a whole model folder wants its tokenizer
-            run.tokenizer.save_pretrained(out / "adapter")
-        summary["tuned"] = measure(model, run.tokenizer, run.heldout, cfg.eval,
-                                   cfg.data.max_seq_len, run.dtype, "tuned model", run.log,
-                                   out / PREDICTIONS["tuned"])
+        summary["tuned"] = tuned
         summary["base"] = base
         write_json(out / "summary.json", summary)
         _track(run, "tuned", total, summary["tuned"])
@@ -495,6 +668,12 @@ def _train_and_finish(run: Run, method, total: int, base: Optional[dict]) -> dic
     if cfg.train.report_to:
         acc.end_training()
     return summary
+
+
+def _gather(run: Run, obj) -> list:
+    from .distributed import gather_objects
+
+    return gather_objects(obj, run.accelerator.num_processes)
 
 
 #: settings that cannot change a run's results (train.compile: only within floating-point

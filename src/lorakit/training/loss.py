@@ -23,6 +23,7 @@ import contextlib
 import torch
 from torch import nn
 
+from ..sharding import full
 from .data import IGNORE
 
 CHUNK_ROWS = 1024
@@ -104,4 +105,6 @@ def loss_sum(model: nn.Module, batch: dict, unwrapped: nn.Module | None = None
         hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        use_cache=False).logits
     rows = hidden[:, :-1][valid]  # only the positions that have a label
-    return LinearCrossEntropy.apply(rows, head.weight, head.bias, labels[valid]), n
+    # under FSDP the (frozen) head may be resharded once the model's forward is done
+    weight, bias = (None if t is None else full(t.detach()) for t in (head.weight, head.bias))
+    return LinearCrossEntropy.apply(rows, weight, bias, labels[valid]), n

@@ -94,7 +94,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
     torch's fused AdamW kernel where every parameter allows it (fp32/bf16/fp16 on CPU or CUDA):
     one pass over all tensors instead of a loop over them (420 LoRA tensors of SmolLM2: 6 ms
     a step instead of 22 ms on 2 CPU cores); the same update within rounding."""
-    groups = parameter_groups(model, lr, weight_decay)
+    from .distributed import split_param_groups  # FSDP: shards and whole tensors apart
+
+    groups = split_param_groups(parameter_groups(model, lr, weight_decay))
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in
                                  (torch.float32, torch.bfloat16, torch.float16) for p in params)

@@ -22,10 +22,17 @@ from ..models import resolve_dtype
 
 
 def resolve_precision(precision: str) -> torch.dtype:
-    """auto: bf16 on a GPU that has it or a CPU with native bf16 matmuls, else fp32."""
+    """auto: bf16 on a GPU that has it natively (compute capability 8.0 and later: A100,
+    H100, RTX 30xx...; not the emulated bf16 of a T4 or V100) or a CPU with native bf16
+    matmuls, else fp32. An fp32 run on CUDA lets matmuls use TF32 (torch's "high"
+    precision), as transformers' Trainer does with ``tf32=True``."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if precision == "auto":
         if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) \
+                else torch.float32
         fast = getattr(torch.backends.mkldnn, "is_available", lambda: False)() and getattr(
             torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
         return torch.bfloat16 if fast else torch.float32
@@ -75,12 +82,20 @@ def tracker_config(cfg_dict: dict, prefix: str = "") -> dict:
     return out
 
 
+def cast_trainable(model: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    """Trainable floating-point weights as ``dtype`` master weights (a module trained whole,
+    copied from a bf16 base, becomes fp32)."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
     """Store frozen floating-point weights in the compute dtype (trainables stay fp32)."""
     if dtype == torch.float32:
         return
     for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
 
 
@@ -186,8 +201,43 @@ def compile_error_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
 
 
+class PeakMemory:
+    """Peak memory per phase of a run (load, base_eval, train, tuned_eval), in MiB: the CUDA
+    allocator's peak on GPU, the peak resident set (VmHWM) on CPU. :meth:`reset` starts a new
+    phase's peak (``torch.cuda.reset_peak_memory_stats``; on Linux, writing 5 to
+    ``/proc/self/clear_refs`` resets VmHWM to the current RSS); :meth:`phase` records it."""
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass  # not Linux, or not allowed: the peak then covers the earlier phases too
+
+    def phase(self, name: str) -> float:
+        self.phases[name] = round(peak_memory_mb(), 1)
+        self.reset()
+        return self.phases[name]
+
+    def overall(self) -> float:
+        """The training phase's peak (what the memory figures of compare are about)."""
+        return self.phases.get("train", max(self.phases.values(), default=0.0))
+
+
 def peak_memory_mb() -> float:
     """Peak memory of this process: CUDA allocator peak on GPU, max RSS on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
