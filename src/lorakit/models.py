@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 import socket
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from torch import nn
 
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,3 +204,131 @@ def _meta_model(path: str, dtype: torch.dtype, kwargs: dict):
     except OSError:
         pass  # no generation_config.json: the one from_config derived stays
     return model
+
+
+# ---- a 4-bit base, quantized while it is read ------------------------------------------------
+
+# Note: reading a 4-bit base
+# A QLoRA base is read one tensor at a time and each linear weight is quantized to NF4 on its
+# device as soon as it is read, so the 16-bit model never exists whole: peak host memory is the
+# 4-bit model plus the embeddings plus one tensor. safetensors' Python API reads through a
+# memory map, whose pages stay resident in the process until every tensor of the file is
+# released (reading a whole file that way costs its full size however it is converted), so
+# the tensors here are read with plain file reads from the offsets the file's JSON header
+# gives (the format: an 8-byte little-endian header length, the header, the data). The header
+# is parsed as JSON and never evaluated. A checkpoint whose names do not match the model's
+# (a transformers key conversion) falls back to loading whole and quantizing after.
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _safetensors_index(folder: Path) -> Optional[dict[str, tuple[Path, dict, int]]]:
+    """{tensor name: (file, header entry, data start)} of a model folder's safetensors files,
+    or None when the folder has none (a .bin checkpoint, a Hub id)."""
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    out: dict[str, tuple[Path, dict, int]] = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                out[name] = (f, entry, 8 + n)
+    return out
+
+
+def _read_tensor(where: tuple[Path, dict, int]) -> torch.Tensor:
+    f, entry, base = where
+    start, end = entry["data_offsets"]
+    buf = bytearray(end - start)
+    with open(f, "rb") as fh:
+        fh.seek(base + start)
+        fh.readinto(buf)
+    dtype = _ST_DTYPES[entry["dtype"]]
+    if not buf:
+        return torch.empty(entry["shape"], dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+
+
+def _release_freed_memory() -> None:
+    """Give the C allocator's freed pages back to the system (glibc ``malloc_trim``): after a
+    freed 16-bit weight, glibc raises its mmap threshold and keeps such buffers on its heap,
+    where the next ones would pile up instead of reusing the space."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
+def load_quantized(name_or_path: str, adapter_cfg, dtype: Union[str, torch.dtype, None] = None,
+                   trust_remote_code: bool = False, device: Union[str, torch.device, None] = None):
+    """(model, tokenizer) with every linear layer but the output head stored in NF4 as it is
+    read (See Note: reading a 4-bit base); the rest in ``dtype`` on ``device``."""
+    from accelerate import init_empty_weights
+
+    from .module_tree import output_layer, set_submodule
+    from .quant import blocksize_for, is_quantized, nf4_linear, require_bitsandbytes
+
+    require_bitsandbytes()
+    torch_dtype = resolve_dtype(dtype) or torch.float32
+    path = resolve_model_path(name_or_path, torch_dtype)
+    index = _safetensors_index(Path(path))
+    if index is None:
+        return None
+    from transformers import AutoConfig
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    with init_empty_weights(include_buffers=False):  # buffers (RoPE tables) computed as usual
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **kwargs)
+    names = [n for n, _ in model.named_parameters()]
+    tied = {n for n in names if n not in index}
+    if tied - {"lm_head.weight"} or ("lm_head.weight" in tied and
+                                     not getattr(config, "tie_word_embeddings", False)):
+        return None  # the checkpoint names tensors otherwise: the whole-model path
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    compute = getattr(torch, adapter_cfg.quant_compute_dtype)
+    head = output_layer(model)
+    modules = dict(model.named_modules())
+    for name in names:
+        if name in tied:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        module = modules[owner]
+        value = _read_tensor(index[name]).to(device=dev, dtype=torch_dtype)
+        if type(module) is nn.Linear and module is not head and leaf == "weight":
+            blocksize_for(module.in_features, dev)  # refuses an impossible layer at once
+            dense = nn.Linear(module.in_features, module.out_features, bias=False,
+                              device="meta")
+            dense.weight = nn.Parameter(value, requires_grad=False)
+            q = nf4_linear(dense, compute)  # a bias, if any, is read next, into q
+            set_submodule(model, owner, q)
+            modules[owner] = q
+        else:
+            module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        del value
+        _release_freed_memory()
+    if tied:
+        model.tie_weights()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.name_or_path = path
+    model.config._name_or_path = path
+    if any(p.is_meta for p in model.parameters()) or not any(
+            is_quantized(m) for m in model.modules()):
+        return None  # something this reader does not know: the whole-model path
+    return model, tok

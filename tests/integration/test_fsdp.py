@@ -142,6 +142,9 @@ def test_fsdp_lora_matches_one_process_and_peft_loads_it(tiny_model_dir, tmp_pat
     pytest.param(("train.gradient_checkpointing=true",), id="grad-ckpt",
                  marks=pytest.mark.slow),
     pytest.param(("train.compile=true",), id="compile", marks=pytest.mark.slow),
+    # the 4-bit base: each process reads and quantizes it, the packed NF4 bytes are sharded
+    pytest.param(("adapter.quantize=nf4", "adapter.method=dora"), id="qlora-dora",
+                 marks=pytest.mark.slow),
 ])
 def test_every_method_under_fsdp_equals_one_process(tiny_model_dir, tmp_path, extra):
     one, two = tmp_path / "one", tmp_path / "two"

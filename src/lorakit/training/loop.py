@@ -566,6 +566,12 @@ class ModelBuild:
             acc.wait_for_everyone()
         on_meta = self.meta and not acc.is_main_process if meta is None else meta
         device = None if self.strategy.fsdp else acc.device
+        if cfg.adapter.quantize and not on_meta:
+            # See Note: reading a 4-bit base (models.py): NF4 as it is read, on the device
+            loaded = models.load_quantized(cfg.model, cfg.adapter, self.load_dtype,
+                                           cfg.trust_remote_code, device)
+            if loaded is not None:
+                return loaded
         return models.load_model(cfg.model, dtype=self.load_dtype,
                                  trust_remote_code=cfg.trust_remote_code, device=device,
                                  meta=on_meta)
@@ -594,6 +600,8 @@ class ModelBuild:
                 self.adapt(twin)
                 for edit in edits:
                     edit(twin)
+            if hasattr(model, "lorakit_state"):  # what the method recorded (the same object)
+                twin.lorakit_state.extras = model.lorakit_state.extras
             cast_frozen(twin, self.dtype)
             model = twin
         return shard_model(model, self.strategy, self.acc.device, state)
