@@ -263,6 +263,9 @@ def load_adapter(base: nn.Module, path: str | os.PathLike,
     if method.save_whole_model():
         raise LorakitError(f"{path} is a whole fine-tuned model; load it with lorakit.load_model")
     apply(base, cfg)
+    for p in base.parameters():  # trained weights as training keeps them: fp32, exact
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
     try:
         method.hooks().on_load(base, extras, tensors)
         load_state_into(base, tensors, str(Path(path) / WEIGHTS_NAME))
@@ -312,17 +315,22 @@ def recorded_base(path: str | os.PathLike) -> Optional[str]:
 
 
 def open_adapter(path: str | os.PathLike, model_name: Optional[str] = None,
-                 dtype: str = "fp32", trust_remote_code: bool = False):
+                 dtype: str = "fp32", trust_remote_code: bool = False, device=None):
     """(model, tokenizer) for an adapter folder on its base (``model_name`` or the recorded
-    one; a QLoRA adapter goes onto the 16-bit base), or a whole model folder."""
+    one; a QLoRA adapter goes onto the 16-bit base), or a whole model folder; read once, in
+    ``dtype``, onto ``device``."""
     path = Path(path)
     if not path.is_dir():
         raise LorakitError(f"adapter folder {str(path)!r} does not exist")
     if is_whole_model(path):
-        return models.load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        return models.load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
+                                 device=device)
     base_name = model_name or recorded_base(path)
     if not base_name:
         raise LorakitError(f"{path} does not record its base model; pass --model")
-    model, tok = models.load_model(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
+    model, tok = models.load_model(base_name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                   device=device)
     load_adapter(model, path, quantize=None)
+    if device is not None:
+        model.to(device)  # the adapter's own tensors
     return model, tok

@@ -208,3 +208,14 @@ def test_fsdp_that_cannot_be_had_is_one_sentence(tiny_model_dir, tmp_path):
     assert r.returncode != 0
     assert "has no module of that class" in r.stderr
     assert not out.exists()
+
+
+def test_a_compile_failure_under_two_processes_ends_both_cleanly(tiny_model_dir, tmp_path):
+    """No eager retry on one process while the other waits in a collective: every process
+    stops with the one sentence, the launcher ends them all, nothing is left half-written."""
+    out = tmp_path / "run"
+    r = run_fsdp(tiny_model_dir, out, "train.compile=true",
+                 env={"LORAKIT_TEST_BROKEN_COMPILER": "1"})
+    assert r.returncode != 0
+    assert "with several processes lorakit does not fall back" in r.stderr
+    assert not (out / "summary.json").exists() and not (out / "adapter").exists()

@@ -74,27 +74,40 @@ def test_merged_folder_loads_in_plain_transformers(tiny_model_dir, tmp_path, cap
     assert diff <= 1e-4
 
 
-def test_generate_prints_a_completion(tiny_model_dir, tmp_path, capsys):
+def test_generate_prints_the_answer_eval_records(tiny_model_dir, tmp_path, capsys):
+    """One generation path: for the same adapter and question, ``lorakit generate`` prints
+    the answer ``lorakit eval --predictions`` records, with the chat template and, on a base
+    whose tokenizer has none, with the ``role: content`` lines training uses."""
+    import shutil
+
+    from lorakit.training.tasks import get_task
+
     out = tmp_path / "run"
     assert main(["train", *tiny_run_args(tiny_model_dir, out, "eval.compare_base=false",
                                          "train.max_steps=2")]) == 0
-    capsys.readouterr()
-    assert main(["generate", str(out / "adapter"), "What is 12 + 30?",
-                 "--max-new-tokens", "3"]) == 0
-    printed = capsys.readouterr().out
-    # the same greedy completion computed here, through the library
-    import lorakit as lk
-
-    base, tok = lk.load_model(str(tiny_model_dir))
-    model = lk.load_adapter(base, out / "adapter").eval()
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}],
-                                   add_generation_prompt=True, tokenize=False)
-    enc = tok(text, return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        gen = model.generate(**enc, max_new_tokens=3, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-    want = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert printed == want + "\n"
+    plain = tmp_path / "no-template"  # the same model, its tokenizer without a chat template
+    shutil.copytree(tiny_model_dir, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    tc = json.loads((plain / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(tc))
+    questions = [r["messages"][0]["content"] for r in get_task("arithmetic").rows("test")[:3]]
+    for base in (None, plain):
+        model_arg = [] if base is None else ["--model", str(base)]
+        preds = tmp_path / f"preds-{base is None}.jsonl"
+        capsys.readouterr()
+        assert main(["eval", str(out), "--data", "task:arithmetic", "--limit", "3",
+                     "--max-new-tokens", "6", "--dtype", "fp32", "--predictions", str(preds),
+                     *model_arg]) == 0
+        recorded = [json.loads(x) for x in preds.read_text().splitlines()]
+        assert ("<|im_start|>" in recorded[0]["prompt"]) == (base is None)
+        by_prompt = {q: r for q in questions for r in recorded if q in r["prompt"]}
+        assert len(by_prompt) == 3
+        for q in questions:
+            capsys.readouterr()
+            assert main(["generate", str(out / "adapter"), q, "--max-new-tokens", "6",
+                         *model_arg]) == 0
+            assert capsys.readouterr().out == by_prompt[q]["prediction"] + "\n"
 
 
 def _adapter(path):

@@ -19,7 +19,9 @@ from ..config import METRIC_NAMES, RunConfig, config_reference, load_run_config,
 from ..errors import LorakitError
 from ..registry import describe
 from ..training.data import Rows, build_heldout, encode, read_rows, remap
-from ..training.evaluation import HeldOut, measure
+from ..training.evaluation import (HeldOut, _device, generate_answers, measure,
+                                   stop_token_ids)
+from ..training.formats import render
 from ..training.loop import train
 from ..training.runtime import cast_frozen, dtype_name, resolve_precision
 
@@ -95,16 +97,24 @@ def _add_model_arg(p: argparse.ArgumentParser, dtype_default: Optional[str] = "f
                    help="let transformers run the model repository's code")
 
 
-def load_for_inference(adapter: Optional[str], model_name: Optional[str], dtype: str,
+def inference_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_for_inference(adapter: Optional[str], model_name: Optional[str], dtype,
                        trust_remote_code: bool = False):
     """(model, tokenizer) for an adapter folder (or a full fine-tuned model folder), or the
-    base model alone when ``adapter`` is None. A QLoRA adapter goes onto the 16-bit base."""
+    base model alone when ``adapter`` is None, read once in ``dtype`` onto the GPU when there
+    is one. A QLoRA adapter goes onto the 16-bit base."""
+    device = inference_device()
     if adapter is None:
         if not model_name:
             raise LorakitError("name a model with --model (or --base)")
-        return models.load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
+        return models.load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                 device=device)
     return peft_format.open_adapter(adapter_folder(adapter), model_name, dtype,
-                                    trust_remote_code)
+                                    trust_remote_code, device)
 
 
 # ---- eval ---------------------------------------------------------------------------------
@@ -199,11 +209,11 @@ def run_eval(args) -> int:
     run_dir = _run_folder(args.adapter)
     cfg = _eval_config(run_dir, args)
     dtype = resolve_precision(args.dtype or (cfg.train.precision if run_dir else "fp32"))
-    model, tok = load_for_inference(adapter, args.base or args.model, "fp32",
+    # read once, frozen weights in the compute dtype as in training
+    model, tok = load_for_inference(adapter, args.base or args.model, dtype,
                                     args.trust_remote_code)
     what, valid, metric_rows, fmt = _eval_rows(args.data, run_dir, cfg, tok)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    cast_frozen(model, dtype)  # as in training: frozen weights in the compute dtype
+    cast_frozen(model, dtype)
     m = measure(model, tok, HeldOut(valid, metric_rows, fmt), cfg.eval, cfg.data.max_seq_len,
                 dtype, "adapter" if adapter else "base model", _stderr,
                 Path(args.predictions) if args.predictions else None)
@@ -221,10 +231,13 @@ def run_eval(args) -> int:
 # ---- generate / chat ----------------------------------------------------------------------
 
 def _gen_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="at most this many tokens; the answer ends at the model's end-of-turn "
+                   "token before that")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--no-chat-template", action="store_true",
-                   help="send the prompt as raw text")
+                   help="render the prompt as 'role: content' lines (as lorakit trains on a "
+                   "tokenizer without a chat template) instead of the chat template")
     _add_model_arg(p)
 
 
@@ -235,19 +248,24 @@ def generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _complete(model, tok, messages: list[dict], args) -> str:
-    if args.no_chat_template or not getattr(tok, "chat_template", None):
-        text = "\n".join(m["content"] for m in messages)
-    else:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    enc = tok(text, return_tensors="pt", add_special_tokens=False)
-    kw = {"do_sample": args.temperature > 0}
-    if args.temperature > 0:
-        kw["temperature"] = args.temperature
+    """The answer to ``messages``: the prompt rendered as training and evaluation render it
+    (the chat template, or ``role: content`` lines without one), generated until the stop
+    tokens evaluation stops on; greedy through evaluation's own generation function, so it
+    is the answer ``lorakit eval --predictions`` records."""
+    prompt = render(tok, messages, add_generation_prompt=True,
+                    use_template=not args.no_chat_template)
+    if args.temperature <= 0:
+        return generate_answers(model, tok, [prompt], args.max_new_tokens, batch_size=1)[0].text
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(_device(model))
+    stops = stop_token_ids(model, tok)
     model.eval()
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=args.max_new_tokens,
-                             pad_token_id=tok.pad_token_id, **kw)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=True,
+                             temperature=args.temperature, eos_token_id=stops or None,
+                             pad_token_id=tok.pad_token_id)
+    row = out[0, enc["input_ids"].shape[1]:].tolist()
+    end = next((i for i, t in enumerate(row) if t in stops), len(row))
+    return tok.decode(row[:end], skip_special_tokens=True)
 
 
 def _adapter_or_none(a: str) -> Optional[str]:

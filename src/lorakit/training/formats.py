@@ -133,10 +133,10 @@ def check_row(row: dict, fmt: str) -> Optional[str]:
 
 
 def render(tokenizer, messages: list[dict], tools: Optional[list] = None,
-           add_generation_prompt: bool = False) -> str:
+           add_generation_prompt: bool = False, use_template: bool = True) -> str:
     """The conversation as the model sees it: its chat template, or ``role: content`` lines
-    for a tokenizer without one."""
-    if getattr(tokenizer, "chat_template", None):
+    for a tokenizer without one (or with ``use_template=False``)."""
+    if use_template and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)

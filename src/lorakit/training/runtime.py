@@ -18,6 +18,7 @@ from torch import nn
 
 from ..adapters.base import AdapterLayer
 from ..errors import LorakitError
+from ..faults import compile_backend
 from ..models import resolve_dtype
 
 
@@ -159,7 +160,7 @@ def compiled_layers(model: nn.Module, enabled: bool, log=print):
             for m in layer.modules():
                 if isinstance(m, AdapterLayer):
                     m.before_compile()
-            layer.compile(backend=COMPILE_BACKEND, dynamic=True)
+            layer.compile(backend=compile_backend(COMPILE_BACKEND), dynamic=True)
     except RuntimeError as exc:  # torch.compile unsupported here (platform, Python version)
         log(f"warning: train.compile failed ({compile_error_reason(exc)}); training eagerly")
         uncompile(layers)
