@@ -37,14 +37,14 @@ from typing import Callable, Optional
 import torch
 import yaml
 
-from .. import inject, models
 from ..config import load_run_config, parse_overrides, split_config_args
 from ..errors import LorakitError
 from ..files import write_json
 from ..registry import METHODS, PRESETS, all_methods, get_method, preset_options
 from ..training.evaluation import PREDICTIONS
-from ..training.loop import base_metrics, prepare_data
-from ..training.runtime import cast_frozen, resolve_precision
+from ..training.distributed import Strategy
+from ..training.loop import ModelBuild, base_metrics, prepare_data
+from ..training.runtime import resolve_precision
 from .report import best_lr_factors, write_report
 from .settings import Budget, settings_for
 
@@ -362,12 +362,14 @@ def measure_base(cfg, log: Log = print) -> dict:
     this evaluation."""
     dtype = resolve_precision(cfg.train.precision)
     torch.manual_seed(cfg.train.seed)
-    model, tok = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    # the model as the run builds it: read once in the compute dtype, on the device
+    build = ModelBuild(cfg, Strategy("single", 1), dtype,
+                       torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tok = build.load()
     _, heldout, _ = prepare_data(cfg, tok, log)
     if get_method(cfg.adapter.method).wraps_layers:
-        inject.apply(model, cfg.adapter)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    cast_frozen(model, dtype)
+        build.adapt(model)
+    model = build.place(model)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     return base_metrics(cfg, model, tok, heldout, dtype, out, log)

@@ -318,4 +318,4 @@ def requires_gradient_sync(model: nn.Module, on: bool) -> None:
 __all__ = ["Strategy", "resolve_strategy", "shard_model", "full_state", "whole_parameters",
            "load_whole", "process_bytes", "clip_grad_norm_", "split_param_groups",
            "sync_replicated_grads", "gather_objects", "any_process", "requires_gradient_sync",
-           "full", "fsdp_units"]
+           "fsdp_units"]

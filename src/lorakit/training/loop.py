@@ -493,7 +493,7 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
 
     # ---- everything below until the lock only reads and checks ----
     method = get_method(cfg.adapter.method)
-    build = ModelBuild(cfg, acc, strategy, dtype)
+    build = ModelBuild(cfg, strategy, dtype, acc.device, acc.process_index)
     model, tok = build.load()
     train_ex, heldout, record = prepare_data(cfg, tok, log)
     per_step = tc.batch_size * tc.grad_accum * acc.num_processes
@@ -549,8 +549,10 @@ class ModelBuild:
     with sharded loading: process 0 reads the weights, the others build the model on the meta
     device and receive their shards; a 4-bit base is read and quantized by every process."""
 
-    def __init__(self, cfg: RunConfig, acc, strategy: Strategy, dtype: torch.dtype):
-        self.cfg, self.acc, self.strategy, self.dtype = cfg, acc, strategy, dtype
+    def __init__(self, cfg: RunConfig, strategy: Strategy, dtype: torch.dtype,
+                 device: torch.device, rank: int = 0):
+        self.cfg, self.strategy, self.dtype, self.device = cfg, strategy, dtype, device
+        self.main = rank == 0
         method = get_method(cfg.adapter.method)
         # trainable weights are fp32 masters: a method that trains every weight loads fp32
         self.load_dtype = dtype if method.wraps_layers else torch.float32
@@ -558,14 +560,14 @@ class ModelBuild:
         self._state: Optional[dict] = None
 
     def load(self, meta: Optional[bool] = None) -> tuple[nn.Module, Any]:
-        cfg, acc = self.cfg, self.acc
-        if acc.num_processes > 1 and cfg.model in models.EMBEDDED:
+        cfg = self.cfg
+        if self.strategy.processes > 1 and cfg.model in models.EMBEDDED:
             # the first process converts the embedded model's files; the others wait
-            if acc.is_main_process:
+            if self.main:
                 models.resolve_model_path(cfg.model, self.load_dtype)
-            acc.wait_for_everyone()
-        on_meta = self.meta and not acc.is_main_process if meta is None else meta
-        device = None if self.strategy.fsdp else acc.device
+            torch.distributed.barrier()
+        on_meta = self.meta and not self.main if meta is None else meta
+        device = None if self.strategy.fsdp else self.device
         if cfg.adapter.quantize and not on_meta:
             # See Note: reading a 4-bit base (models.py): NF4 as it is read, on the device
             loaded = models.load_quantized(cfg.model, cfg.adapter, self.load_dtype,
@@ -589,9 +591,9 @@ class ModelBuild:
         again to the meta twin process 0 shards, so both have one structure."""
         cast_frozen(model, self.dtype)
         if not self.strategy.fsdp:
-            return model.to(self.acc.device)
+            return model.to(self.device)
         state = None
-        if self.meta and self.acc.is_main_process:
+        if self.meta and self.main:
             # process 0 keeps its whole weights (CPU) for the broadcast and shards a meta twin
             # built the same way, so that no device ever holds the whole model
             state = full_state(model)
@@ -604,7 +606,7 @@ class ModelBuild:
                 twin.lorakit_state.extras = model.lorakit_state.extras
             cast_frozen(twin, self.dtype)
             model = twin
-        return shard_model(model, self.strategy, self.acc.device, state)
+        return shard_model(model, self.strategy, self.device, state)
 
     def rebuild(self, current: nn.Module, edit: Callable[[nn.Module], Any]
                 ) -> tuple[nn.Module, Any]:
