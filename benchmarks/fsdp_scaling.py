@@ -6,7 +6,8 @@ FSDP config, fsdp_version 2) of LoRA r=16 on every linear layer, the same global
 examples of the built-in task, max_seq_len 256), bf16, a few steps. It prints, per process
 count: the frozen-parameter, trainable-parameter, gradient and optimizer-state bytes of each
 process (summary.json ``process_bytes``), their ratio to one process's, the median step time
-and the peak memory of the training phase. On 2 cores, 4 processes share the cores: the step
+and the peak memory of the training phase (precision auto: bf16 where the CPU has it
+natively, else fp32). On 2 cores, 4 processes share the cores: the step
 times show the cost of the collectives on one machine, not a speed-up.
 
     python benchmarks/fsdp_scaling.py [--steps 6] [--procs 1 2 4]
@@ -47,7 +48,7 @@ def cpu_model() -> str:
 
 def run(n: int, steps: int, root: Path) -> dict:
     out = root / f"p{n}"
-    args = ["train", "model=smollm2-135m", f"output_dir={out}", "train.precision=bf16",
+    args = ["train", "model=smollm2-135m", f"output_dir={out}", "train.precision=auto",
             f"train.max_steps={steps}", f"train.batch_size={GLOBAL_BATCH // n}",
             "train.save_every=0", "eval.compare_base=false", "eval.metric=null",
             "data.max_seq_len=256", "data.limit=400"]
@@ -72,18 +73,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
     a = ap.parse_args()
-    print(f"# FSDP2 scaling, SmolLM2-135M LoRA r=16 all-linear, bf16, global batch "
-          f"{GLOBAL_BATCH} x <=256 tokens, {a.steps} steps; {cpu_model()}, "
-          f"{os.cpu_count()} cores")
     mib = 2 ** 20
-    rows, ref = [], None
+    rows, ref, precision = [], None, None
     with tempfile.TemporaryDirectory() as tmp:
         for n in a.procs:
             s = run(n, a.steps, Path(tmp))
             p0 = s["process_bytes"][0]
             ref = ref or p0
+            precision = s["precision"]
             rows.append((n, s["distributed"]["strategy"], p0, s["median_step_time_s"],
                          s.get("peak_memory_phases_mb", {}).get("train")))
+    print(f"# FSDP2 scaling, SmolLM2-135M LoRA r=16 all-linear, {precision} (precision auto), "
+          f"global batch {GLOBAL_BATCH} x <=256 tokens, {a.steps} steps; {cpu_model()}, "
+          f"{os.cpu_count()} cores")
     print("| processes | strategy | frozen MiB/proc | trainable MiB/proc | grad MiB/proc | "
           "optimizer MiB/proc | frozen vs 1 proc | median step s | train peak RSS MiB/proc |")
     print("|---|---|---|---|---|---|---|---|---|")
