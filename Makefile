@@ -23,7 +23,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# llama-cpp-python (for the llama.cpp export test only) builds llama.cpp from source: minutes
+# on 2 cores. When it cannot be built, that one test skips and says why.
 test-all: $(STAMP)
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install llama-cpp-python || \
+		echo "llama-cpp-python did not install: the llama.cpp export test will skip"
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -470,6 +470,9 @@ def export_model(model: nn.Module, out: Union[str, os.PathLike], to: str = PLAIN
     pc = peft_config_dict(model, base_name)
     report = ExportReport(to, str(out), method, conv.rank, conv.alpha,
                           outtype if to == "gguf" else None, conv.layers, prompts=len(ids))
+    if st.modules_to_save:  # only --to lora gets here with them
+        report.notes.append("modules trained whole are kept (modules_to_save): PEFT and lorakit "
+                            "load them, vLLM and llama.cpp do not (`lorakit merge` for those)")
     if to == "vllm":
         why = vllm_problem(pc)
         if why:

@@ -135,6 +135,19 @@ def test_export_to_lora_loads_in_peft_as_plain_lora(case, tmp_path):
         assert lay.rel_error <= 1e-5
 
 
+def test_gpt2_conv1d_layers_export_in_their_layout(tmp_path):
+    """GPT-2's Conv1D stores its weight transposed; the SVD of DoRA's update must not be."""
+    model = _trained("dora", {"target_modules": ["c_attn", "c_proj", "c_fc"]}, None, "gpt2")
+    ids = batch()
+    ours = _logits(model, ids)
+    report = export_model(model, tmp_path / "ex", "lora", rank=128)
+    pc = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
+    assert pc["fan_in_fan_out"] is True
+    peft_model = PeftModel.from_pretrained(tiny_model("gpt2"), tmp_path / "ex").eval()
+    assert (ours - _logits(peft_model, ids)).abs().max().item() <= SVD_FULL
+    assert report.max_rel_error <= 1e-5
+
+
 def test_dora_truncated_svd_error_is_the_spectrum_tail(tmp_path):
     """At rank k the error is √(Σ_{i>k} σ²/Σσ²) of ΔW (Eckart–Young); --energy picks the
     smallest rank that keeps that much of Σσ², layer by layer."""
@@ -203,9 +216,10 @@ def test_trained_whole_modules_are_refused_for_servers_kept_for_peft(tmp_path):
     model = _trained("lora", opts, None)
     ids = batch()
     ours = _logits(model, ids)
-    export_model(model, tmp_path / "p", "lora")
+    report = export_model(model, tmp_path / "p", "lora")
     pc = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
     assert pc["modules_to_save"]
+    assert "modules trained whole are kept" in " ".join(report.notes)
     peft_model = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "p").eval()
     assert (ours - _logits(peft_model, ids)).abs().max().item() <= EXACT
 

@@ -38,8 +38,9 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorakit", description="Fine-tune causal LMs with LoRA, QLoRA, LoRA+, LoRA-FA, "
-        "LoRA-drop, AdaLoRA, DoRA and LongLoRA; adapters load in PEFT and lorakit, and `lorakit "
-        "export` writes them for vLLM and llama.cpp.")
+        "LoRA-drop, AdaLoRA, DoRA and LongLoRA; adapters load in PEFT and lorakit; `lorakit export` "
+        "writes any of them as plain LoRA (checked against vLLM's rules) or as a llama.cpp "
+        "GGUF adapter.")
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():

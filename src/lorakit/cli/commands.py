@@ -306,7 +306,7 @@ def export_args(p: argparse.ArgumentParser) -> None:
     size.add_argument("--rank", type=int, help="rank of the SVD for updates that are not B·A "
                       "(DoRA); also caps exact layers (default: each layer's own rank)")
     size.add_argument("--energy", type=float, help="instead of --rank: per layer, the "
-                      "smallest rank keeping this fraction of the update's spectrum (0.999)")
+                      "smallest rank keeping this fraction of the update's spectrum, e.g. 0.999")
     p.add_argument("--outtype", default="f32", choices=list(OUTTYPES),
                    help="tensor type of a GGUF file")
     p.add_argument("--no-heldout", action="store_true", help="given a run folder, skip the "
