@@ -398,6 +398,7 @@ def write_gguf(conv: Conversion, plan: GGUFPlan, out: Path, outtype: str,
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, PLAIN)
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(conv.alpha))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if name:
             writer.add_name(name)
         for module, (b, a) in conv.factors.items():
@@ -485,7 +486,8 @@ def export_model(model: nn.Module, out: Union[str, os.PathLike], to: str = PLAIN
         heldout["export"] = evaluate(model, tokenizer)
         report.heldout = heldout
     if to == "gguf":
-        write_gguf(conv, plan, out, outtype, name=f"{method} adapter of {base_name}")
+        write_gguf(conv, plan, out, outtype,
+                   name=f"{method} adapter of {Path(str(base_name)).name}")
     else:
         save_adapter(model, out, base_name, summary={"export": report.to_dict()})
     return report
