@@ -23,8 +23,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# For the llama.cpp export tests only (tests/integration/test_export_llamacpp.py): llama.cpp's
+# source as shipped inside the llama-cpp-python source package (its convert_lora_to_gguf.py),
+# and llama-cpp-python itself, which builds llama.cpp from source (minutes on 2 cores). When
+# either cannot be had, those tests skip and say why.
+LLAMA_CPP_SRC ?= $(VENV)/llama-cpp-src
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+	test -f $(LLAMA_CPP_SRC)/convert_lora_to_gguf.py || { rm -rf $(VENV)/llama-cpp-sdist && \
+		$(PY) -m pip download --no-deps --no-binary :all: llama-cpp-python \
+			-d $(VENV)/llama-cpp-sdist && mkdir -p $(LLAMA_CPP_SRC) && \
+		tar -xzf $(VENV)/llama-cpp-sdist/llama_cpp_python-*.tar.gz -C $(LLAMA_CPP_SRC) \
+			--strip-components=3 --wildcards '*/vendor/llama.cpp/*'; } || \
+		echo "no llama.cpp source: the converter comparison will skip"
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install llama-cpp-python || \
+		echo "llama-cpp-python did not install: the llama.cpp serving test will skip"
+	LLAMA_CPP_SRC=$(LLAMA_CPP_SRC) $(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -14,9 +14,11 @@ from .inject import (apply, count_parameters, disabled, merge, trainable_paramet
                      unload, unmerge)
 from .peft_format import load_adapter, save_adapter, save_merged  # noqa: E402
 from .models import load_model  # noqa: E402
+from .export import export  # noqa: E402
 
 __all__ = [
-    "AdapterConfig", "LorakitError", "apply", "count_parameters", "disabled", "load_adapter",
+    "AdapterConfig", "LorakitError", "apply", "count_parameters", "disabled", "export",
+    "load_adapter",
     "load_model", "merge", "save_adapter", "save_merged", "trainable_parameters", "unload",
     "unmerge", "__version__",
 ]

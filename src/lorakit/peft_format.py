@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -312,6 +312,25 @@ def recorded_base(path: str | os.PathLike) -> Optional[str]:
     if not (path / CONFIG_NAME).exists():
         read_adapter(path)  # raises the precise error (pickle only, missing files...)
     return read_json(path / CONFIG_NAME).get("base_model_name_or_path")
+
+
+def run_folder(path: Union[str, os.PathLike, None]) -> Optional[Path]:
+    """The run folder an adapter belongs to (it holds config.yaml and adapter/), if any:
+    ``path`` itself or its parent."""
+    if path:
+        for d in (Path(path), Path(path).parent):
+            if (d / "config.yaml").is_file() and (d / "adapter").is_dir():
+                return d
+    return None
+
+
+def adapter_folder(path: Union[str, os.PathLike]) -> str:
+    """The adapter folder ``path`` names: the folder itself, or a run folder's ``adapter/``;
+    a missing folder is the first thing said."""
+    if not Path(path).is_dir():
+        raise LorakitError(f"adapter folder {str(path)!r} does not exist")
+    run_dir = run_folder(path)
+    return str(run_dir / "adapter") if run_dir == Path(path) else str(path)
 
 
 def open_adapter(path: str | os.PathLike, model_name: Optional[str] = None,

@@ -28,6 +28,10 @@ METHODS: dict[str, str] = {
 #: what ``adapter.method`` is when a config does not say
 DEFAULT_METHOD = "lora"
 
+#: the method every export is written as (``lorakit export``): plain LoRA, which PEFT, vLLM and
+#: llama.cpp load
+EXPORT_METHOD = "lora"
+
 # Presets named after the seed document; each expands to a method plus common options.
 # User-given values always win over the preset's. Keys of PRESET_META are not options:
 # "compare" holds what ``lorakit compare`` gives the preset (key, value, source), like a

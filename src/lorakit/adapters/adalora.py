@@ -113,6 +113,15 @@ class AdaLoRALinear(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ (self.lora_A.float() * self.lora_E.float())) * self.scaling
 
+    def lora_factors(self):
+        """Exact: ΔW = s·P·diag(λ)·Q, so B = P·diag(λ), A = Q over the triplets with λ_i ≠ 0
+        (the kept ones: the allocator zeroes a masked triplet's λ_i, which then adds
+        nothing)."""
+        keep = self.lora_E.detach().view(-1) != 0
+        e = self.lora_E.detach().float()[keep].view(1, -1)
+        return (self.lora_B.detach().float()[:, keep] * e, self.lora_A.detach().float()[keep],
+                self.scaling)
+
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         a = (self.lora_A * self.lora_E).to(x.dtype)
         return F.linear(F.linear(self.dropout(x), a) * self.scaling, self.lora_B.to(x.dtype))

@@ -107,6 +107,30 @@ class AdapterLayer(nn.Module):
         """What the base weight becomes once merged, fp32, (d_out, d_in). LoRA: W0 + ΔW."""
         return self.base_weight_matrix().float() + self.delta_weight()
 
+    # ---- plain LoRA, for serving (lorakit.export) -------------------------------------------
+    def update(self) -> torch.Tensor:
+        """What merging adds to the base weight, fp32, :meth:`delta_weight`'s layout: ΔW itself
+        where merging adds it (the default :meth:`merged_weight`: no cancellation of two
+        weight-sized numbers), else merged − base (DoRA)."""
+        if type(self).merged_weight is AdapterLayer.merged_weight:
+            return self.delta_weight()
+        return self.merged_weight() - self.base_weight_matrix().float()
+
+    def lora_factors(self) -> Optional[tuple[torch.Tensor, torch.Tensor, float]]:
+        """``(B, A, s)`` with ``s · B @ A`` equal to this layer's whole update
+        (:meth:`update`) in :meth:`delta_weight`'s layout, B (rows, k) and
+        A (k, cols), k the rank; fp32. None when the update is no such product (DoRA's
+        magnitude rescales W0 itself): the exporter then factors merged − base by a truncated
+        SVD. The exporter checks the product against the update, so a subclass that changes
+        :meth:`delta_weight` but not this falls back to the SVD rather than exporting wrong
+        factors."""
+        return None
+
+    def set_lora_factors(self, b: torch.Tensor, a: torch.Tensor) -> None:
+        """Make the update ``scaling · B @ A`` (B, A as :meth:`lora_factors` gives them, of this
+        layer's rank): what a plain LoRA layer does with an export's factors."""
+        raise NotImplementedError
+
     def unmerged_weight(self) -> torch.Tensor:
         """Invert :meth:`merged_weight` from the current (merged) base weight, fp32."""
         return self.base_weight_matrix().float() - self.delta_weight()

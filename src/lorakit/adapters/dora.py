@@ -133,6 +133,11 @@ class DoRALinear(LoRALinear):
                         self.lora_B.to(x_d.dtype))
         return out + (k - 1) * base_part.to(out.dtype) + k * lora.to(out.dtype)
 
+    def lora_factors(self):
+        """None: W' - W0 = (k - 1) ⊙_row W0 + k ⊙_row s·BA is no product of B and A (the
+        magnitude rescales W0's rows), so an export factors it by a truncated SVD."""
+        return None
+
     # ---- merge ------------------------------------------------------------------------------
     # Merging needs ||V|| of the UNmerged weight, which cannot be recovered from W' (its row
     # norms are |m|): keep k from merge time, as PEFT does. Rows with k == 0 (a zero row with

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (AdapterLayer, Method, Setting, kaiming_uniform_, linear_dims,
-                   make_dropout)
+from .base import (AdapterLayer, Method, Setting, copy_into, kaiming_uniform_,
+                   linear_dims, make_dropout)
 
 
 class LoRALinear(AdapterLayer):
@@ -41,6 +41,13 @@ class LoRALinear(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def lora_factors(self):
+        return self.lora_B.detach().float(), self.lora_A.detach().float(), self.scaling
+
+    def set_lora_factors(self, b: torch.Tensor, a: torch.Tensor) -> None:
+        copy_into(self.lora_B, b)
+        copy_into(self.lora_A, a)
 
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         """s · dropout(x) Aᵀ Bᵀ; the scale is applied to the r-sized intermediate."""
@@ -87,6 +94,15 @@ class LoRAEmbedding(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scaling
+
+    def lora_factors(self):
+        # ΔW (vocab, dim) = s·(B_e A_e)ᵀ = s·A_eᵀ B_eᵀ
+        return (self.lora_embedding_A.detach().float().T, self.lora_embedding_B.detach().float().T,
+                self.scaling)
+
+    def set_lora_factors(self, b: torch.Tensor, a: torch.Tensor) -> None:
+        copy_into(self.lora_embedding_A, b.T)
+        copy_into(self.lora_embedding_B, a.T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)

@@ -25,6 +25,8 @@ COMMANDS = {
     "chat": (commands, "chat with an adapter in the terminal (empty line or Ctrl-D ends)"),
     "merge": (commands, "merge an adapter into its base and save a plain transformers model "
               "folder"),
+    "export": (commands, "write an adapter of any method as plain LoRA for serving: a PEFT "
+               "folder (--to lora), vLLM-checked (--to vllm) or a llama.cpp GGUF (--to gguf)"),
     "compare": (analysis, "train several methods on the same model, data, seed and budget, and "
                 "write a report (Markdown + HTML with plots)"),
     "inspect": (analysis, "per-layer analysis of an adapter: ||ΔW||, effective rank and each "
@@ -36,7 +38,9 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorakit", description="Fine-tune causal LMs with LoRA, QLoRA, LoRA+, LoRA-FA, "
-        "LoRA-drop, AdaLoRA, DoRA and LongLoRA; adapters load in PEFT, vLLM and transformers.")
+        "LoRA-drop, AdaLoRA, DoRA and LongLoRA; adapters load in PEFT and lorakit; `lorakit export` "
+        "writes any of them as plain LoRA (checked against vLLM's rules) or as a llama.cpp "
+        "GGUF adapter.")
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():

@@ -1,4 +1,4 @@
-"""Subcommands train, eval, generate, chat, merge and methods.
+"""Subcommands train, eval, generate, chat, merge, export and methods.
 
 Each parses its arguments and calls one library function.
 """
@@ -17,6 +17,7 @@ import torch
 from .. import models, peft_format
 from ..config import METRIC_NAMES, RunConfig, config_reference, load_run_config, split_config_args
 from ..errors import LorakitError
+from ..export import OUTTYPES, TARGETS, describe as describe_export, export
 from ..registry import describe
 from ..training.data import Rows, build_heldout, encode, read_rows, remap
 from ..training.evaluation import (HeldOut, _device, generate_answers, measure,
@@ -142,20 +143,12 @@ def eval_args(p: argparse.ArgumentParser) -> None:
 def adapter_folder(arg: str) -> str:
     """The adapter folder a command line names: the folder itself, or a run folder's
     ``adapter/``; a missing folder is the first thing said."""
-    path = Path(arg)
-    if not path.is_dir():
-        raise LorakitError(f"adapter folder {arg!r} does not exist")
-    run_dir = _run_folder(arg)
-    return str(run_dir / "adapter") if run_dir == path else arg
+    return peft_format.adapter_folder(arg)
 
 
 def _run_folder(adapter: Optional[str]) -> Optional[Path]:
     """The run folder an adapter belongs to (it holds config.yaml), if any."""
-    if adapter:
-        for d in (Path(adapter), Path(adapter).parent):
-            if (d / "config.yaml").is_file() and (d / "adapter").is_dir():
-                return d
-    return None
+    return peft_format.run_folder(adapter)
 
 
 def _eval_config(run_dir: Optional[Path], args):
@@ -319,6 +312,54 @@ def run_merge(args) -> int:
         raise LorakitError(f"{args.adapter} is already a full model; nothing to merge")
     peft_format.save_merged(model, out, tok)
     print(f"merged model: {out}")
+    return 0
+
+
+# ---- export -------------------------------------------------------------------------------
+
+def export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter folder, or a run folder")
+    p.add_argument("--to", required=True, choices=list(TARGETS),
+                   help="lora: a PEFT LoRA adapter folder; vllm: the same, checked against "
+                        "vLLM's rules; gguf: a llama.cpp LoRA adapter file")
+    p.add_argument("--out", required=True, help="the folder (lora, vllm) or .gguf file to write")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--rank", type=int, help="rank of the SVD for updates that are not B·A "
+                      "(DoRA); also caps exact layers (default: each layer's own rank)")
+    size.add_argument("--energy", type=float, help="instead of --rank: per layer, the "
+                      "smallest rank keeping this fraction of the update's spectrum, e.g. 0.999")
+    p.add_argument("--outtype", default="f32", choices=list(OUTTYPES),
+                   help="tensor type of a GGUF file")
+    p.add_argument("--no-heldout", action="store_true", help="given a run folder, skip the "
+                   "held-out metric of the original and the export")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run the model repository's code")
+
+
+def _heldout_evaluator(run_dir: Path):
+    """evaluate(model, tok) -> the held-out figures of a run (its heldout.json), in fp32."""
+    cfg = load_run_config(str(run_dir / "config.yaml"), recorded=True)
+    labels = iter(("original", "export"))
+
+    def evaluate(model, tok) -> dict:
+        _, valid, metric_rows, fmt = _eval_rows(None, run_dir, cfg, tok)
+        m = measure(model, tok, HeldOut(valid, metric_rows, fmt), cfg.eval,
+                    cfg.data.max_seq_len, torch.float32, next(labels, "export"), _stderr)
+        return {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
+    return evaluate
+
+
+def run_export(args) -> int:
+    run_dir = _run_folder(args.adapter) if Path(args.adapter).is_dir() else None
+    evaluate = None
+    if run_dir is not None and not args.no_heldout and (run_dir / "heldout.json").is_file():
+        evaluate = _heldout_evaluator(run_dir)
+    report = export(args.adapter, args.out, args.to, args.rank, args.energy,
+                           args.outtype, args.model, evaluate=evaluate,
+                           trust_remote_code=args.trust_remote_code)
+    print(json.dumps(report.to_dict()) if args.json else "\n".join(describe_export(report)))
     return 0
 
 
