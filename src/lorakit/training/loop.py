@@ -46,6 +46,7 @@ from .data import (IGNORE, StepSampler, build_heldout, collate, encode, heldout_
                    merge_records, pack, read_rows, remap, split_rows, weighted)
 from .evaluation import PREDICTIONS, HeldOut, eval_loss, measure
 from .loss import loss_sum
+from .memory import run_exact_memory
 from .optim import build_optimizer, build_scheduler
 from .runtime import (activation_checkpointing, cast_frozen, compile_error_reason,
                       compiled_layers, dtype_name, is_compile_error, make_accelerator,
@@ -244,6 +245,7 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
     return {"steps": done - start, **best,
             "median_step_time_s": statistics.median(times) if times else None,
             "tokens_per_s": tokens_seen / sum(times) if times else None,
+            "train_time_s": sum(times), "train_tokens": tokens_seen,
             "final_train_loss": losses[-1] if losses else None, "loss_curve": losses}
 
 
@@ -479,6 +481,7 @@ def _train_and_finish(run: Run, method, total: int, base: Optional[dict]) -> dic
         "peak_memory_mb": peak_memory_mb(), "precision": dtype_name(run.dtype),
         "processes": acc.num_processes, "total_steps": total, **stats,
         "method_summary": run.hooks.summary(model)}
+    summary["exact_memory"] = run_exact_memory(run)  # after the peak is read (memory.py)
     if acc.is_main_process:
         peft_format.save_adapter(model, out / "adapter",
                                  base_model_name_or_path=models.resolve_model_path(cfg.model),
