@@ -363,7 +363,7 @@ class TrainConfig(_Strict):
 
 
 #: the generation metrics (lorakit.training.evaluation computes each; docs/evaluation.md)
-METRIC_NAMES = ("exact_match", "normalized_match", "f1")
+METRIC_NAMES = ("exact_match", "normalized_match", "f1", "number")
 
 
 class EvalConfig(_Strict):
@@ -372,7 +372,7 @@ class EvalConfig(_Strict):
 
     metric: Optional[Literal[METRIC_NAMES]] = Field(
         "exact_match", description="headline generation metric on the held-out rows with "
-        "references (a task's test split, or the validation rows); all three are computed "
+        "references (a task's test split, or the validation rows); all of them are computed "
         "and reported; null: loss only")
     limit: int = Field(200, gt=0, description="examples for the generation metric")
     batch_size: int = Field(32, gt=0, description="examples per generation batch")

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..config import METRIC_NAMES
 from .data import Rows, collate, encode, prompt_and_answer
+from .number import number_score
 from .tasks import get_task
 
 #: default cap = longest reference + this margin, never above MAX_NEW_TOKENS_CAP
@@ -76,7 +77,7 @@ def f1_score(prediction: str, reference: str) -> float:
 
 
 SCORERS = {"exact_match": exact_match_score, "normalized_match": normalized_match_score,
-           "f1": f1_score}
+           "f1": f1_score, "number": number_score}
 METRICS = tuple(SCORERS)
 assert METRICS == METRIC_NAMES, "the config's metric names and the scorers must agree"
 
