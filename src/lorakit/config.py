@@ -380,6 +380,10 @@ class EvalConfig(_Strict):
         None, gt=0, description="cap on generated tokens per answer; null: the longest "
         "reference answer in tokens + 16 (at most 1024). Answers cut by the cap are reported")
     compare_base: bool = Field(True, description="also evaluate the base model (before/after)")
+    precision: Literal["fp32", "train"] = Field(
+        "fp32", description="fp32: every evaluation figure in fp32 (the frozen weights upcast "
+        "for it), so answers do not depend on batch_size or the CPU's bf16 kernels; train: "
+        "the run's precision")
 
 
 class RunConfig(_Strict):

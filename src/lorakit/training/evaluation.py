@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..config import METRIC_NAMES
 from .data import Rows, collate, encode, prompt_and_answer
+from .eval_precision import evaluation_precision
 from .number import number_score
 from .tasks import get_task
 
@@ -286,6 +287,16 @@ class HeldOut:
 def measure(model: nn.Module, tokenizer, heldout: HeldOut, ec, max_seq_len: int,
             dtype: Optional[torch.dtype], label: str, log=print,
             predictions: Optional[Path] = None) -> dict:
+    """:func:`measure_in` in the evaluation's precision (``ec.precision``; fp32 by default:
+    See Note: why evaluation is fp32, in eval_precision.py); ``dtype``: the run's."""
+    with evaluation_precision(model, ec.precision, dtype) as eval_dtype:
+        return measure_in(model, tokenizer, heldout, ec, max_seq_len, eval_dtype, label, log,
+                          predictions)
+
+
+def measure_in(model: nn.Module, tokenizer, heldout: HeldOut, ec, max_seq_len: int,
+               dtype: Optional[torch.dtype], label: str, log=print,
+               predictions: Optional[Path] = None) -> dict:
     """Validation loss (and perplexity for plain text), the forgetting loss on general text
     and the generation metrics (``ec``: the run's EvalConfig); every answer goes to
     ``predictions`` (JSON lines). The one function behind the base and tuned figures of
