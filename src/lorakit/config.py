@@ -273,10 +273,11 @@ class DataConfig(_Strict):
     format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
         "auto", description="row format; auto detects messages / conversations / instruction "
         "/ prompt / text")
-    columns: dict[str, str] = Field(
+    columns: dict[str, Union[str, list[str]]] = Field(
         default_factory=dict, description="lorakit's field name -> the file's (as "
         "LLaMA-Factory's dataset_info): {messages: dialog, role: speaker, content: text}, "
-        "{instruction: question, output: answer}")
+        "{instruction: question, output: answer}; a list: the first field a row has; a row "
+        "field may be a template of the file's fields: {prompt: 'Question: {query}'}")
     roles: dict[str, str] = Field(
         default_factory=dict, description="the file's role names -> user, assistant, system "
         "or tool: {Q: user, A: assistant}")
