@@ -15,8 +15,9 @@ training and the saved adapter are untouched). A 4-bit (NF4) base keeps its 4-bi
 whose matmuls compute in ``adapter.quant_compute_dtype``. ``eval.precision: train``
 evaluates in the run's precision, as lorakit did before.
 
-Measured on the embedded model (docs/evaluation.md): in bf16, fp32 logits for the arg-max
-alone do not make the answers independent of the batch size; fp32 evaluation does.
+Why not only fp32 logits for the arg-max: the roundings that depend on the batch happen in
+every layer's bf16 hidden states, which an fp32 arg-max still reads. Measurements and the
+cost in eval time: docs/evaluation.md (Precision).
 """
 
 from __future__ import annotations
