@@ -50,31 +50,6 @@ def machine() -> str:
             f"{platform.python_version()}")
 
 
-class SavedBytes:
-    """Bytes autograd keeps for backward inside the block (``saved_tensors_hooks``), each
-    storage counted once (q/k/v share their input), storages of ``exclude`` (the model's own
-    parameters, counted as state instead) left out. Exact and independent of the allocator."""
-
-    def __init__(self, exclude=()):
-        import torch
-
-        self.seen: dict[int, int] = {}
-        self.exclude = {p.untyped_storage().data_ptr() for p in exclude}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in self.exclude and st.device.type != "meta":
-            self.seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    def __enter__(self):
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._hooks.__exit__(*exc)
-
-    @property
-    def mib(self) -> float:
-        return sum(self.seen.values()) / 2**20
+# Bytes autograd keeps for backward: the library's count (training/memory.py), which a
+# training run records in summary.json; the exact memory table uses the same code.
+from lorakit.training.memory import SavedBytes  # noqa: E402,F401

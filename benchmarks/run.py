@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from common import machine, peak_since_mib, reset_peak
+from lorakit.training.memory import state_bytes  # noqa: E402  (common puts src/ on the path)
 
 import torch
 
@@ -166,21 +167,6 @@ def _memory_one(variant: str, dtype: torch.dtype) -> None:
     before = reset_peak()
     step()
     print(f"{peak_since_mib(before):.1f}")
-
-
-def state_bytes(model, opt) -> int:
-    """Parameters and buffers (each storage once) + gradients + optimizer state, in bytes."""
-    seen = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        if isinstance(t, torch.nn.Parameter) and t.grad is not None:
-            seen[t.grad.untyped_storage().data_ptr()] = t.grad.untyped_storage().nbytes()
-    if opt is not None:
-        for st in opt.state.values():
-            for v in st.values():
-                if torch.is_tensor(v):
-                    seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 def memory_table(variants: list[str], dtype: torch.dtype) -> dict[str, dict[str, float]]:

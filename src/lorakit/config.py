@@ -273,10 +273,11 @@ class DataConfig(_Strict):
     format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
         "auto", description="row format; auto detects messages / conversations / instruction "
         "/ prompt / text")
-    columns: dict[str, str] = Field(
+    columns: dict[str, Union[str, list[str]]] = Field(
         default_factory=dict, description="lorakit's field name -> the file's (as "
         "LLaMA-Factory's dataset_info): {messages: dialog, role: speaker, content: text}, "
-        "{instruction: question, output: answer}")
+        "{instruction: question, output: answer}; a list: the first field a row has; a row "
+        "field may be a template of the file's fields: {prompt: 'Question: {query}'}")
     roles: dict[str, str] = Field(
         default_factory=dict, description="the file's role names -> user, assistant, system "
         "or tool: {Q: user, A: assistant}")
@@ -367,7 +368,7 @@ class TrainConfig(_Strict):
 
 
 #: the generation metrics (lorakit.training.evaluation computes each; docs/evaluation.md)
-METRIC_NAMES = ("exact_match", "normalized_match", "f1")
+METRIC_NAMES = ("exact_match", "normalized_match", "f1", "number")
 
 
 class EvalConfig(_Strict):
@@ -376,7 +377,7 @@ class EvalConfig(_Strict):
 
     metric: Optional[Literal[METRIC_NAMES]] = Field(
         "exact_match", description="headline generation metric on the held-out rows with "
-        "references (a task's test split, or the validation rows); all three are computed "
+        "references (a task's test split, or the validation rows); all of them are computed "
         "and reported; null: loss only")
     limit: int = Field(200, gt=0, description="examples for the generation metric")
     batch_size: int = Field(32, gt=0, description="examples per generation batch")
@@ -384,6 +385,10 @@ class EvalConfig(_Strict):
         None, gt=0, description="cap on generated tokens per answer; null: the longest "
         "reference answer in tokens + 16 (at most 1024). Answers cut by the cap are reported")
     compare_base: bool = Field(True, description="also evaluate the base model (before/after)")
+    precision: Literal["fp32", "train"] = Field(
+        "fp32", description="fp32: every evaluation figure in fp32 (the frozen weights upcast "
+        "for it), so answers do not depend on batch_size or the CPU's bf16 kernels; train: "
+        "the run's precision")
 
 
 class RunConfig(_Strict):

@@ -35,7 +35,8 @@ EXPORT_METHOD = "lora"
 # Presets named after the seed document; each expands to a method plus common options.
 # User-given values always win over the preset's. Keys of PRESET_META are not options:
 # "compare" holds what ``lorakit compare`` gives the preset (key, value, source), like a
-# method's ``compare_settings``; "compare_suite": "long" runs it on the long-context suite.
+# method's ``compare_settings``; "compare_suite": "long" runs it on the long-context suite;
+# "compare_equal" adds a compare row of the preset with ``keys`` at its method's values.
 PRESETS: dict[str, dict[str, Any]] = {
     # QLoRA (Dettmers et al. 2023, artidoro/qlora qlora.py defaults): NF4 base, r 64, alpha 16,
     # every linear layer but the output head.
@@ -43,7 +44,11 @@ PRESETS: dict[str, dict[str, Any]] = {
               "target_modules": "all-linear",
               "compare": [("train.lr", 2e-4, "Dettmers et al. 2023, App. B (models up to 13B)"),
                           ("train.schedule", "constant", "artidoro/qlora: constant schedule"),
-                          ("train.max_grad_norm", 0.3, "artidoro/qlora: max_grad_norm 0.3")]},
+                          ("train.max_grad_norm", 0.3, "artidoro/qlora: max_grad_norm 0.3")],
+              # the memory claim is about the 4-bit base at equal adapter settings: compare
+              # also runs the preset with these options at its method's (LoRA's) values
+              "compare_equal": {"row": "qlora.lora-settings",
+                                "keys": ("r", "alpha", "dropout", "target_modules")}},
     # LoRA+ (Hayou et al. 2024): B learns lambda times faster than A; PEFT's docs use 16.
     "lora+": {"method": "lora", "loraplus_ratio": 16.0,
               "compare": [("train.lr", 2e-4, "Hayou et al. 2024: lr is A's learning rate, "
@@ -59,7 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                               "warm-up")],
                  "compare_suite": "long"},
 }
-PRESET_META = ("compare", "compare_suite")
+PRESET_META = ("compare", "compare_suite", "compare_equal")
 
 
 def preset_options(name: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from lorakit.analysis.report import COLUMNS
 from tests.conftest import tiny_run_args
 
 METHODS = ["lora", "dora", "full"]
+QLORA_ROWS = ["qlora", "qlora.lora-settings"]  # the paper's preset, and at LoRA's settings
 
 
 def _tiny(model_dir) -> list[str]:
@@ -43,7 +44,7 @@ def _md_rows(report_md: str) -> dict[str, dict[str, str]]:
     rows = {}
     for ln in lines[1:]:
         cells = [c.strip() for c in ln.strip("|").split("|")]
-        if cells[0] in METHODS + ["qlora"] and len(cells) == len(header):
+        if cells[0] in METHODS + QLORA_ROWS and len(cells) == len(header):
             rows[cells[0]] = dict(zip(header, cells))
     return rows
 
@@ -54,9 +55,16 @@ def test_report_figures_are_each_runs_summary(compared):
     table = _md_rows(md)
     report = json.loads((compared / "report.json").read_text())
     by_method = {r["method"]: r for r in report["rows"]}
-    for m in METHODS + ["qlora"]:
+    for m in METHODS + QLORA_ROWS:
         s = json.loads((compared / m / "summary.json").read_text())
+        exact = s["exact_memory"]
         expect = {
+            "exact_memory_mib": sum(exact[k] for k in ("params_bytes", "grads_bytes",
+                                                        "optimizer_bytes", "saved_bytes")) / 2**20,
+            "params_mib": exact["params_bytes"] / 2**20,
+            "grads_mib": exact["grads_bytes"] / 2**20,
+            "optimizer_mib": exact["optimizer_bytes"] / 2**20,
+            "saved_mib": exact["saved_bytes"] / 2**20,
             "trainable_params": s["trainable_params"],
             "trainable_pct": 100 * s["trainable_params"] / s["total_params"],
             "peak_memory_mb": s["peak_memory_mb"], "median_step_time_s": s["median_step_time_s"],
@@ -78,6 +86,40 @@ def test_report_figures_are_each_runs_summary(compared):
         assert f"![" in md and f"({png}.png)" in md
     html = (compared / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 9 and "src=\"http" not in html
+
+
+@pytest.mark.slow  # the compare fixture trains every method: ~45 s
+def test_exact_memory_columns_equal_a_direct_count(compared):
+    """The run's parameters, gradients and AdamW state, counted by hand on the tiny model
+    with the run's own config; the QLoRA row of the memory claim has LoRA's settings."""
+    from lorakit import inject, models
+    from lorakit.config import load_run_config
+
+    report = json.loads((compared / "report.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    for m in ("lora", "full"):
+        cfg = load_run_config(str(compared / m / "config.yaml"))
+        model, _ = models.load_model(cfg.model)
+        inject.apply(model, cfg.adapter)
+        params = {id(p): p for p in model.parameters()}.values()  # the tied head once
+        trainable = [p for p in params if p.requires_grad]
+        assert rows[m]["params_mib"] * 2**20 == pytest.approx(
+            sum(p.numel() * 4 for p in params) + sum(b.nbytes for b in model.buffers()))
+        assert rows[m]["grads_mib"] * 2**20 == pytest.approx(4 * sum(p.numel() for p in trainable))
+        assert rows[m]["optimizer_mib"] * 2**20 == pytest.approx(  # 2 moments + a step count
+            sum(8 * p.numel() + 4 for p in trainable))
+        assert rows[m]["saved_mib"] > 0
+    cfgs = {m: yaml.safe_load((compared / m / "config.yaml").read_text())["adapter"]
+            for m in ["lora", *QLORA_ROWS]}
+    eq = cfgs["qlora.lora-settings"]
+    assert eq["quantize"] == "nf4" == cfgs["qlora"]["quantize"]
+    assert cfgs["qlora"]["alpha"] == 16 and cfgs["qlora"]["dropout"] == 0.05  # the preset's
+    for k in ("r", "alpha", "dropout", "target_modules"):
+        assert eq[k] == cfgs["lora"][k], k
+    claim = {c["id"]: c for c in report["claims"]}["qlora-memory"]
+    assert claim["figures"].startswith("by exact memory") and "peak memory" in claim["figures"]
+    # the 4-bit base holds fewer bytes than LoRA's fp32 base at the same adapter
+    assert rows["qlora.lora-settings"]["params_mib"] < rows["lora"]["params_mib"]
 
 
 @pytest.mark.slow  # the compare fixture trains every method: ~45 s

@@ -199,3 +199,37 @@ def test_columns_and_roles_map_a_file_that_names_its_fields_otherwise(tiny_model
     assert main(["train", *tiny_run_args(tiny_model_dir, tmp_path / "r3", f"data.train={data}",
                                          "data.columns={dialogue: dialog}")]) == 2
     assert "data.columns: 'dialogue' is not a field lorakit reads" in capsys.readouterr().err
+
+
+def test_columns_take_alternatives_and_prompt_templates():
+    """PEFT's MetaMathQA setup: MetaMathQA's query/response and GSM8K's question/answer
+    become one prompt/completion format, the prompt in PEFT's query template."""
+    from lorakit.training.data import Rows, remap
+
+    template = "Question: {%s} Think step by step.\nAnswer:"
+    columns = {"prompt": [template % "query", template % "question"],
+               "completion": ["response", "answer"]}
+    rows = remap(Rows([{"query": "2+2?", "response": "The answer is: 4", "_line": 1},
+                       {"question": "3+3?", "answer": "3+3=6\n#### 6", "_line": 2}], [], "x"),
+                 columns, {}).rows
+    assert rows[0]["prompt"] == "Question: 2+2? Think step by step.\nAnswer:"
+    assert rows[0]["completion"] == "The answer is: 4"
+    assert rows[1]["prompt"] == "Question: 3+3? Think step by step.\nAnswer:"
+    assert rows[1]["completion"] == "3+3=6\n#### 6"
+
+
+def test_a_hub_spec_names_its_configuration_and_split(monkeypatch):
+    import datasets
+
+    from lorakit.training.data import read_rows
+
+    calls = []
+
+    def fake(name, config=None, split=None):
+        calls.append((name, config, split))
+        return [{"question": "q", "answer": "#### 1"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert read_rows("openai/gsm8k:main@test", "valid").rows[0]["answer"] == "#### 1"
+    read_rows("meta-math/MetaMathQA")
+    assert calls == [("openai/gsm8k", "main", "test"), ("meta-math/MetaMathQA", None, "train")]

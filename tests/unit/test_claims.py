@@ -44,6 +44,26 @@ def test_full_fine_tuning_memory_and_forgetting():
     assert by_id(rows)["full-forgets"]["verdict"] == FAILS
 
 
+def test_memory_claims_are_judged_on_exact_bytes_at_equal_settings_and_name_the_measure():
+    eq = "qlora.lora-settings"
+    rows = {"lora": row(mem=1227, exact_memory_mib=400.0),
+            "qlora": row(mem=1514, exact_memory_mib=700.0),  # the r 64 preset: not judged
+            eq: row(mem=1514, exact_memory_mib=250.0)}
+    c = by_id(rows)["qlora-memory"]
+    assert c["verdict"] == HOLDS  # 0.62x by exact bytes, though the peak RSS is 1.23x
+    assert c["figures"].startswith("by exact memory") and "0.62x" in c["figures"]
+    assert "peak memory qlora 1514 MB vs lora 1227 MB: 1.23x" in c["figures"]
+    del rows[eq]["exact_memory_mib"]  # a run without exact bytes: judged by the peak
+    c = by_id(rows)["qlora-memory"]
+    assert c["verdict"] == FAILS and c["figures"].startswith("by peak memory")
+    del rows[eq]
+    c = by_id(rows)["qlora-memory"]
+    assert c["verdict"] == NA and eq in c["figures"]
+    rows["full"] = row(mem=1300, exact_memory_mib=2400.0)  # 6x by exact bytes, 1.06x by RSS
+    c = by_id(rows)["full-memory"]
+    assert c["verdict"] == HOLDS and c["figures"].startswith("by exact memory")
+
+
 def test_similar_quality_claims_hold_within_the_band_or_better():
     rows = {"lora": row(quality=0.41, spread=0.05), "full": row(quality=0.46, spread=0.05),
             "lora-fa": row(quality=0.34, spread=0.047, params=500)}

@@ -46,3 +46,17 @@ def test_perplexity_and_default_cap(smollm2):
     n = len(tok(refs[1], add_special_tokens=False)["input_ids"])
     assert default_max_new_tokens(tok, refs) == n + 16
     assert default_max_new_tokens(tok, ["word " * 5000]) == 1024
+
+
+def test_number_metric_compares_the_last_number_as_gsm8k_scoring_does():
+    from lorakit.training.number import last_number, number_score
+
+    assert last_number("... so the answer is 42.") == 42
+    assert last_number("#### 1,234") == 1234
+    assert number_score("She pays 3 + 4 = 7 dollars, so the answer is 42.", "#### 42") == 1.0
+    assert number_score("The total is 1234", "Natalia sold 48/2 = 24 clips.\n#### 1,234") == 1.0
+    assert number_score("x = -7.50", "-7.5") == 1.0  # by value, the sign kept
+    assert number_score("The answer is 41.", "#### 42") == 0.0
+    assert number_score("I do not know.", "#### 42") == 0.0  # no number: wrong
+    assert number_score("42", "no number here") == 0.0
+    assert score("so 42.", "#### 42")["number"] == 1.0 and score("42", "43")["number"] == 0.0

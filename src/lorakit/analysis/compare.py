@@ -11,6 +11,13 @@ Forgetting (after Biderman et al. 2024, "LoRA Learns Less and Forgets Less") is 
 the loss on held-out general English text that the task does not cover:
 ``tuned.general_text_loss - base.general_text_loss``; positive means the model got worse there.
 
+# Note: equal settings
+A preset changes several things at once: QLoRA is a 4-bit base *and* r 64 on every linear
+layer. Its memory claim (Dettmers et al. 2023: the 4-bit base lowers the memory of LoRA
+training) is about the base's storage at equal adapter settings, so compare also runs a
+preset that declares ``compare_equal`` (registry) with those options at its method's values,
+as a row of its own (``qlora.lora-settings``); the preset as published stays a row too.
+
 # Note: the base model is measured once per distinct base
 Every run measures the base model before training (``base_metrics.json`` in its folder), and
 train.py reuses that file when it exists. Runs whose base is the same model with the same
@@ -197,6 +204,7 @@ class Plan:
     applied: list = field(default_factory=list)  # compare settings: (key, value, source)
     lr_factor: float = 1.0
     seed_index: int = 0
+    extra: list = field(default_factory=list)  # the row's own overrides (its seeds get them)
 
 
 def compare(config: Optional[str], overrides: list[str], methods: list[str], out: str | Path,
@@ -255,14 +263,31 @@ class _Spec:
         if old.exists() and yaml.safe_load(old.read_text()) != cfg.model_dump(mode="json"):
             raise LorakitError(f"{run_dir} was run with other settings; use another --out or "
                                "delete that folder")
-        return Plan(name, method, row, run_dir, args, cfg, applied, lr_factor, seed_index)
+        return Plan(name, method, row, run_dir, args, cfg, applied, lr_factor, seed_index,
+                    list(extra))
+
+    def equal_settings(self, preset: str) -> list[str]:
+        """Overrides that give ``preset`` its method's values of the preset's
+        ``compare_equal`` keys, as the user's config and overrides resolve them (QLoRA at
+        LoRA's rank, alpha, dropout and targets)."""
+        base = PRESETS[preset]["method"]
+        args, _ = method_overrides(self.config, self.overrides, base, self.out / base,
+                                   self.defaults)
+        adapter = load_run_config(self.config, args).adapter
+        return [f"adapter.{k}={json.dumps(getattr(adapter, k))}"
+                for k in PRESETS[preset]["compare_equal"]["keys"]]
 
     def first_plans(self, methods: list[str], lr_sweep: bool, long_context: bool) -> list:
         if not methods:
             raise LorakitError("--methods names no method")
         if len(set(methods)) != len(methods):
             raise LorakitError("--methods names a method twice")
-        rows = [(m, m, [], False) for m in methods]
+        rows = []
+        for m in methods:
+            rows.append((m, m, [], False))
+            equal = (PRESETS.get(m) or {}).get("compare_equal")
+            if equal:  # the same preset at its method's settings (See Note: equal settings)
+                rows.append((equal["row"], m, self.equal_settings(m), False))
         if long_context:
             rows += [(r, m, extra, True) for r, (m, extra) in LONG_RUNS.items()]
         plans = []
@@ -280,7 +305,7 @@ class _Spec:
         more = []
         for p in [p for p in plans if p.lr_factor == 1.0]:
             factor = best.get(p.row, 1.0)
-            extra = [a for a in p.args if a.startswith("adapter.s2_attn=")]
+            extra = list(p.extra)
             if factor != 1.0:
                 extra.append(f"train.lr={p.cfg.train.lr * factor:g}")
             for k in range(1, seeds):

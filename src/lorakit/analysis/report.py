@@ -18,6 +18,7 @@ import yaml
 
 from ..errors import LorakitError
 from ..registry import all_methods, get_method
+from ..training.memory import MIB, total_mib
 from .inspection import dm_dd_figure, inspect_adapters
 from .pages import html_page, html_table, machine_line, md_table, pyplot, save_png
 
@@ -28,14 +29,36 @@ from .pages import html_page, html_table, machine_line, md_table, pyplot, save_p
 COLUMNS = [("trainable_params", "trainable params", "{:,}"),
            ("trainable_pct", "trainable %", "{:.3f}"),
            ("peak_memory_mb", "peak memory (MB)", "{:.0f}"),
+           ("exact_memory_mib", "exact memory (MiB)", "{:.0f}"),
+           ("params_mib", "params (MiB)", "{:.1f}"),
+           ("grads_mib", "grads (MiB)", "{:.1f}"),
+           ("optimizer_mib", "optimizer state (MiB)", "{:.1f}"),
+           ("saved_mib", "saved for backward (MiB)", "{:.1f}"),
            ("median_step_time_s", "median step (s)", "{:.3f}"),
            ("tokens_per_s", "tokens/s", "{:.0f}"),
            ("exact_match", "exact match", "{:.3f}"),
            ("f1", "token F1", "{:.3f}"),
+           ("number", "number match", "{:.3f}"),
            ("valid_loss", "eval loss", "{:.4f}"),
            ("forgetting", "forgetting (Δ general loss)", "{:+.4f}"),
            ("final_train_loss", "final train loss", "{:.4f}"),
            ("wall_s", "wall time (s)", "{:.0f}")]
+
+
+#: the parts of the exact memory (summary.json ``exact_memory``, training/memory.py): columns
+#: of the table, not plots of their own (the total is plotted)
+EXACT_PARTS = {"params_mib": "params_bytes", "grads_mib": "grads_bytes",
+               "optimizer_mib": "optimizer_bytes", "saved_mib": "saved_bytes"}
+
+
+def _exact_columns(record: Optional[dict]) -> dict:
+    """The exact-memory columns of a row from summary.json's ``exact_memory`` (None each
+    for a run without it)."""
+    record = record or {}
+    out = {k: (record[f] / MIB if record.get(f) is not None else None)
+           for k, f in EXACT_PARTS.items()}
+    out["exact_memory_mib"] = total_mib(record)
+    return out
 
 
 def summary_row(method: str, summary: dict, wall_s: Optional[float] = None,
@@ -60,9 +83,11 @@ def summary_row(method: str, summary: dict, wall_s: Optional[float] = None,
             "trainable_params": summary["trainable_params"],
             "trainable_pct": 100 * summary["trainable_params"] / summary["total_params"],
             "peak_memory_mb": summary.get("peak_memory_mb"),
+            **_exact_columns(summary.get("exact_memory")),
             "median_step_time_s": summary.get("median_step_time_s"),
             "tokens_per_s": summary.get("tokens_per_s"),
             "exact_match": tuned.get("exact_match"), "f1": tuned.get("f1"),
+            "number": tuned.get("number"),
             "valid_loss": tuned.get("valid_loss"),
             "forgetting": forget, "final_train_loss": summary.get("final_train_loss"),
             "wall_s": wall_s, "loss_curve": summary.get("loss_curve") or [], "notes": notes,
@@ -229,7 +254,9 @@ def write_report(out: Path, plans: list, state: dict) -> dict:
             [f"<p class=\"note\">{_esc(note)}</p>"] if note else [])
     md += ["Forgetting: tuned minus base loss on held-out general English text that the task "
            "does not cover (positive: worse). Peak memory: the training process's max RSS on "
-           "CPU, the CUDA allocator's peak on GPU.", ""]
+           "CPU, the CUDA allocator's peak on GPU. Exact memory: parameters and buffers + "
+           "gradients + optimizer state + what autograd saves for backward on the first "
+           "micro-batch, counted tensor by tensor (no allocator in it).", ""]
     html_parts.append("<p class=\"note\">Forgetting: tuned minus base loss on held-out general "
                       "English text (positive: worse).</p>")
     for name, title, b64 in pngs:
@@ -249,9 +276,22 @@ def write_report(out: Path, plans: list, state: dict) -> dict:
               "lr_sweep": [dict(zip(["row", "lr", "valid_loss", "quality", "chosen"], x))
                            for x in sweep],
               "settings": [dict(zip(["method", "key", "value", "source"], x))
-                           for x in settings]}
+                           for x in settings],
+              "peft_results": _peft_results(out, plans, state)}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _peft_results(out: Path, plans: list, state: dict) -> list[dict]:
+    """Every finished run in the layout of PEFT's benchmark result files (peft_results.py)."""
+    from .peft_results import meta_info, peft_result
+
+    done = [p for p in plans if (p.run_dir / "summary.json").exists()]
+    meta = meta_info(_run_cfg(done[0].run_dir)) if done else {}
+    return [peft_result(p.name, p.row, p.run_dir,
+                        json.loads((p.run_dir / "summary.json").read_text()),
+                        _run_cfg(p.run_dir), (state["runs"].get(p.name) or {}).get("wall_s"),
+                        meta) for p in done]
 
 
 def _base_table(base: dict) -> tuple[list[str], list[list[str]]]:
@@ -340,7 +380,8 @@ def _plots(out: Path, rows: list[dict]) -> list[tuple[str, str, str]]:
     names = [r["method"] for r in rows]
     found = []
     for key, title, _ in COLUMNS:
-        if key in ("trainable_pct", "wall_s") or all(r.get(key) is None for r in rows):
+        if key in ("trainable_pct", "wall_s", *EXACT_PARTS) or all(r.get(key) is None
+                                                                    for r in rows):
             continue
         vals = [r.get(key) or 0.0 for r in rows]
         fig, ax = plt.subplots(figsize=(7, 3.2))

@@ -54,6 +54,7 @@ def run_train(args) -> int:
 
 #: rows of the before/after table, in order, with their number format
 TABLE_KEYS = (("exact_match", "{:.4f}"), ("normalized_match", "{:.4f}"), ("f1", "{:.4f}"),
+              ("number", "{:.4f}"),
               ("valid_loss", "{:.4f}"), ("valid_perplexity", "{:.3f}"),
               ("general_text_loss", "{:.4f}"))
 

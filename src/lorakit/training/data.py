@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -92,18 +93,23 @@ def _read_txt(path: Path) -> Rows:
     return Rows(rows, [], str(path))
 
 
-#: what a Hugging Face Hub dataset id looks like (``name`` or ``org/name``)
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+#: what a Hugging Face Hub dataset id looks like (``name`` or ``org/name``), with an optional
+#: configuration (``:main``) and split (``@test``): ``openai/gsm8k:main@test``
+HUB_ID = re.compile(r"(?P<id>[A-Za-z0-9][\w.-]*(/[\w.-]+)?)(:(?P<config>[\w.-]+))?"
+                    r"(@(?P<split>[\w.-]+))?")
 
 
 def _read_hub(spec: str, split: str) -> Rows:
-    """The ``train`` split of a Hub dataset through ``datasets.load_dataset`` (its local
-    cache when offline); held-out rows come from ``data.valid_ratio`` as for a file."""
+    """A split of a Hub dataset through ``datasets.load_dataset`` (its local cache when
+    offline): ``ID[:CONFIG][@SPLIT]``, the ``train`` split unless ``@SPLIT`` names another;
+    held-out rows come from ``data.valid_ratio`` as for a file, unless ``data.valid`` names
+    a split of its own (``openai/gsm8k:main@test``)."""
     import datasets  # start-up time: slow to import, and only Hub ids and some files need it
 
     datasets.disable_progress_bars()
+    m = HUB_ID.fullmatch(spec)
     try:
-        ds = datasets.load_dataset(spec, split="train")
+        ds = datasets.load_dataset(m["id"], m["config"], split=m["split"] or "train")
     except Exception as e:  # datasets raises many types: offline, not found, gated
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
@@ -156,9 +162,31 @@ ROW_FIELDS = ("messages", "conversations", "instruction", "input", "output", "sy
 MESSAGE_FIELDS = ("role", "content", "from", "value")
 
 
-def remap(rows: Rows, columns: dict[str, str], roles: dict[str, str]) -> Rows:
+def _alternatives(theirs) -> list[str]:
+    return list(theirs) if isinstance(theirs, (list, tuple)) else [theirs]
+
+
+def _fill(row: dict, ours: str, theirs) -> None:
+    """Set ``row[ours]`` from the first alternative of a ``data.columns`` entry the row has:
+    a field name (renamed), or a template of the row's fields (``"Question: {query}"``,
+    filled with :meth:`str.format`)."""
+    for alt in _alternatives(theirs):
+        if "{" not in alt:
+            if alt in row:
+                row[ours] = row.pop(alt)
+                return
+            continue
+        fields = [f for _, f, _, _ in string.Formatter().parse(alt) if f is not None]
+        if all(f in row for f in fields):
+            row[ours] = alt.format_map({f: row[f] for f in fields})
+            return
+
+
+def remap(rows: Rows, columns: dict, roles: dict[str, str]) -> Rows:
     """``rows`` with the file's field and role names mapped to lorakit's (``data.columns``:
-    lorakit name -> the file's; ``data.roles``: the file's role -> user/assistant/...)."""
+    lorakit name -> the file's, or a list of alternatives, the first the row has; a row
+    field may also be a template of the file's fields, ``{prompt: "Question: {query}"}``;
+    ``data.roles``: the file's role -> user/assistant/...)."""
     unknown = sorted(set(columns) - set(ROW_FIELDS) - set(MESSAGE_FIELDS))
     if unknown:
         raise LorakitError(f"data.columns: {unknown[0]!r} is not a field lorakit reads; "
@@ -166,7 +194,8 @@ def remap(rows: Rows, columns: dict[str, str], roles: dict[str, str]) -> Rows:
     if not columns and not roles:
         return rows
     top = {ours: theirs for ours, theirs in columns.items() if ours in ROW_FIELDS}
-    inner = {theirs: ours for ours, theirs in columns.items() if ours in MESSAGE_FIELDS}
+    inner = {t: ours for ours, theirs in columns.items() if ours in MESSAGE_FIELDS
+             for t in _alternatives(theirs)}
 
     def message(m: Any) -> Any:
         if not isinstance(m, dict):
@@ -181,8 +210,8 @@ def remap(rows: Rows, columns: dict[str, str], roles: dict[str, str]) -> Rows:
     for row in rows.rows:
         row = dict(row)
         for ours, theirs in top.items():
-            if theirs in row and ours not in row:
-                row[ours] = row.pop(theirs)
+            if ours not in row:
+                _fill(row, ours, theirs)
         for key in ("messages", "conversations", "prompt", "completion"):
             if isinstance(row.get(key), list):
                 row[key] = [message(m) for m in row[key]]

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import LorakitError
-from ..sharding import full, is_sharded, like, local, local_bytes
+from ..sharding import is_sharded, like, local, local_bytes
 from .runtime import decoder_layers
 
 

@@ -34,6 +34,8 @@ from tqdm.auto import tqdm
 
 from ..config import METRIC_NAMES
 from .data import Rows, collate, encode, prompt_and_answer
+from .eval_precision import evaluation_precision
+from .number import number_score
 from .tasks import get_task
 
 #: default cap = longest reference + this margin, never above MAX_NEW_TOKENS_CAP
@@ -76,7 +78,7 @@ def f1_score(prediction: str, reference: str) -> float:
 
 
 SCORERS = {"exact_match": exact_match_score, "normalized_match": normalized_match_score,
-           "f1": f1_score}
+           "f1": f1_score, "number": number_score}
 METRICS = tuple(SCORERS)
 assert METRICS == METRIC_NAMES, "the config's metric names and the scorers must agree"
 
@@ -353,6 +355,18 @@ class HeldOut:
 def measure(model: nn.Module, tokenizer, heldout: HeldOut, ec, max_seq_len: int,
             dtype: Optional[torch.dtype], label: str, log=print,
             predictions: Optional[Path] = None, share: Optional[Share] = None) -> dict:
+    """:func:`measure_in` in the evaluation's precision (``ec.precision``; fp32 by default:
+    See Note: why evaluation is fp32, in eval_precision.py); ``dtype``: the run's. A sharded
+    (FSDP) model is evaluated in the run's precision: its shards cannot change dtype."""
+    precision = "train" if share is not None and share.lockstep else ec.precision
+    with evaluation_precision(model, precision, dtype) as eval_dtype:
+        return measure_in(model, tokenizer, heldout, ec, max_seq_len, eval_dtype, label, log,
+                          predictions, share)
+
+
+def measure_in(model: nn.Module, tokenizer, heldout: HeldOut, ec, max_seq_len: int,
+               dtype: Optional[torch.dtype], label: str, log=print,
+               predictions: Optional[Path] = None, share: Optional[Share] = None) -> dict:
     """Validation loss (and perplexity for plain text), the forgetting loss on general text
     and the generation metrics (``ec``: the run's EvalConfig); every answer goes to
     ``predictions`` (JSON lines). The one function behind the base and tuned figures of

@@ -50,6 +50,7 @@ from .data import (IGNORE, StepSampler, build_heldout, collate, encode, heldout_
                    merge_records, pack, read_rows, remap, split_rows, weighted)
 from .evaluation import PREDICTIONS, HeldOut, Share, eval_loss, measure
 from .loss import loss_sum
+from .memory import run_exact_memory
 from .optim import build_optimizer, build_scheduler
 from .runtime import (PeakMemory, activation_checkpointing, cast_frozen, cast_trainable,
                       compile_error_reason, compiled_layers, dtype_name, is_compile_error,
@@ -284,6 +285,7 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
     return {"steps": done - start, **best,
             "median_step_time_s": statistics.median(times) if times else None,
             "tokens_per_s": tokens_seen / sum(times) if times else None,
+            "train_time_s": sum(times), "train_tokens": tokens_seen,
             "final_train_loss": losses[-1] if losses else None, "loss_curve": losses}
 
 
@@ -652,6 +654,9 @@ def _train_and_finish(run: Run, method, total: int, base: Optional[dict],
         "trainable_params": trainable, "total_params": n_total,
         "precision": dtype_name(run.dtype), "processes": acc.num_processes,
         "distributed": run.strategy.as_dict(), "total_steps": total, **stats}
+    # after the training peak is read (memory.py); under FSDP each process's bytes are
+    # process_bytes below, and the exact count of one unsharded step does not apply
+    summary["exact_memory"] = None if run.strategy.fsdp else run_exact_memory(run)
     # every process's bytes (its shards under FSDP), in rank order
     summary["process_bytes"] = _gather(run, getattr(run, "process_bytes", {}))
     with whole_parameters(model, trainable_only=not method.save_whole_model()) as holder:
