@@ -51,7 +51,7 @@ def run(n: int, steps: int, root: Path) -> dict:
     args = ["train", "model=smollm2-135m", f"output_dir={out}", "train.precision=auto",
             f"train.max_steps={steps}", f"train.batch_size={GLOBAL_BATCH // n}",
             "train.save_every=0", "eval.compare_base=false", "eval.metric=null",
-            "data.max_seq_len=256", "data.limit=400"]
+            "data.max_seq_len=256", "data.limit=100"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
     if n == 1:
         cmd = [sys.executable, "-m", "lorakit", *args]
@@ -74,27 +74,25 @@ def main() -> None:
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
     a = ap.parse_args()
     mib = 2 ** 20
-    rows, ref, precision = [], None, None
+    ref = None
+    print(f"# FSDP2 scaling, SmolLM2-135M LoRA r=16 all-linear, precision auto, global batch "
+          f"{GLOBAL_BATCH} x <=256 tokens, {a.steps} steps; {cpu_model()}, {os.cpu_count()} "
+          "cores", flush=True)
+    print("| processes | strategy | precision | frozen MiB/proc | trainable MiB/proc | "
+          "grad MiB/proc | optimizer MiB/proc | frozen vs 1 proc | median step s | "
+          "train peak RSS MiB/proc |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for n in a.procs:
+        for n in a.procs:  # each row as soon as its run is done
             s = run(n, a.steps, Path(tmp))
-            p0 = s["process_bytes"][0]
-            ref = ref or p0
-            precision = s["precision"]
-            rows.append((n, s["distributed"]["strategy"], p0, s["median_step_time_s"],
-                         s.get("peak_memory_phases_mb", {}).get("train")))
-    print(f"# FSDP2 scaling, SmolLM2-135M LoRA r=16 all-linear, {precision} (precision auto), "
-          f"global batch {GLOBAL_BATCH} x <=256 tokens, {a.steps} steps; {cpu_model()}, "
-          f"{os.cpu_count()} cores")
-    print("| processes | strategy | frozen MiB/proc | trainable MiB/proc | grad MiB/proc | "
-          "optimizer MiB/proc | frozen vs 1 proc | median step s | train peak RSS MiB/proc |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for n, strat, p, t, peak in rows:
-        print(f"| {n} | {strat} | {p['frozen_param_bytes'] / mib:.1f} | "
-              f"{p['trainable_param_bytes'] / mib:.2f} | {p['grad_bytes'] / mib:.2f} | "
-              f"{p['optimizer_bytes'] / mib:.2f} | "
-              f"{p['frozen_param_bytes'] / ref['frozen_param_bytes']:.3f}x | {t:.3f} | "
-              f"{peak if peak is not None else float('nan'):.0f} |")
+            p = s["process_bytes"][0]
+            ref = ref or p
+            peak = s.get("peak_memory_phases_mb", {}).get("train")
+            print(f"| {n} | {s['distributed']['strategy']} | {s['precision']} | "
+                  f"{p['frozen_param_bytes'] / mib:.1f} | {p['trainable_param_bytes'] / mib:.2f} | "
+                  f"{p['grad_bytes'] / mib:.2f} | {p['optimizer_bytes'] / mib:.2f} | "
+                  f"{p['frozen_param_bytes'] / ref['frozen_param_bytes']:.3f}x | "
+                  f"{s['median_step_time_s']:.3f} | "
+                  f"{peak if peak is not None else float('nan'):.0f} |", flush=True)
 
 
 if __name__ == "__main__":

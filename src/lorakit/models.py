@@ -254,7 +254,7 @@ def _read_tensor(where: tuple[Path, dict, int]) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Give the C allocator's freed pages back to the system (glibc ``malloc_trim``): after a
     freed 16-bit weight, glibc raises its mmap threshold and keeps such buffers on its heap,
     where the next ones would pile up instead of reusing the space."""
@@ -321,7 +321,7 @@ def load_quantized(name_or_path: str, adapter_cfg, dtype: Union[str, torch.dtype
         else:
             module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
         del value
-        _release_freed_memory()
+        release_freed_memory()
     if tied:
         model.tie_weights()
     if tok.pad_token is None:

@@ -496,6 +496,7 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
     # ---- everything below until the lock only reads and checks ----
     method = get_method(cfg.adapter.method)
     build = ModelBuild(cfg, strategy, dtype, acc.device, acc.process_index)
+    build.files_ready()
     model, tok = build.load()
     train_ex, heldout, record = prepare_data(cfg, tok, log)
     per_step = tc.batch_size * tc.grad_accum * acc.num_processes
@@ -561,13 +562,16 @@ class ModelBuild:
         self.meta = (strategy.fsdp and strategy.sharded_loading and not cfg.adapter.quantize)
         self._state: Optional[dict] = None
 
+    def files_ready(self) -> None:
+        """Once per run, before any :meth:`load`: with several processes the first converts
+        the embedded model's files (a one-time cache) while the others wait for it."""
+        if self.strategy.processes > 1 and self.cfg.model in models.EMBEDDED:
+            if self.main:
+                models.resolve_model_path(self.cfg.model, self.load_dtype)
+            torch.distributed.barrier()
+
     def load(self, meta: Optional[bool] = None) -> tuple[nn.Module, Any]:
         cfg = self.cfg
-        if self.strategy.processes > 1 and cfg.model in models.EMBEDDED:
-            # the first process converts the embedded model's files; the others wait
-            if self.main:
-                models.resolve_model_path(cfg.model, self.load_dtype)
-            torch.distributed.barrier()
         on_meta = self.meta and not self.main if meta is None else meta
         device = None if self.strategy.fsdp else self.device
         if cfg.adapter.quantize and not on_meta:
@@ -608,7 +612,10 @@ class ModelBuild:
                 twin.lorakit_state.extras = model.lorakit_state.extras
             cast_frozen(twin, self.dtype)
             model = twin
-        return shard_model(model, self.strategy, self.device, state)
+        model = shard_model(model, self.strategy, self.device, state)
+        del state
+        models.release_freed_memory()  # the whole weights process 0 broadcast are gone
+        return model
 
     def rebuild(self, current: nn.Module, edit: Callable[[nn.Module], Any]
                 ) -> tuple[nn.Module, Any]:
