@@ -22,6 +22,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -580,6 +581,10 @@ class ModelBuild:
                                            cfg.trust_remote_code, device)
             if loaded is not None:
                 return loaded
+            if self.main:  # never silently: say which path ran
+                print("note: this checkpoint cannot be read tensor by tensor (no safetensors "
+                      "files, or tensor names other than the model's); loading it whole, then "
+                      "quantizing to NF4", file=sys.stderr)
         return models.load_model(cfg.model, dtype=self.load_dtype,
                                  trust_remote_code=cfg.trust_remote_code, device=device,
                                  meta=on_meta)
