@@ -61,7 +61,22 @@ CASES = {
     "adalora": ("adalora", {"adalora": {"init_r": 6, "target_r": 4}}, _adalora_pruned, None,
                 EXACT),
     "dora-full-rank": ("dora", {}, None, 64, SVD_FULL),
+    "qlora": ("qlora", {"quant_compute_dtype": "float32"}, None, None, EXACT),
+    "lora+": ("lora+", {}, None, None, EXACT),
+    "longlora": ("longlora", {}, None, None, EXACT),
 }
+
+
+def _serving_base(model):
+    """The plain tiny model the export is served on. A 4-bit run's base is its NF4 weights:
+    the served base holds them dequantized (what the 4-bit layers multiply by), so the
+    comparison measures the adapter, not the quantization."""
+    base = tiny_model("llama")
+    modules = dict(base.named_modules())
+    for name, layer in adapter_layers(model):
+        with torch.no_grad():
+            modules[name].weight.copy_(layer.base_weight_matrix())
+    return base
 
 
 def _trained(method, opts, prep, arch="llama"):
@@ -110,11 +125,11 @@ def test_export_to_lora_loads_in_peft_as_plain_lora(case, tmp_path):
     pc = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
     assert pc["peft_type"] == "LORA" and not pc["use_dora"] and not pc["use_rslora"]
     assert pc["r"] == report.rank and not pc["rank_pattern"] and not pc["alpha_pattern"]
-    peft_model = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ex").eval()
+    peft_model = PeftModel.from_pretrained(_serving_base(original), tmp_path / "ex").eval()
     assert (ours - _logits(peft_model, ids)).abs().max().item() <= tol
     assert report.max_abs_dlogit <= tol
     # lorakit reads the export back too, as plain LoRA
-    again = lk.load_adapter(tiny_model("llama"), tmp_path / "ex")
+    again = lk.load_adapter(_serving_base(original), tmp_path / "ex")
     assert again.lorakit_state.config.method == "lora"
     assert (ours - _logits(again, ids)).abs().max().item() <= tol
 

@@ -101,10 +101,10 @@ def _load(llama_cpp, base: Path, adapter: Path):
             llama_cpp.llama_model_default_params = default
 
 
-def agreement(llama_cpp, run: Path, adapter_gguf: Path) -> tuple[int, int]:
-    """(answers of llama.cpp equal to lorakit's, answers) on the run's held-out prompts:
-    the run's predictions.jsonl, the same prompt tokens, greedy, the same stop tokens and
-    cap."""
+def agreement(llama_cpp, run: Path, adapter_gguf: Path) -> tuple[int, int, list[str]]:
+    """(answers of llama.cpp equal to lorakit's, answers, the differing ones) on the run's
+    held-out prompts: the run's predictions.jsonl, the same prompt tokens, greedy, the same
+    stop tokens and cap."""
     from lorakit.training.evaluation import stop_token_ids
 
     model, tok = lk.load_model("smollm2-135m")
@@ -113,7 +113,7 @@ def agreement(llama_cpp, run: Path, adapter_gguf: Path) -> tuple[int, int]:
     cap = summary["tuned"]["generation"]["max_new_tokens"]
     preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
     llm = _load(llama_cpp, _base_gguf(), adapter_gguf)
-    agree = 0
+    agree, differ = 0, []
     for p in preds:
         ids = tok(p["prompt"], add_special_tokens=False)["input_ids"]
         body: list[int] = []
@@ -122,21 +122,29 @@ def agreement(llama_cpp, run: Path, adapter_gguf: Path) -> tuple[int, int]:
             if t in stops or len(body) >= cap:
                 break
             body.append(t)
-        agree += tok.decode(body, skip_special_tokens=True).strip() == p["prediction"].strip()
-    return agree, len(preds)
+        got = tok.decode(body, skip_special_tokens=True).strip()
+        agree += got == p["prediction"].strip()
+        if got != p["prediction"].strip():
+            differ.append(f"{p['reference']!r}: lorakit {p['prediction']!r}, llama.cpp {got!r}")
+    return agree, len(preds), differ
 
 
 @pytest.mark.slow
 def test_llama_cpp_answers_like_lorakit(tmp_path, capsys):
+    """The base is the package's Q4_1 file, which lorakit reads dequantized; llama.cpp
+    multiplies Q4_1 weights by 8-bit-quantized activations, so even the base alone answers
+    differently on some prompts (30 of 40 of the embedded model's untuned answers agreed
+    here). An adapter trained to answer confidently (100 steps) leaves few near-ties: 38 of
+    40 agreed here; 12 steps gave 35 of 40."""
     llama_cpp = _llama_cpp()
     _base_gguf()
     run = tmp_path / "run"
     assert main(["train", "model=smollm2-135m", f"output_dir={run}", "adapter.method=lora",
                  "adapter.r=8", "adapter.alpha=16", "train.precision=fp32",
-                 "train.max_steps=12", "train.lr=2e-3", "train.batch_size=4",
-                 "eval.limit=10", "eval.compare_base=false"]) == 0
+                 "train.max_steps=100", "train.lr=1e-3", "train.batch_size=4",
+                 "eval.limit=40", "eval.compare_base=false"]) == 0
     out = tmp_path / "adapter.gguf"
     assert main(["export", str(run), "--to", "gguf", "--out", str(out), "--no-heldout"]) == 0
     capsys.readouterr()
-    agree, n = agreement(llama_cpp, run, out)
-    assert n >= 10 and agree >= AGREEMENT * n, f"{agree} of {n} answers agree"
+    agree, n, differ = agreement(llama_cpp, run, out)
+    assert n >= 40 and agree >= AGREEMENT * n, f"{agree} of {n} answers agree: {differ}"
