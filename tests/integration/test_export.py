@@ -18,8 +18,8 @@ from lorakit.adapters.base import adapter_layers
 from lorakit.adapters.lora_drop import drop_layers
 from lorakit.cli import main
 from lorakit.errors import LorakitError
-from lorakit.export import (VLLM_MAX_LORA_RANKS, export_model, rope_permute, vllm_max_lora_rank,
-                            vllm_problem)
+from lorakit.export import VLLM_MAX_LORA_RANKS, export_model, vllm_max_lora_rank, vllm_problem
+from lorakit.llamacpp import rope_permute
 from tests.conftest import batch, tiny_model, tiny_run_args, train_steps
 
 EXACT = 1e-5  # logits, exact conversions
