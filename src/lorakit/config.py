@@ -339,9 +339,11 @@ class TrainConfig(_Strict):
         "auto", description="how several processes share the model: ddp (a whole copy each), "
         "fsdp (FSDP2: each holds a shard of every weight), auto (what the launcher asked for: "
         "fsdp under an accelerate FSDP config, else ddp)")
-    compile: bool = Field(False, description="torch.compile each decoder layer for training "
-                          "(inductor: needs a C++ compiler on CPU); falls back to eager with "
-                          "a warning where compiling fails")
+    compile: Union[Literal["auto"], bool] = Field(
+        "auto", description="torch.compile each decoder layer for training (inductor: needs a "
+        "C++ compiler on CPU); falls back to eager with a warning where compiling fails. auto: "
+        "eager for the first steps, then compiled where the measured gain pays back the "
+        "compile time over the steps left (CPU, one process); the log says which and why")
     seed: int = Field(0, description="seed for init, data order and dropout")
     eval_every: int = Field(0, ge=0, description="validation loss every N steps (0: at the end)")
     save_every: int = Field(50, ge=0, description="checkpoint every N steps (0: only at the end)")

@@ -1,6 +1,7 @@
 """``train.compile``: the compiled decoder layers train as the eager ones do (the same loss
-curve over 20 steps, no graph break), and a failing compiler falls back to eager training with
-one warning line."""
+curve over 20 steps, no graph break), a failing compiler falls back to eager training with
+one warning line, and ``auto`` (the default) times its first steps eagerly, then compiles only
+where the measured gain pays back the compile (See Note: train.compile: auto)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def _curve(tiny_model_dir, out, *extra) -> list[float]:
 # each compiles in ~15 s with inductor's disk cache warm, ~60 s cold
 @pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow), "dora"])
 def test_compiled_training_has_the_eager_loss_curve(method, tiny_model_dir, tmp_path, capsys):
-    eager = _curve(tiny_model_dir, tmp_path / "eager", f"adapter.method={method}")
+    eager = _curve(tiny_model_dir, tmp_path / "eager", f"adapter.method={method}",
+                   "train.compile=false")
     compiled = _curve(tiny_model_dir, tmp_path / "compiled", f"adapter.method={method}",
                       "train.compile=true")
     captured = capsys.readouterr()
@@ -54,7 +56,7 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tiny_model_dir,
         raise RuntimeError("no C++ compiler")  # what inductor meets on a machine without one
 
     monkeypatch.setattr(runtime, "COMPILE_BACKEND", broken_backend)
-    eager = _curve(tiny_model_dir, tmp_path / "eager")
+    eager = _curve(tiny_model_dir, tmp_path / "eager", "train.compile=false")
     fallback = _curve(tiny_model_dir, tmp_path / "fallback", "train.compile=true")
     captured = capsys.readouterr()
     warnings = [line for line in (captured.out + captured.err).splitlines()
@@ -62,3 +64,51 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tiny_model_dir,
     assert len(warnings) == 1 and warnings[0].endswith("training eagerly"), warnings
     assert "RuntimeError: no C++ compiler" in warnings[0]
     assert fallback == pytest.approx(eager, abs=1e-6)
+
+
+def test_auto_stays_eager_where_compiling_would_not_pay(tiny_model_dir, tmp_path, capsys):
+    """The tiny model's steps take milliseconds: 16 steps left save far less than a compile."""
+    curve = _curve(tiny_model_dir, tmp_path / "auto")
+    out = capsys.readouterr()
+    lines = [ln for ln in out.err.splitlines() if "train.compile auto" in ln]
+    assert len(lines) == 1 and lines[0].startswith("train.compile auto: eager (16 steps left x")
+    assert "s of compiling)" in lines[0]
+    assert json.loads((tmp_path / "auto" / "summary.json").read_text())["compiled"] is False
+    assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert len(curve) == 20
+
+
+def test_auto_compiles_from_the_step_after_the_probe_where_it_pays(tiny_model_dir, tmp_path,
+                                                                   capsys, monkeypatch):
+    """With a measured gain that pays at once, auto compiles after the probe steps: the rest
+    of the run is compiled (dynamo's own eager backend here, to keep the test short) and the
+    loss curve is the eager one."""
+    import lorakit.training.runtime as runtime
+
+    monkeypatch.setattr(runtime, "COMPILE_MEASURED",
+                        {("cpu", torch.float32): (0.5, 0.0)})
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", "eager")
+    eager = _curve(tiny_model_dir, tmp_path / "eager", "train.compile=false")
+    assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    auto = _curve(tiny_model_dir, tmp_path / "auto")
+    out = capsys.readouterr()
+    lines = [ln for ln in out.err.splitlines() if "train.compile auto" in ln]
+    assert len(lines) == 1 and lines[0].startswith("train.compile auto: compiled (16 steps")
+    assert json.loads((tmp_path / "auto" / "summary.json").read_text())["compiled"] is True
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert auto == pytest.approx(eager, abs=1e-5)
+
+
+def test_auto_decides_from_the_measurements_as_documented():
+    from lorakit.training.runtime import COMPILE_MEASURED, compile_decision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    frac, cost = COMPILE_MEASURED[("cpu", torch.float32)]
+    assert compile_decision(cpu, torch.float32, 1) == (None, "")  # times its probe steps first
+    steps = int(cost / (frac * 2.0)) + 1  # just past the break-even at 2 s a step
+    assert compile_decision(cpu, torch.float32, 1, 2.0, steps)[0] is True
+    assert compile_decision(cpu, torch.float32, 1, 2.0, steps - 2)[0] is False
+    assert compile_decision(cpu, torch.float32, 2) == (
+        False, "2 processes: a failed compile cannot fall back to eager")
+    assert compile_decision(cuda, torch.bfloat16, 1) == (False,
+                                                         "not measured on cuda in bfloat16")

@@ -74,6 +74,8 @@ def summary_row(method: str, summary: dict, wall_s: Optional[float] = None,
     cut = (tuned.get("generation") or {}).get("cut_note")
     if cut:  # never let a capped answer pass for a wrong one silently
         notes = "; ".join(x for x in (notes, f"WARNING: {cut}") if x)
+    if summary.get("compiled"):  # its step times include torch.compile (train.compile)
+        notes = "; ".join(x for x in (notes, "trained compiled (train.compile)") if x)
     metric = tuned.get("metric")
     quality = tuned.get(metric) if metric else None
     n_ex = (tuned.get("generation") or {}).get("examples")

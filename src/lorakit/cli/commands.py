@@ -28,7 +28,10 @@ from ..training.runtime import cast_frozen, dtype_name, resolve_precision
 
 
 def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    """A log line on stderr, above a progress bar that may be showing (tqdm.write)."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
 
 
 # ---- train --------------------------------------------------------------------------------

@@ -53,9 +53,9 @@ from .evaluation import PREDICTIONS, HeldOut, Share, eval_loss, measure
 from .loss import loss_sum
 from .memory import run_exact_memory
 from .optim import build_optimizer, build_scheduler
-from .runtime import (PeakMemory, activation_checkpointing, cast_frozen, cast_trainable,
-                      compile_error_reason, compiled_layers, dtype_name, is_compile_error,
-                      make_accelerator, resolve_precision, tracker_config)
+from .runtime import (AUTO_PROBE_STEPS, PeakMemory, activation_checkpointing, cast_frozen,
+                      cast_trainable, compile_decision, compile_error_reason, compiled_layers,
+                      dtype_name, is_compile_error, make_accelerator, resolve_precision, tracker_config)
 
 Log = Callable[[str], None]
 
@@ -225,7 +225,8 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
                dynamic_ncols=True)
     model.train()
     compiled = contextlib.ExitStack()  # See Note: compiling the decoder layers (runtime.py)
-    layers = compiled.enter_context(compiled_layers(model, tc.compile, run.log))
+    layers = compiled.enter_context(compiled_layers(model, tc.compile is True, run.log))
+    auto = _AutoCompile(run, total_steps - start) if tc.compile == "auto" else None
     try:
         for step in range(start, total_steps):
             t0 = time.perf_counter()
@@ -253,6 +254,8 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
             dt = time.perf_counter() - t0
             step_tokens = sum(len(examples[i]["input_ids"]) for i in idx)
             times.append(dt)
+            if auto is not None and auto.decide(times, total_steps - step - 1):
+                layers = compiled.enter_context(compiled_layers(model, True, run.log))
             losses.append(loss)
             tokens_seen += step_tokens
             lr = scheduler.get_last_lr()[0]
@@ -283,11 +286,36 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
         acc.unwrap_model(ddp_model, keep_fp32_wrapper=False)
     run.process_bytes = process_bytes(model, optimizer)
     acc.free_memory()
-    return {"steps": done - start, **best,
+    return {"steps": done - start, **best, "compiled": auto.choice if auto else tc.compile,
             "median_step_time_s": statistics.median(times) if times else None,
             "tokens_per_s": tokens_seen / sum(times) if times else None,
             "train_time_s": sum(times), "train_tokens": tokens_seen,
             "final_train_loss": losses[-1] if losses else None, "loss_curve": losses}
+
+
+class _AutoCompile:
+    """``train.compile: auto`` in the loop: decides once, after the probe steps, and logs the
+    choice (See Note: train.compile: auto, in runtime.py)."""
+
+    def __init__(self, run: Run, steps: int):
+        self.run, self.choice = run, False
+        on, why = compile_decision(run.accelerator.device, run.dtype,
+                                   run.accelerator.num_processes)
+        self.pending = on is None and steps > AUTO_PROBE_STEPS
+        if not self.pending:
+            run.log(f"train.compile auto: eager ({why or 'too few steps to time'})")
+
+    def decide(self, times: list[float], steps_left: int) -> bool:
+        """True when the layers should be compiled from the next step on."""
+        if not self.pending or len(times) < AUTO_PROBE_STEPS:
+            return False
+        self.pending = False
+        on, why = compile_decision(self.run.accelerator.device, self.run.dtype,
+                                   self.run.accelerator.num_processes,
+                                   statistics.median(times[1:]), steps_left)
+        self.run.log(f"train.compile auto: {'compiled' if on else 'eager'} ({why})")
+        self.choice = bool(on)
+        return self.choice
 
 
 def _optimizer_step(run: Run, ddp_model: nn.Module, optimizer, scheduler, examples: list[dict],

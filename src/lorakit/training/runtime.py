@@ -185,6 +185,57 @@ def uncompile(layers: list[nn.Module]) -> None:
         layer.__dict__["_compiled_call_impl"] = None
 
 
+# Note: train.compile: auto
+# Compiling pays back when the steps left, times what each step saves, exceed the one-time
+# compile. What a step saves is a fraction of the eager step, measured per device and compute
+# dtype by benchmarks/compile_breakeven.py (embedded SmolLM2-135M, LoRA r=16 on all linear
+# layers; benchmarks/RESULTS.md); the eager step time is the run's own, the median of its
+# first AUTO_PROBE_STEPS steps but the first (which pays one-time costs). Where nothing was
+# measured (CUDA so far), or with several processes (a compile failure there cannot fall back
+# to eager on one process alone), auto stays eager. The decision is logged with its figures.
+
+#: eager steps timed before ``train.compile: auto`` decides
+AUTO_PROBE_STEPS = 4
+#: (device type, compute dtype) -> (the compiled step's time saved, as a fraction of the eager
+#: step; the compile's one-time cost in seconds): benchmarks/compile_breakeven.py
+COMPILE_MEASURED: dict[tuple[str, torch.dtype], tuple[float, float]] = {
+    ("cpu", torch.float32): (0.04, 40.0),
+    ("cpu", torch.bfloat16): (0.08, 40.0),
+}
+
+
+def compile_decision(device: torch.device, dtype: torch.dtype, processes: int,
+                     step_s: Optional[float] = None,
+                     steps_left: int = 0) -> tuple[Optional[bool], str]:
+    """``train.compile: auto``: (compile?, why); ``None`` while the eager probe steps are
+    still to be timed (See Note: train.compile: auto)."""
+    if processes > 1:
+        return False, f"{processes} processes: a failed compile cannot fall back to eager"
+    measured = COMPILE_MEASURED.get((device.type, dtype))
+    if measured is None:
+        return False, f"not measured on {device.type} in {dtype_name(dtype)}"
+    if device.type == "cpu" and not _has_cpp_compiler():
+        return False, "no C++ compiler for inductor on this machine"
+    if step_s is None:
+        return None, ""
+    saved_frac, cost_s = measured
+    gain_s = saved_frac * step_s * steps_left
+    on = gain_s > cost_s
+    return on, (f"{steps_left} steps left x {step_s:.3f} s x {saved_frac:.0%} saved = "
+                f"{gain_s:.0f} s {'>' if on else '<='} ~{cost_s:.0f} s of compiling")
+
+
+def _has_cpp_compiler() -> bool:
+    """Whether inductor finds the C++ compiler it builds CPU kernels with."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - any failure to find one means: none usable
+        return False
+    return True
+
+
 def is_compile_error(exc: BaseException) -> bool:
     """True for a failure of torch.compile itself (tracing, inductor, the C++/Triton
     compiler), as opposed to an error of the model's own code."""
