@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__, models
+from . import models
 from .faults import kill_point
 from .files import atomic_dir, read_json, write_json
 from .config import AdapterConfig, parse, upgrade_recorded
@@ -25,6 +25,7 @@ from .errors import LorakitError
 from .inject import adapter_layers, apply, name_matches, state_of, trained_modules, unload
 from .quant import is_quantized
 from .registry import all_methods, get_method
+from .version import __version__
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"

@@ -154,14 +154,38 @@ def _imports(path: Path) -> list[str]:
     return [m for m in found if m.startswith("lorakit")]
 
 
+def _from_package_init(path: Path) -> list[str]:
+    """What ``path`` takes from the package ``__init__`` (``import lorakit``, ``from lorakit
+    import X`` / ``from .. import X`` where X is not a submodule)."""
+    pkg = ["lorakit", *path.relative_to(SRC).parent.parts]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if a.name == "lorakit"]
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg[:len(pkg) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            if mod == "lorakit":
+                found += [f"from lorakit import {a.name}" for a in node.names
+                          if not ((SRC / f"{a.name}.py").is_file()
+                                  or (SRC / a.name / "__init__.py").is_file())]
+    return found
+
+
 def test_layers_below_loop_above():
-    """adapters/ imports nothing from training, analysis or cli; no engine module imports
-    the CLI; only registry.py and a method's own module name a method."""
+    """adapters/ imports nothing from training, analysis or cli, nor config or the registry
+    (config runs method code while it validates: an edge back would be a loop the import graph
+    hides); no engine module imports the CLI; no module imports the package ``__init__``;
+    only registry.py and a method's own module name a method."""
     for f in (SRC / "adapters").glob("*.py"):
         bad = [m for m in _imports(f) if m.startswith(("lorakit.training", "lorakit.analysis",
                                                        "lorakit.cli", "lorakit.peft_format",
-                                                       "lorakit.inject"))]
+                                                       "lorakit.inject", "lorakit.config",
+                                                       "lorakit.registry"))]
         assert not bad, (f.name, bad)
+    for f in SRC.rglob("*.py"):
+        if f != SRC / "__init__.py":
+            assert not _from_package_init(f), (str(f.relative_to(SRC)), _from_package_init(f))
     for f in SRC.rglob("*.py"):
         if "cli" not in f.relative_to(SRC).parts and f.name != "__main__.py":
             assert not [m for m in _imports(f) if m.startswith("lorakit.cli")], f

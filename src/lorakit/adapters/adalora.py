@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..config import MethodOptions
+from ..options import MethodOptions
 from ..sharding import full, like
 from ..errors import LorakitError
 from .base import (AdapterLayer, Budget, Method, MethodHooks, Setting, budget_fraction,

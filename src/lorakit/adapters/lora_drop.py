@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..config import MethodOptions
+from ..options import MethodOptions
 from ..errors import LorakitError
 from ..files import read_json, write_json
 from .base import AdapterLayer, MethodHooks, Setting, adapter_layers, state_of

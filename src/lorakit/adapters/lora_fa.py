@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..config import MethodOptions
+from ..options import MethodOptions
 from .base import Setting
 from .lora import LoRA, LoRALinear
 
