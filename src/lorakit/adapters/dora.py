@@ -172,10 +172,16 @@ class DoRA(LoRA):
                                 "LoRA's hyper-parameters"),)
 
     def peft_fields(self, cfg, model: nn.Module) -> dict:
-        return {"use_dora": True}
+        return {**super().peft_fields(cfg, model), "use_dora": True}
 
     def reads_peft(self, pc: dict) -> bool:
         return pc.get("peft_type") == "LORA" and bool(pc.get("use_dora"))
+
+    def tensors_from_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PEFT's key for the magnitude may carry ``.weight`` (it is an ``nn.Module`` there);
+        adapter names never appear in files."""
+        return {k.replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): v
+                for k, v in tensors.items()}
 
 
 METHOD = DoRA()

@@ -116,7 +116,29 @@ class LoRAEmbedding(AdapterLayer):
 
 
 
-class LoRA(Method):
+class LoraConfigCodec:
+    """PEFT's ``LoraConfig`` fields, both ways, for a :class:`Method` (a mixin: PEFT's
+    ``AdaLoraConfig`` extends ``LoraConfig``, lorakit's AdaLoRA is no LoRA subclass)."""
+
+    def peft_fields(self, cfg, model: nn.Module) -> dict:
+        return {**super().peft_fields(cfg, model),
+                "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_dora": False,
+                "use_rslora": cfg.use_rslora, "rank_pattern": dict(cfg.rank_pattern),
+                "alpha_pattern": dict(cfg.alpha_pattern), "init_lora_weights": True}
+
+    def options_from_peft(self, pc: dict) -> dict:
+        return {**super().options_from_peft(pc),
+                "alpha": pc.get("lora_alpha", 8), "dropout": pc.get("lora_dropout", 0.0) or 0.0,
+                "use_rslora": bool(pc.get("use_rslora", False)),
+                "alpha_pattern": pc.get("alpha_pattern") or {},
+                "rank_pattern": pc.get("rank_pattern") or {}}
+
+    def peft_recorded(self, cfg) -> dict:
+        return {**super().peft_recorded(cfg), "lora_alpha": cfg.alpha,
+                "use_rslora": cfg.use_rslora}
+
+
+class LoRA(LoraConfigCodec, Method):
     name = "lora"
     summary = "LoRA: frozen base + trainable low-rank B·A bypass (Hu et al. 2021)"
     linear = LoRALinear
