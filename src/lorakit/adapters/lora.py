@@ -116,6 +116,15 @@ class LoRAEmbedding(AdapterLayer):
 
 
 
+#: LoRA's learning rate, at which the LoRA family's papers compare their methods with it
+LORA_LR = 2e-4
+
+
+def at_lora_rate(source: str) -> tuple[Setting, ...]:
+    """``compare_settings`` of a method trained at LoRA's rate, as ``source`` says."""
+    return (Setting("train.lr", LORA_LR, source),)
+
+
 class LoraConfigCodec:
     """PEFT's ``LoraConfig`` fields, both ways, for a :class:`Method` (a mixin: PEFT's
     ``AdaLoraConfig`` extends ``LoraConfig``, lorakit's AdaLoRA is no LoRA subclass)."""
@@ -144,11 +153,14 @@ class LoRA(LoraConfigCodec, Method):
     linear = LoRALinear
     embedding = LoRAEmbedding
     dm_dd_figure = True
-    compare_settings = (Setting("train.lr", 2e-4, "Hu et al. 2021 and the QLoRA paper (Dettmers et al. 2023, "
-                "App. B: 2e-4 for models up to 13B); PEFT's examples"),)
+    compare_settings = at_lora_rate("Hu et al. 2021 and the QLoRA paper (Dettmers et al. 2023, "
+                                    "App. B: 2e-4 for models up to 13B); PEFT's examples")
+    #: a PEFT LoRA adapter without lorakit.json is this method's; False for a method PEFT
+    #: sees as plain LoRA, which only lorakit.json names (LoRA-FA, LoRA-drop)
+    reads_plain_lora = True
 
     def reads_peft(self, pc: dict) -> bool:
-        return pc.get("peft_type") == "LORA" and not pc.get("use_dora")
+        return self.reads_plain_lora and pc.get("peft_type") == "LORA" and not pc.get("use_dora")
 
 
 METHOD = LoRA()
