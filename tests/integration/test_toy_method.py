@@ -17,6 +17,7 @@ import lorakit as lk
 from lorakit import registry
 from lorakit.adapters.base import layers_of
 from lorakit.cli import main
+from lorakit.errors import LorakitError
 from tests.conftest import batch, tiny_model, tiny_run_args, train_steps
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]  # three shapes: (32, 32), (16, 32), (64, 32)
@@ -133,3 +134,17 @@ def test_toy_vera_through_the_training_loop(vera, tiny_model_dir, tmp_path, caps
     assert main(["train", *tiny_run_args(tiny_model_dir, tmp_path / "bad",
                                          "adapter.toy_vera.d_initial=0.5")]) == 2
     assert "holds options of method 'toy-vera'" in capsys.readouterr().err
+
+
+def test_an_error_in_after_apply_undoes_the_apply(vera, monkeypatch):
+    def fail(model, cfg):
+        raise LorakitError("no room for the projections")
+
+    monkeypatch.setattr(vera.METHOD, "after_apply", fail)
+    model = tiny_model()
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(LorakitError, match="no room"):
+        lk.apply(model, method="toy-vera", r=4, target_modules=TARGETS)
+    assert [type(m) for m in model.modules()] == modules  # no wrapper left behind
+    assert getattr(model, "lorakit_state", None) is None
+    lk.apply(model, method="lora", r=4)  # and it can be adapted again
