@@ -202,6 +202,30 @@ def test_layers_below_loop_above():
                                                                    if s in names])
 
 
+#: docs/ARCHITECTURE.md's layers, bottom up: a module imports only from its own row or below
+LAYERS = [
+    ("options", "version", "files", "module_tree", "errors", "sharding", "faults", "quant",
+     "models"),
+    ("adapters",), ("registry",), ("config",), ("inject", "attention", "peft_format"),
+    ("export",), ("training",), ("analysis",), ("cli",), ("__init__", "__main__"),
+]
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else "__init__"
+    rows = [i for i, row in enumerate(LAYERS) if top in row]
+    assert rows, f"{top} is in no layer of docs/ARCHITECTURE.md (nor of LAYERS here)"
+    return rows[0]
+
+
+def test_imports_follow_the_layers_of_the_architecture_doc():
+    for f in SRC.rglob("*.py"):
+        rel = f.relative_to(SRC)
+        own = _layer(".".join(["lorakit", *rel.with_suffix("").parts]))
+        up = sorted({m for m in _imports(f) if m != "lorakit" and _layer(m) > own})
+        assert not up, (str(rel), up)
+
+
 def test_adapters_recorded_with_flat_options_still_load(tmp_path):
     """lorakit 0.1 wrote every method's options flat into lorakit.json: such adapters load,
     with the chosen method's options moved into its section."""
