@@ -6,15 +6,14 @@
     lk.save_adapter(model, "out/adapter")      # a PEFT adapter folder
 """
 
-__version__ = "0.1.0"
-
-from .config import AdapterConfig  # noqa: E402
-from .errors import LorakitError  # noqa: E402
-from .inject import (apply, count_parameters, disabled, merge, trainable_parameters,  # noqa: E402
-                     unload, unmerge)
-from .peft_format import load_adapter, save_adapter, save_merged  # noqa: E402
-from .models import load_model  # noqa: E402
-from .export import export  # noqa: E402
+from .version import __version__
+from .config import AdapterConfig
+from .errors import LorakitError
+from .inject import (apply, count_parameters, disabled, merge, trainable_parameters, unload,
+                     unmerge)
+from .peft_format import load_adapter, save_adapter, save_merged
+from .models import load_model
+from .export import export
 
 __all__ = [
     "AdapterConfig", "LorakitError", "apply", "count_parameters", "disabled", "export",

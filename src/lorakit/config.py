@@ -9,28 +9,15 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Callable, ClassVar, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, model_serializer,
-                      model_validator)
+from pydantic import BaseModel, Field, ValidationError, model_serializer, model_validator
 
 from .errors import LorakitError
+from .options import MethodOptions, Strict as _Strict
 from .registry import (DEFAULT_METHOD, METHODS, PRESETS, all_methods, get_method,
                        preset_options)
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class MethodOptions(_Strict):
-    """Base of a method's own options (``adapter.<method>: {...}``), declared in its module.
-
-    ``RENAMED`` maps names an option had before (flat in ``adapter``, or in PEFT) to its
-    field, so that an old config gets one sentence naming the new key."""
-
-    RENAMED: ClassVar[dict[str, str]] = {}
-
 
 #: Options that cannot work together: (test on (config, method), the one-sentence reason).
 #: A method's own restrictions on common options are its ``Method.check``.

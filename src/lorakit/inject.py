@@ -3,7 +3,7 @@
 This is the one place that decides what trains: adapter parameters, modules trained whole
 (``trainable_modules``, PEFT's ``modules_to_save``), or everything (a method that wraps no
 layers: full fine-tuning). Which layer class wraps a target is the method's choice
-(:meth:`Method.make_layer`).
+(:meth:`Method.make_layer`), and so is what follows the wrapping (:meth:`Method.after_apply`).
 """
 
 from __future__ import annotations
@@ -149,6 +149,11 @@ def apply(model: nn.Module, cfg: Union[AdapterConfig, dict, None] = None, **kwar
     if cfg.s2_attn or cfg.context_length:
         configure_long_context(model, cfg)
     model.lorakit_state = state
+    try:
+        method.after_apply(model, cfg)  # what the layers share, or a rewritten base
+    except BaseException:
+        unload(model, merge_adapters=False)
+        raise
     return model
 
 

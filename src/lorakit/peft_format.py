@@ -1,9 +1,14 @@
 """Adapters on disk in PEFT's layout (docs/adapter-format.md), and merged model export.
 
 A lorakit adapter folder is a PEFT adapter folder: ``adapter_config.json`` (only fields PEFT
-knows) and ``adapter_model.safetensors`` with keys ``base_model.model.<module>.<suffix>``.
+knows) and ``adapter_model.safetensors`` with keys ``base_model.model.<module>.<suffix>``
+(and a method's model-level tensors, VeRA's ``base_model.vera_A``, under their own keys).
 lorakit's own extras (method name, LoRA-drop sharing, ...) go to ``lorakit.json``.
 Only safetensors and JSON are ever read or written: no pickle, nothing executed.
+
+This module is the file I/O: what the files hold beyond the fields and tensors every
+adapter has is the method's PEFT codec (``Method.peft_fields``, ``options_from_peft``,
+``peft_recorded``, ``tensors_from_peft``, ``peft_model_tensors``; adapters/base.py).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__, models
+from . import models
 from .faults import kill_point
 from .files import atomic_dir, read_json, write_json
 from .config import AdapterConfig, parse, upgrade_recorded
@@ -25,6 +30,7 @@ from .errors import LorakitError
 from .inject import adapter_layers, apply, name_matches, state_of, trained_modules, unload
 from .quant import is_quantized
 from .registry import all_methods, get_method
+from .version import __version__
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -34,16 +40,24 @@ EXTRAS_NAME = "lorakit.json"
 
 # ---- saving -------------------------------------------------------------------------------
 
+def _method(model: nn.Module):
+    return get_method(state_of(model).config.method)
+
+
+def _trained_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights of the modules trained whole, under their keys without PREFIX."""
+    return {f"{name}.{pname}": p for name, wrapper in trained_modules(model)
+            for pname, p in wrapper.module.named_parameters()}
+
+
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor of the adapter under its PEFT key; shared Parameters written as copies."""
-    out: dict[str, torch.Tensor] = {}
-    for name, layer in adapter_layers(model):
-        for suffix, t in layer.peft_state().items():
-            out[f"{PREFIX}{name}.{suffix}"] = t.detach().to("cpu").contiguous().clone()
-    for name, wrapper in trained_modules(model):
-        for pname, p in wrapper.module.named_parameters():
-            out[f"{PREFIX}{name}.{pname}"] = p.detach().to("cpu").contiguous().clone()
-    return out
+    out = {f"{name}.{suffix}": t for name, layer in adapter_layers(model)
+           for suffix, t in layer.peft_state().items()}
+    out.update(_trained_tensors(model))
+    out = {f"{PREFIX}{key}": t for key, t in out.items()}
+    out.update(_method(model).peft_model_tensors(model))  # under their own keys
+    return {key: t.detach().to("cpu").contiguous().clone() for key, t in out.items()}
 
 
 def _target_list(model: nn.Module, targets: list[str]) -> list[str]:
@@ -59,29 +73,17 @@ def _target_list(model: nn.Module, targets: list[str]) -> list[str]:
 def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = None) -> dict:
     """adapter_config.json: the fields PEFT needs and no field it does not know."""
     st = state_of(model)
-    cfg = st.config
-    method = get_method(cfg.method)
-    layers = [m for _, m in adapter_layers(model)]
+    method = get_method(st.config.method)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
     return {
         "peft_type": method.peft_type,
         "task_type": "CAUSAL_LM",
-        "r": cfg.r,
-        "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
         "target_modules": _target_list(model, st.targets),
-        "bias": "none",
-        "use_dora": False,
-        "use_rslora": cfg.use_rslora,
-        "fan_in_fan_out": any(m.fan_in_fan_out for m in layers),
         "modules_to_save": list(st.modules_to_save) or None,
-        "rank_pattern": dict(cfg.rank_pattern),
-        "alpha_pattern": dict(cfg.alpha_pattern),
         "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
-        "init_lora_weights": True,
-        **method.peft_fields(cfg, model),
+        **method.peft_fields(st.config, model),
     }
 
 
@@ -142,13 +144,8 @@ def config_from_peft(pc: dict, where: str) -> AdapterConfig:
     method = claims[0]
     d: dict[str, Any] = {
         "method": method.name,
-        "r": pc.get("r", 8), "alpha": pc.get("lora_alpha", 8),
-        "dropout": pc.get("lora_dropout", 0.0) or 0.0,
         "target_modules": pc.get("target_modules") or "all-linear",
         "trainable_modules": list(pc.get("modules_to_save") or []),
-        "use_rslora": bool(pc.get("use_rslora", False)),
-        "alpha_pattern": pc.get("alpha_pattern") or {},
-        "rank_pattern": pc.get("rank_pattern") or {},
         **method.options_from_peft(pc),
     }
     if isinstance(d["target_modules"], list):
@@ -183,10 +180,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict, dict[str
         raw = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise LorakitError(f"{weights} is not a valid safetensors file ({e})") from None
+    # a layer's key without the prefix; a model-level key (base_model.vera_A) as it is
     tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
-    # PEFT's key for a DoRA magnitude may carry ".weight"; adapter names never appear in files.
-    tensors = {k.replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): v
-               for k, v in tensors.items()}
+    tensors = get_method(cfg.method).tensors_from_peft(tensors)
     _check_consistent(path, pc, cfg, tensors)
     return cfg, extras, tensors
 
@@ -198,10 +194,7 @@ def _check_consistent(path: Path, pc: dict, cfg: AdapterConfig, tensors: dict) -
     if pc.get("peft_type") != method.peft_type:
         raise LorakitError(f"{path / CONFIG_NAME} says peft_type {pc.get('peft_type')!r} but "
                            f"lorakit.json records method {cfg.method!r}")
-    recorded = {"lora_alpha": cfg.alpha, "use_rslora": cfg.use_rslora}
-    if method.peft_r_is_rank:
-        recorded["r"] = cfg.r
-    for key, want in recorded.items():
+    for key, want in method.peft_recorded(cfg).items():
         if key in pc and pc[key] != want:
             raise LorakitError(f"{path / CONFIG_NAME} says {key}={pc[key]!r} but lorakit.json "
                                f"records {want!r}; the folder was edited by hand")
@@ -210,14 +203,12 @@ def _check_consistent(path: Path, pc: dict, cfg: AdapterConfig, tensors: dict) -
         raise LorakitError(f"{path / WEIGHTS_NAME}: {why}")
 
 
-def _expected(model: nn.Module) -> dict[str, tuple[tuple[int, ...], Any]]:
-    exp: dict[str, tuple[tuple[int, ...], Any]] = {}
-    for name, layer in adapter_layers(model):
-        for suffix, shape in layer.expected_peft_shapes().items():
-            exp[f"{name}.{suffix}"] = (shape, layer)
-    for name, wrapper in trained_modules(model):
-        for pname, p in wrapper.module.named_parameters():
-            exp[f"{name}.{pname}"] = (tuple(p.shape), wrapper)
+def _expected(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    exp = {f"{name}.{suffix}": shape for name, layer in adapter_layers(model)
+           for suffix, shape in layer.expected_peft_shapes().items()}
+    exp.update({key: tuple(p.shape) for key, p in _trained_tensors(model).items()})
+    model_level = _method(model).peft_model_tensors(model)
+    exp.update({key: tuple(t.shape) for key, t in model_level.items()})
     return exp
 
 
@@ -227,7 +218,7 @@ def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], where: s
     # PEFT saves the base embedding next to an embedding LoRA ("save_embedding_layers"): the
     # base is the user's; such keys are checked for shape and otherwise ignored.
     base_keys = {k for k in tensors if ".base_layer." in k}
-    for key, (shape, _) in expected.items():
+    for key, shape in expected.items():
         if key not in tensors:
             raise LorakitError(f"{where} lacks the tensor {key!r} that this model's adapter needs "
                                "(is it for another base model?)")
@@ -241,10 +232,12 @@ def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], where: s
                            "this model (is it for another base model?)")
     for name, layer in adapter_layers(model):
         layer.load_peft_state({s: tensors[f"{name}.{s}"] for s in layer.expected_peft_shapes()})
-    for name, wrapper in trained_modules(model):
-        with torch.no_grad():
-            for pname, p in wrapper.module.named_parameters():
-                p.copy_(tensors[f"{name}.{pname}"].to(p.dtype))
+    with torch.no_grad():
+        for key, p in _trained_tensors(model).items():
+            p.copy_(tensors[key].to(p.dtype))
+    method = _method(model)
+    model_level = method.peft_model_tensors(model)
+    method.load_peft_model_tensors(model, {key: tensors[key] for key in model_level})
 
 
 def load_adapter(base: nn.Module, path: str | os.PathLike,

@@ -77,6 +77,11 @@ def register(name: str, module: str) -> None:
     METHODS[name] = module
 
 
+def unregister(name: str) -> None:
+    """Remove a method :func:`register` added (a plugin's, a test's)."""
+    METHODS.pop(name, None)
+
+
 def get_method(name: str):
     """The :class:`~lorakit.adapters.base.Method` registered as ``name``."""
     if name not in METHODS:

@@ -154,14 +154,38 @@ def _imports(path: Path) -> list[str]:
     return [m for m in found if m.startswith("lorakit")]
 
 
+def _from_package_init(path: Path) -> list[str]:
+    """What ``path`` takes from the package ``__init__`` (``import lorakit``, ``from lorakit
+    import X`` / ``from .. import X`` where X is not a submodule)."""
+    pkg = ["lorakit", *path.relative_to(SRC).parent.parts]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if a.name == "lorakit"]
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg[:len(pkg) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            if mod == "lorakit":
+                found += [f"from lorakit import {a.name}" for a in node.names
+                          if not ((SRC / f"{a.name}.py").is_file()
+                                  or (SRC / a.name / "__init__.py").is_file())]
+    return found
+
+
 def test_layers_below_loop_above():
-    """adapters/ imports nothing from training, analysis or cli; no engine module imports
-    the CLI; only registry.py and a method's own module name a method."""
+    """adapters/ imports nothing from training, analysis or cli, nor config or the registry
+    (config runs method code while it validates: an edge back would be a loop the import graph
+    hides); no engine module imports the CLI; no module imports the package ``__init__``;
+    only registry.py and a method's own module name a method."""
     for f in (SRC / "adapters").glob("*.py"):
         bad = [m for m in _imports(f) if m.startswith(("lorakit.training", "lorakit.analysis",
                                                        "lorakit.cli", "lorakit.peft_format",
-                                                       "lorakit.inject"))]
+                                                       "lorakit.inject", "lorakit.config",
+                                                       "lorakit.registry"))]
         assert not bad, (f.name, bad)
+    for f in SRC.rglob("*.py"):
+        if f != SRC / "__init__.py":
+            assert not _from_package_init(f), (str(f.relative_to(SRC)), _from_package_init(f))
     for f in SRC.rglob("*.py"):
         if "cli" not in f.relative_to(SRC).parts and f.name != "__main__.py":
             assert not [m for m in _imports(f) if m.startswith("lorakit.cli")], f
@@ -176,6 +200,30 @@ def test_layers_below_loop_above():
                    if isinstance(n, ast.Constant) and isinstance(n.value, str)]
         assert not [s for s in strings if s in names], (str(rel), [s for s in strings
                                                                    if s in names])
+
+
+#: docs/ARCHITECTURE.md's layers, bottom up: a module imports only from its own row or below
+LAYERS = [
+    ("options", "version", "files", "module_tree", "errors", "sharding", "faults", "quant",
+     "models"),
+    ("adapters",), ("registry",), ("config",), ("inject", "attention", "peft_format"),
+    ("export", "llamacpp"), ("training",), ("analysis",), ("cli",), ("__init__", "__main__"),
+]
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else "__init__"
+    rows = [i for i, row in enumerate(LAYERS) if top in row]
+    assert rows, f"{top} is in no layer of docs/ARCHITECTURE.md (nor of LAYERS here)"
+    return rows[0]
+
+
+def test_imports_follow_the_layers_of_the_architecture_doc():
+    for f in SRC.rglob("*.py"):
+        rel = f.relative_to(SRC)
+        own = _layer(".".join(["lorakit", *rel.with_suffix("").parts]))
+        up = sorted({m for m in _imports(f) if m != "lorakit" and _layer(m) > own})
+        assert not up, (str(rel), up)
 
 
 def test_adapters_recorded_with_flat_options_still_load(tmp_path):

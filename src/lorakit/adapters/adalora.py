@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..config import MethodOptions
+from ..options import MethodOptions
 from ..sharding import full, like
 from ..errors import LorakitError
 from .base import (AdapterLayer, Budget, Method, MethodHooks, Setting, budget_fraction,
                    layers_of, linear_dims, make_dropout, state_of)
+from .lora import LoraConfigCodec
 
 
 class AdaLoRAOptions(MethodOptions):
@@ -62,6 +63,11 @@ class AdaLoRAOptions(MethodOptions):
         return self
 
 
+def adalora_scaling(alpha: float, ranknum: float) -> float:
+    """PEFT's AdaLoRA scale: alpha / (initial rank + 1e-5), kept when the rank is pruned."""
+    return alpha / (ranknum + 1e-5)
+
+
 class AdaLoRALinear(AdapterLayer):
     """AdaLoRA's SVD-form adapter on ``nn.Linear``, GPT-2 ``Conv1D`` or a 4-bit linear layer.
 
@@ -79,7 +85,7 @@ class AdaLoRALinear(AdapterLayer):
         # PEFT: scaling = lora_alpha, divided by ranknum + 1e-5 in the forward; ranknum is the
         # initial rank and is kept when a layer is resized to its pruned rank.
         self.ranknum = float(self.r)
-        self.scaling = self.alpha / (self.ranknum + 1e-5)
+        self.scaling = adalora_scaling(self.alpha, self.ranknum)
         self._make_parameters(self.r)
         with torch.no_grad():
             nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
@@ -358,7 +364,7 @@ def _target_r(b: Budget) -> int:
     return b.r
 
 
-class AdaLoRA(Method):
+class AdaLoRA(LoraConfigCodec, Method):
     name = "adalora"
     summary = ("AdaLoRA: SVD-form adapters, rank budget moves to important matrices "
                "(Zhang et al. 2023)")
@@ -398,10 +404,14 @@ class AdaLoRA(Method):
     def layer_kwargs(self, cls: type, cfg) -> dict:
         return {"dropout": cfg.dropout}
 
+    def scaling(self, r: int, alpha: float, cfg) -> float:
+        return adalora_scaling(alpha, float(r))
+
     def peft_fields(self, cfg, model: nn.Module) -> dict:
         o = cfg.options
         total = (state_of(model).extras.get("adalora") or {}).get("total_step")
         return {
+            **super().peft_fields(cfg, model),  # LoraConfig's, which AdaLoraConfig extends
             # PEFT's AdaLoRA ignores r and warns unless it has LoraConfig's default, 8.
             "r": 8,
             "init_r": o.init_r, "target_r": o.target_r, "tinit": o.tinit,
@@ -429,7 +439,7 @@ class AdaLoRA(Method):
                  "tfinal": "tfinal", "deltaT": "delta_t", "beta1": "sensitivity_beta",
                  "beta2": "uncertainty_beta", "orth_reg_weight": "orth_reg_weight"}
         # PEFT's rank_pattern here is the kept-triplet mask, not ranks: on_load resizes
-        return {"rank_pattern": {}, self.options_key: {
+        return {**super().options_from_peft(pc), "rank_pattern": {}, self.options_key: {
             ours: pc[theirs] for theirs, ours in names.items() if pc.get(theirs) is not None}}
 
     def report_note(self, method_summary: dict) -> str:

@@ -64,6 +64,8 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         self.r = int(r)
         self.alpha = float(alpha)
+        # LoRA's rule for a layer built by hand; a method's layers get the method's own
+        # (Method.scaling, set by Method.make_layer)
         self.scaling = lora_scaling(self.alpha, self.r, use_rslora)
         self.merged = False
         self.disabled = False
@@ -322,7 +324,13 @@ class Method:
     - ``options``: a pydantic model of the method's own options, read from
       ``adapter.<options_key>`` (an option of another method is an error);
     - ``hooks``: the :class:`MethodHooks` subclass the training loop drives;
-    - PEFT mapping both ways: :meth:`peft_fields`, :meth:`reads_peft`, :meth:`options_from_peft`;
+    - the scaling rule of its layers (:meth:`scaling`) and what happens once every target is
+      wrapped (:meth:`after_apply`: a tensor all layers share, a rewrite of the base);
+    - its PEFT codec, both ways (``peft_format.py`` only reads and writes the files): the
+      config fields (:meth:`peft_fields`, :meth:`reads_peft`, :meth:`options_from_peft`,
+      :meth:`peft_recorded`), tensor names (:meth:`tensors_from_peft`, the layers'
+      ``peft_names``) and the model-level tensors no layer holds
+      (:meth:`peft_model_tensors`, :meth:`load_peft_model_tensors`);
     - reports: :meth:`report_note` and :meth:`inspect_columns`."""
 
     name: str = ""
@@ -366,7 +374,9 @@ class Method:
                                "leave it out of adapter.target_modules")
         r = pattern_value(cfg.rank_pattern, name, self.initial_rank(cfg))
         alpha = pattern_value(cfg.alpha_pattern, name, cfg.alpha)
-        return cls(module, r, alpha, **self.layer_kwargs(cls, cfg))
+        layer = cls(module, r, alpha, **self.layer_kwargs(cls, cfg))
+        layer.scaling = self.scaling(layer.r, layer.alpha, cfg)
+        return layer
 
     def layer_kwargs(self, cls: type, cfg) -> dict:
         """Keyword arguments of the layer class beyond (base_layer, r, alpha)."""
@@ -375,18 +385,60 @@ class Method:
             kw["dropout"] = cfg.dropout
         return kw
 
-    # ---- PEFT's adapter_config.json, both ways -------------------------------------------
+    def scaling(self, r: int, alpha: float, cfg) -> float:
+        """The scale ``s`` of a new layer of rank ``r`` and ``alpha`` (after the patterns),
+        which :meth:`make_layer` gives the layer as ``layer.scaling``. Default: LoRA's
+        alpha / r, or alpha / sqrt(r) with ``use_rslora`` (:func:`lora_scaling`)."""
+        return lora_scaling(alpha, r, cfg.use_rslora)
+
+    def after_apply(self, model: nn.Module, cfg) -> None:
+        """Called by ``inject.apply`` once every target is wrapped and the model carries its
+        ``lorakit_state``: make what the layers share (VeRA's frozen random projections), or
+        rewrite the base (PiSSA's principal components). Runs again when an adapter is
+        loaded, before its tensors are copied in. An error here undoes the whole ``apply``."""
+
+    # ---- the PEFT codec: adapter_config.json and the tensor file, both ways ---------------
+    # peft_format.py reads and writes the files; what they hold is the method's. It writes
+    # the fields every PEFT config has (peft_type, task_type, target_modules,
+    # modules_to_save, base_model_name_or_path, inference_mode) and the tensors of layers
+    # (``peft_names``) and of modules trained whole, under ``base_model.model.<module>.``.
     def peft_fields(self, cfg, model: nn.Module) -> dict:
-        """Method-specific fields of adapter_config.json (DoRA: ``use_dora``)."""
-        return {}
+        """The rest of adapter_config.json: the method's fields (DoRA adds ``use_dora``).
+        Default: ``r``, ``bias`` and ``fan_in_fan_out``, which PEFT's configs of layer
+        methods share."""
+        return {"r": cfg.r, "bias": "none",
+                "fan_in_fan_out": any(m.fan_in_fan_out for _, m in adapter_layers(model))}
 
     def reads_peft(self, pc: dict) -> bool:
         """True if a PEFT adapter_config.json is this method's."""
         return False
 
     def options_from_peft(self, pc: dict) -> dict:
-        """Config fields (common ones and ``{options_key: {...}}``) from a PEFT config."""
+        """AdapterConfig fields from the method's fields of a PEFT config: common ones
+        (``r``, ``alpha``, ...) and ``{options_key: {...}}``. Default: ``r``."""
+        return {"r": pc.get("r", 8)}
+
+    def peft_recorded(self, cfg) -> dict:
+        """adapter_config.json keys and the values ``cfg`` (lorakit.json's record) gives them:
+        a folder where they differ was edited by hand, and PEFT and lorakit would load it
+        differently. Default: ``r`` where it is the rank (:attr:`peft_r_is_rank`)."""
+        return {"r": cfg.r} if self.peft_r_is_rank else {}
+
+    def tensors_from_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The file's tensors (``base_model.model.`` taken off the layers' keys) under the
+        names :meth:`load_peft_model_tensors` and the layers' ``peft_names`` use: where PEFT
+        writes a name several ways (DoRA's magnitude). Default: as they are."""
+        return tensors
+
+    def peft_model_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors of the model, not of one layer, under their whole key in the file
+        (VeRA's ``base_model.vera_A``); also what a loaded file must hold. Default: none."""
         return {}
+
+    def load_peft_model_tensors(self, model: nn.Module,
+                                tensors: dict[str, torch.Tensor]) -> None:
+        """Copy :meth:`peft_model_tensors`' keys, read from a file (shapes checked), into
+        the model."""
 
     def check_tensors(self, cfg, tensors: dict[str, torch.Tensor]) -> Optional[str]:
         """Why an adapter file's tensors disagree with its config (None: they agree). Default:

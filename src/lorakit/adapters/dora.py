@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Setting
-from .lora import LoRA, LoRALinear
+from .lora import LoRA, LoRALinear, at_lora_rate
 
 #: Norms below this are clamped: a zero row (Llama-3.1 o_proj has 511) gives k = m/EPS, and m
 #: starts at that row's norm, 0, so k = 0 instead of 0/0 = NaN.
@@ -168,14 +167,20 @@ class DoRA(LoRA):
     summary = "DoRA: magnitude m and direction (W0+sBA)/||.|| (Liu et al. 2024)"
     linear = DoRALinear
     embedding = None
-    compare_settings = (Setting("train.lr", 2e-4, "Liu et al. 2024 compare DoRA with LoRA at "
-                                "LoRA's hyper-parameters"),)
+    compare_settings = at_lora_rate("Liu et al. 2024 compare DoRA with LoRA at LoRA's "
+                                    "hyper-parameters")
 
     def peft_fields(self, cfg, model: nn.Module) -> dict:
-        return {"use_dora": True}
+        return {**super().peft_fields(cfg, model), "use_dora": True}
 
     def reads_peft(self, pc: dict) -> bool:
         return pc.get("peft_type") == "LORA" and bool(pc.get("use_dora"))
+
+    def tensors_from_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PEFT's key for the magnitude may carry ``.weight`` (it is an ``nn.Module`` there);
+        adapter names never appear in files."""
+        return {k.replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): v
+                for k, v in tensors.items()}
 
 
 METHOD = DoRA()

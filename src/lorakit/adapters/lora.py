@@ -116,17 +116,51 @@ class LoRAEmbedding(AdapterLayer):
 
 
 
-class LoRA(Method):
+#: LoRA's learning rate, at which the LoRA family's papers compare their methods with it
+LORA_LR = 2e-4
+
+
+def at_lora_rate(source: str) -> tuple[Setting, ...]:
+    """``compare_settings`` of a method trained at LoRA's rate, as ``source`` says."""
+    return (Setting("train.lr", LORA_LR, source),)
+
+
+class LoraConfigCodec:
+    """PEFT's ``LoraConfig`` fields, both ways, for a :class:`Method` (a mixin: PEFT's
+    ``AdaLoraConfig`` extends ``LoraConfig``, lorakit's AdaLoRA is no LoRA subclass)."""
+
+    def peft_fields(self, cfg, model: nn.Module) -> dict:
+        return {**super().peft_fields(cfg, model),
+                "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_dora": False,
+                "use_rslora": cfg.use_rslora, "rank_pattern": dict(cfg.rank_pattern),
+                "alpha_pattern": dict(cfg.alpha_pattern), "init_lora_weights": True}
+
+    def options_from_peft(self, pc: dict) -> dict:
+        return {**super().options_from_peft(pc),
+                "alpha": pc.get("lora_alpha", 8), "dropout": pc.get("lora_dropout", 0.0) or 0.0,
+                "use_rslora": bool(pc.get("use_rslora", False)),
+                "alpha_pattern": pc.get("alpha_pattern") or {},
+                "rank_pattern": pc.get("rank_pattern") or {}}
+
+    def peft_recorded(self, cfg) -> dict:
+        return {**super().peft_recorded(cfg), "lora_alpha": cfg.alpha,
+                "use_rslora": cfg.use_rslora}
+
+
+class LoRA(LoraConfigCodec, Method):
     name = "lora"
     summary = "LoRA: frozen base + trainable low-rank B·A bypass (Hu et al. 2021)"
     linear = LoRALinear
     embedding = LoRAEmbedding
     dm_dd_figure = True
-    compare_settings = (Setting("train.lr", 2e-4, "Hu et al. 2021 and the QLoRA paper (Dettmers et al. 2023, "
-                "App. B: 2e-4 for models up to 13B); PEFT's examples"),)
+    compare_settings = at_lora_rate("Hu et al. 2021 and the QLoRA paper (Dettmers et al. 2023, "
+                                    "App. B: 2e-4 for models up to 13B); PEFT's examples")
+    #: a PEFT LoRA adapter without lorakit.json is this method's; False for a method PEFT
+    #: sees as plain LoRA, which only lorakit.json names (LoRA-FA, LoRA-drop)
+    reads_plain_lora = True
 
     def reads_peft(self, pc: dict) -> bool:
-        return pc.get("peft_type") == "LORA" and not pc.get("use_dora")
+        return self.reads_plain_lora and pc.get("peft_type") == "LORA" and not pc.get("use_dora")
 
 
 METHOD = LoRA()

@@ -44,11 +44,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..config import MethodOptions
+from ..options import MethodOptions
 from ..errors import LorakitError
 from ..files import read_json, write_json
-from .base import AdapterLayer, MethodHooks, Setting, adapter_layers, state_of
-from .lora import LoRA, LoRAEmbedding
+from .base import AdapterLayer, MethodHooks, adapter_layers, state_of
+from .lora import LoRA, LoRAEmbedding, at_lora_rate
 
 
 class LoRADropOptions(MethodOptions):
@@ -365,13 +365,11 @@ class LoRADrop(LoRA):
     options = LoRADropOptions
     hooks = LoRADropHooks
     dm_dd_figure = False
-    compare_settings = (Setting("train.lr", 2e-4, "Zhou et al. 2024 (LoRA-drop) keep LoRA's "
-                                "hyper-parameters; sample ratio 10% and threshold 0.9 are "
-                                "lorakit's defaults, the paper's"),)
+    compare_settings = at_lora_rate("Zhou et al. 2024 (LoRA-drop) keep LoRA's "
+                                    "hyper-parameters; sample ratio 10% and threshold 0.9 are "
+                                    "lorakit's defaults, the paper's")
     heatmaps = {"importance": ("lora_drop_importance", "LoRA-drop importance")}
-
-    def reads_peft(self, pc: dict) -> bool:
-        return False  # saved as plain per-layer LoRA; lorakit.json restores the sharing
+    reads_plain_lora = False  # saved as plain per-layer LoRA; lorakit.json restores the sharing
 
     def report_note(self, method_summary: dict) -> str:
         drop = method_summary

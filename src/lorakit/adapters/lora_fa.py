@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..config import MethodOptions
-from .base import Setting
-from .lora import LoRA, LoRALinear
+from ..options import MethodOptions
+from .lora import LoRA, LoRALinear, at_lora_rate
 
 #: Ridge of the v2 projection, as in PEFT's LoraFAOptimizer.
 PROJECTION_DELTA = 1e-8
@@ -138,11 +137,9 @@ class LoRAFA(LoRA):
     embedding = None
     options = LoRAFAOptions
     dm_dd_figure = False
-    compare_settings = (Setting("train.lr", 2e-4, "Zhang et al. 2023 (LoRA-FA) train with "
-                                "LoRA's hyper-parameters, at LoRA's rank"),)
-
-    def reads_peft(self, pc: dict) -> bool:
-        return False  # a LoRA-FA adapter is a plain LoRA adapter to PEFT
+    compare_settings = at_lora_rate("Zhang et al. 2023 (LoRA-FA) train with LoRA's "
+                                    "hyper-parameters, at LoRA's rank")
+    reads_plain_lora = False  # a LoRA-FA adapter is a plain LoRA adapter to PEFT
 
     def layer_kwargs(self, cls: type, cfg) -> dict:
         return {**super().layer_kwargs(cls, cfg), "projection": cfg.options.projection}

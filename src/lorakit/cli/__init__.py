@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Optional
 
-from .. import __version__
+from ..version import __version__
 from ..errors import LorakitError
 from . import analysis, commands
 
