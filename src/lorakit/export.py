@@ -45,6 +45,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import LorakitError
+from .files import check_output, file_errors
 from .inject import adapter_layers, apply, state_of, trained_modules, unload
 from .peft_format import (adapter_folder, is_whole_model, open_adapter, peft_config_dict,
                           save_adapter)
@@ -393,6 +394,13 @@ def write_gguf(conv: Conversion, plan: GGUFPlan, out: Path, outtype: str,
     ``.lora_b``. Written to a temporary name, renamed into place when complete."""
     gguf = _gguf()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with file_errors("write", out):
+        _write_gguf(gguf, conv, plan, out, tmp, outtype, name)
+    return out
+
+
+def _write_gguf(gguf, conv: Conversion, plan: GGUFPlan, out: Path, tmp: Path, outtype: str,
+                name: Optional[str]) -> None:
     writer = gguf.GGUFWriter(str(tmp), plan.arch)
     try:
         writer.add_type(gguf.GGUFType.ADAPTER)
@@ -417,7 +425,6 @@ def write_gguf(conv: Conversion, plan: GGUFPlan, out: Path, outtype: str,
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    return out
 
 
 # ---- the whole export -------------------------------------------------------------------
@@ -456,6 +463,7 @@ def export_model(model: nn.Module, out: Union[str, os.PathLike], to: str = PLAIN
     out = Path(out)
     if out.exists() and (out.is_file() or any(out.iterdir())):
         raise LorakitError(f"{out} exists; choose another --out")
+    check_output(out, "--out", folder=to != "gguf")
     st = state_of(model)
     method = st.config.method
     _refuse_unservable(model, to)

@@ -46,7 +46,7 @@ import yaml
 
 from ..config import load_run_config, parse_overrides, split_config_args
 from ..errors import LorakitError
-from ..files import write_json
+from ..files import check_output, file_errors, read_json, write_json
 from ..registry import METHODS, PRESETS, all_methods, get_method, preset_options
 from ..training.evaluation import PREDICTIONS
 from ..training.distributed import Strategy
@@ -222,10 +222,12 @@ def compare(config: Optional[str], overrides: list[str], methods: list[str], out
         raise LorakitError("--seeds must be at least 1")
     out = Path(out)
     spec = _Spec(config, overrides, out, quick, long_steps, long_len)
+    check_output(out, "--out")
     plans = spec.first_plans(methods, lr_sweep, long_context)
-    out.mkdir(parents=True, exist_ok=True)
+    with file_errors("create", out):
+        out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_NAME
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"runs": {}}
+    state = read_json(state_path) if state_path.exists() else {"runs": {}}
     t_all = time.perf_counter()
     _run_plans(plans, state, state_path, config, out, log, python)
     if seeds > 1:
@@ -234,7 +236,8 @@ def compare(config: Optional[str], overrides: list[str], methods: list[str], out
         plans += more
     state["last_call_wall_s"] = time.perf_counter() - t_all
     write_json(state_path, state)
-    report = write_report(out, plans, state)
+    with file_errors("write the report into", out):
+        report = write_report(out, plans, state)
     log(f"report: {out / 'report.md'} and {out / 'report.html'}")
     return report
 

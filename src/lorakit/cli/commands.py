@@ -17,6 +17,7 @@ import torch
 from .. import models, peft_format
 from ..config import METRIC_NAMES, RunConfig, config_reference, load_run_config, split_config_args
 from ..errors import LorakitError
+from ..files import check_output, read_json
 from ..export import OUTTYPES, TARGETS, describe as describe_export, export
 from ..registry import describe
 from ..training.data import Rows, build_heldout, encode, read_rows, remap
@@ -183,7 +184,7 @@ def _eval_rows(spec: Optional[str], run_dir: Optional[Path], cfg, tok):
     if not record_file.is_file():
         raise LorakitError(f"{run_dir} does not record its held-out rows (trained by an older "
                            "lorakit); pass --data")
-    record = json.loads(record_file.read_text())
+    record = read_json(record_file)
     valid, metric_rows = build_heldout(record, tok, cfg.data.max_seq_len,
                                        cfg.data.loss_on, cfg.data.truncation)
     v = record["valid"] if isinstance(record["valid"], dict) else record["valid"][0]
@@ -199,6 +200,8 @@ def _eval_rows(spec: Optional[str], run_dir: Optional[Path], cfg, tok):
 def run_eval(args) -> int:
     if (args.adapter is None) == (args.base is None):
         raise LorakitError("give either an adapter folder or --base MODEL")
+    if args.predictions:
+        check_output(args.predictions, "--predictions", folder=False)
     adapter = adapter_folder(args.adapter) if args.adapter is not None else None
     run_dir = _run_folder(args.adapter)
     cfg = _eval_config(run_dir, args)
@@ -306,8 +309,9 @@ def merge_args(p: argparse.ArgumentParser) -> None:
 
 def run_merge(args) -> int:
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
         raise LorakitError(f"{out} exists and is not empty; choose another --out")
+    check_output(out, "--out")
     model, tok = load_for_inference(args.adapter, args.model, args.dtype, args.trust_remote_code)
     if getattr(model, "lorakit_state", None) is None:
         raise LorakitError(f"{args.adapter} is already a full model; nothing to merge")

@@ -40,10 +40,12 @@ from ..adapters.base import MethodHooks
 from ..config import RunConfig
 from ..errors import LorakitError
 from ..faults import kill_point
-from ..files import atomic_dir, write_json
+from ..files import (atomic_dir, check_output, file_errors, read_json, write_json,
+                     write_text)
 from ..registry import get_method
 from ..sharding import full
-from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
+from .checkpoint import (foreign_checkpoints, list_checkpoints, load_checkpoint, remove_partial,
+                         save_checkpoint, stopped_by_files)
 from .distributed import (Strategy, any_process, clip_grad_norm_, full_state, load_whole,
                           process_bytes, requires_gradient_sync, resolve_strategy, shard_model,
                           sync_replicated_grads, whole_parameters)
@@ -271,7 +273,7 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
                 break
     finally:
         compiled.close()
-    bar.close()
+        bar.close()  # its line ended: an error message starts a line of its own
     best = {}
     if tracker is not None:
         if tc.keep_best:
@@ -483,6 +485,7 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
     Everything that can be wrong with the input (model, data, adapter config) is found before
     anything is written to ``output_dir``."""
     out, tc = Path(cfg.output_dir), cfg.train
+    check_output(out, "output_dir")  # an existing file, a folder that cannot be created
     if (out / ".lock").exists():
         _lock(out).close()  # another run using the folder is the first thing to say
     finished = _finished_run(cfg, out, log)
@@ -513,8 +516,8 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
     lock = _lock(out) if acc.is_main_process else None
     try:
         if acc.is_main_process:
-            (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"),
-                                                            sort_keys=False))
+            write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"),
+                                                           sort_keys=False))
             write_json(out / "heldout.json", record)
         if tc.report_to:  # accelerate's trackers: tensorboard events in <out>/tensorboard
             acc.init_trackers("tensorboard", config=tracker_config(cfg.model_dump(mode="json")))
@@ -531,6 +534,9 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
         run.hooks.prepare(run)  # e.g. LoRA-drop's sample phase and layer selection
         cast_frozen(run.model, dtype)
         return _train_and_finish(run, method, total, base, peak)
+    except Exception as e:
+        stopped_by_files(e, out)  # a full disk: one sentence saying how to continue
+        raise
     finally:
         if lock is not None:
             lock.close()
@@ -729,7 +735,7 @@ def _finished_run(cfg: RunConfig, out: Path, log: Log) -> Optional[dict]:
     refuses a folder that holds a run made with other settings, naming the first that
     differs, and a folder with an unfinished run when not resuming."""
     summary_file, recorded_file = out / "summary.json", out / "config.yaml"
-    recorded = yaml.safe_load(recorded_file.read_text()) if recorded_file.exists() else None
+    recorded = _recorded_config(recorded_file) if recorded_file.exists() else None
     diff = _first_difference(recorded or {}, cfg.model_dump(mode="json")) if recorded else None
     if summary_file.exists():
         if diff:
@@ -737,7 +743,9 @@ def _finished_run(cfg: RunConfig, out: Path, log: Log) -> Optional[dict]:
                                "another output_dir to train with these settings")
         log(f"{out} already holds this finished run (same settings); showing its results "
             "(choose another output_dir to train again)")
-        return json.loads(summary_file.read_text())
+        return read_json(summary_file)
+    if cfg.train.resume:
+        foreign_checkpoints(out)
     if (out / "checkpoints").exists():
         if not cfg.train.resume:
             raise LorakitError(f"{out} already holds an unfinished run; set train.resume=true "
@@ -748,9 +756,23 @@ def _finished_run(cfg: RunConfig, out: Path, log: Log) -> Optional[dict]:
     return None
 
 
+def _recorded_config(path: Path) -> dict:
+    with file_errors("read", path):
+        text = path.read_text(encoding="utf-8")
+    try:
+        recorded = yaml.safe_load(text)
+    except yaml.YAMLError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise LorakitError(f"{path} is not the config lorakit records (damaged?); choose "
+                           "another output_dir or delete that file")
+    return recorded
+
+
 def _lock(out_dir: Path):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(out_dir / ".lock", "w")
+    with file_errors("create", out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(out_dir / ".lock", "w")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
