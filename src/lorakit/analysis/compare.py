@@ -50,7 +50,8 @@ from ..files import check_output, file_errors, read_json, write_json
 from ..registry import METHODS, PRESETS, all_methods, get_method, preset_options
 from ..training.evaluation import PREDICTIONS
 from ..training.distributed import Strategy
-from ..training.loop import ModelBuild, base_metrics, prepare_data
+from ..training.loop import base_metrics, prepare_data
+from ..training.session import ModelBuild, assemble, inference_device
 from ..training.runtime import resolve_precision
 from .report import best_lr_factors, write_report
 from .settings import Budget, settings_for
@@ -391,13 +392,9 @@ def measure_base(cfg, log: Log = print) -> dict:
     dtype = resolve_precision(cfg.train.precision)
     torch.manual_seed(cfg.train.seed)
     # the model as the run builds it: read once in the compute dtype, on the device
-    build = ModelBuild(cfg, Strategy("single", 1), dtype,
-                       torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tok = build.load()
-    _, heldout, _ = prepare_data(cfg, tok, log)
-    if get_method(cfg.adapter.method).wraps_layers:
-        build.adapt(model)
-    model = build.place(model)
+    build = ModelBuild(cfg, Strategy("single", 1), dtype, inference_device())
+    model, tok, (_, heldout, _) = assemble(build, lambda tok: prepare_data(cfg, tok, log),
+                                           adapt=get_method(cfg.adapter.method).wraps_layers)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     return base_metrics(cfg, model, tok, heldout, dtype, out, log)

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,21 +42,21 @@ from ..faults import kill_point
 from ..files import (atomic_dir, check_output, file_errors, read_json, write_json,
                      write_text)
 from ..registry import get_method
-from ..sharding import full
 from .checkpoint import (foreign_checkpoints, list_checkpoints, load_checkpoint, remove_partial,
                          save_checkpoint, stopped_by_files)
-from .distributed import (Strategy, any_process, clip_grad_norm_, full_state, load_whole,
-                          process_bytes, requires_gradient_sync, resolve_strategy, shard_model,
-                          sync_replicated_grads, whole_parameters)
+from .distributed import (Strategy, any_process, clip_grad_norm_, load_whole, process_bytes,
+                          requires_gradient_sync, resolve_strategy, sync_replicated_grads,
+                          whole_parameters)
 from .data import (IGNORE, StepSampler, build_heldout, collate, encode, heldout_record,
                    merge_records, pack, read_rows, remap, split_rows, weighted)
 from .evaluation import PREDICTIONS, HeldOut, Share, eval_loss, measure
 from .loss import loss_sum
 from .memory import run_exact_memory
 from .optim import build_optimizer, build_scheduler
-from .runtime import (PeakMemory, activation_checkpointing, cast_frozen, cast_trainable,
-                      compile_error_reason, compiled_layers, dtype_name, is_compile_error,
-                      make_accelerator, resolve_precision, tracker_config)
+from .runtime import (PeakMemory, activation_checkpointing, cast_frozen, compile_error_reason,
+                      compiled_layers, dtype_name, is_compile_error, make_accelerator,
+                      resolve_precision, tracker_config)
+from .session import ModelBuild
 
 Log = Callable[[str], None]
 
@@ -547,110 +546,6 @@ def fsdp_units_check(model: nn.Module, strategy: Strategy) -> None:
     from .distributed import fsdp_units
 
     fsdp_units(model, strategy)
-
-
-class ModelBuild:
-    """How this run's model is made, once or again (LoRA-drop under FSDP builds it twice):
-    loaded in the compute dtype where it will run, adapted, placed or sharded.
-
-    Loading (See Note: FSDP2 in lorakit, distributed.py): one process, or DDP: each process
-    reads the weights once, in the compute dtype (frozen weights bf16 from the start; a
-    method that trains every weight loads fp32 master weights), onto its own device. FSDP
-    with sharded loading: process 0 reads the weights, the others build the model on the meta
-    device and receive their shards; a 4-bit base is read and quantized by every process."""
-
-    def __init__(self, cfg: RunConfig, strategy: Strategy, dtype: torch.dtype,
-                 device: torch.device, rank: int = 0):
-        self.cfg, self.strategy, self.dtype, self.device = cfg, strategy, dtype, device
-        self.main = rank == 0
-        method = get_method(cfg.adapter.method)
-        # trainable weights are fp32 masters: a method that trains every weight loads fp32
-        self.load_dtype = dtype if method.wraps_layers else torch.float32
-        self.meta = (strategy.fsdp and strategy.sharded_loading and not cfg.adapter.quantize)
-        self._state: Optional[dict] = None
-
-    def files_ready(self) -> None:
-        """Once per run, before any :meth:`load`: with several processes the first converts
-        the embedded model's files (a one-time cache) while the others wait for it."""
-        if self.strategy.processes > 1 and self.cfg.model in models.EMBEDDED:
-            if self.main:
-                models.resolve_model_path(self.cfg.model, self.load_dtype)
-            torch.distributed.barrier()
-
-    def load(self, meta: Optional[bool] = None) -> tuple[nn.Module, Any]:
-        cfg = self.cfg
-        on_meta = self.meta and not self.main if meta is None else meta
-        device = None if self.strategy.fsdp else self.device
-        if cfg.adapter.quantize and not on_meta:
-            # See Note: reading a 4-bit base (models.py): NF4 as it is read, on the device
-            loaded = models.load_quantized(cfg.model, cfg.adapter, self.load_dtype,
-                                           cfg.trust_remote_code, device)
-            if loaded is not None:
-                return loaded
-            if self.main:  # never silently: say which path ran
-                print("note: this checkpoint cannot be read tensor by tensor (no safetensors "
-                      "files, or tensor names other than the model's); loading it whole, then "
-                      "quantizing to NF4", file=sys.stderr)
-        return models.load_model(cfg.model, dtype=self.load_dtype,
-                                 trust_remote_code=cfg.trust_remote_code, device=device,
-                                 meta=on_meta)
-
-    def adapt(self, model: nn.Module) -> nn.Module:
-        """Apply the method; trainable weights in fp32 (their master copies)."""
-        with torch.device("meta") if _on_meta(model) else contextlib.nullcontext():
-            inject.apply(model, self.cfg.adapter)
-        cast_trainable(model, torch.float32)
-        return model
-
-    def place(self, model: nn.Module, edits: tuple = ()) -> nn.Module:
-        """On the device (frozen weights in the compute dtype), or sharded under FSDP.
-        ``edits``: what was done to ``model`` after :meth:`adapt` (LoRA-drop's sharing), done
-        again to the meta twin process 0 shards, so both have one structure."""
-        cast_frozen(model, self.dtype)
-        if not self.strategy.fsdp:
-            return model.to(self.device)
-        state = None
-        if self.meta and self.main:
-            # process 0 keeps its whole weights (CPU) for the broadcast and shards a meta twin
-            # built the same way, so that no device ever holds the whole model
-            state = full_state(model)
-            with torch.random.fork_rng(devices=[]):
-                twin, _ = self.load(meta=True)
-                self.adapt(twin)
-                for edit in edits:
-                    edit(twin)
-            if hasattr(model, "lorakit_state"):  # what the method recorded (the same object)
-                twin.lorakit_state.extras = model.lorakit_state.extras
-            cast_frozen(twin, self.dtype)
-            model = twin
-        model = shard_model(model, self.strategy, self.device, state)
-        del state
-        models.release_freed_memory()  # the whole weights process 0 broadcast are gone
-        return model
-
-    def rebuild(self, current: nn.Module, edit: Callable[[nn.Module], Any]
-                ) -> tuple[nn.Module, Any]:
-        """A new sharded model holding ``current``'s trained values, after ``edit`` (which
-        replaces Parameters: a sharded model's cannot be). The edit draws from the random
-        state this process had at the call, as it would on an unsharded model."""
-        trained = {n: full(p.detach()).cpu() for n, p in current.named_parameters()
-                   if p.requires_grad}  # a collective: every process calls it
-        rng = torch.get_rng_state()
-        model, _ = self.load()
-        self.adapt(model)
-        if not _on_meta(model):
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n in trained:
-                        p.copy_(trained[n].to(p.dtype))
-        del trained
-        torch.set_rng_state(rng)
-        result = edit(model)
-        return self.place(model, edits=(edit,)), result
-
-
-def _on_meta(model: nn.Module) -> bool:
-    return any(p.is_meta for p in model.parameters())
 
 
 def _train_and_finish(run: Run, method, total: int, base: Optional[dict],
