@@ -45,6 +45,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import LorakitError
+from .files import check_output
 from .inject import adapter_layers, apply, state_of, trained_modules, unload
 from .peft_format import (adapter_folder, is_whole_model, open_adapter, peft_config_dict,
                           save_adapter)
@@ -308,6 +309,7 @@ def export_model(model: nn.Module, out: Union[str, os.PathLike], to: str = PLAIN
     out = Path(out)
     if out.exists() and (out.is_file() or any(out.iterdir())):
         raise LorakitError(f"{out} exists; choose another --out")
+    check_output(out, "--out", folder=to != "gguf")
     st = state_of(model)
     method = st.config.method
     _refuse_unservable(model, to)

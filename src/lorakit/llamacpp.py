@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import LorakitError
+from .files import file_errors
 from .inject import adapter_layers
 from .registry import EXPORT_METHOD
 
@@ -148,6 +149,13 @@ def write_gguf(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: flo
     ``.lora_b``. Written to a temporary name, renamed into place when complete."""
     gguf = _gguf()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with file_errors("write", out):
+        _write(gguf, factors, alpha, plan, tmp, out, outtype, name)
+    return out
+
+
+def _write(gguf, factors, alpha: float, plan: GGUFPlan, tmp: Path, out: Path, outtype: str,
+           name: Optional[str]) -> None:
     writer = gguf.GGUFWriter(str(tmp), plan.arch)
     try:
         writer.add_type(gguf.GGUFType.ADAPTER)
@@ -172,4 +180,3 @@ def write_gguf(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: flo
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    return out

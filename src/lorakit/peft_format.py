@@ -321,7 +321,8 @@ def adapter_folder(path: Union[str, os.PathLike]) -> str:
     """The adapter folder ``path`` names: the folder itself, or a run folder's ``adapter/``;
     a missing folder is the first thing said."""
     if not Path(path).is_dir():
-        raise LorakitError(f"adapter folder {str(path)!r} does not exist")
+        what = "is a file, not a folder" if Path(path).exists() else "does not exist"
+        raise LorakitError(f"adapter folder {str(path)!r} {what}")
     run_dir = run_folder(path)
     return str(run_dir / "adapter") if run_dir == Path(path) else str(path)
 

@@ -4,6 +4,7 @@ traceback, and nothing written or changed (issue: reliability and safety)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,84 @@ def _pickle_only(d):
     (d / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
 
 
+def _a_file(ctx) -> Path:
+    """An ordinary file where a folder is expected."""
+    f = ctx["tmp"] / "a-file"
+    f.write_text("not a folder\n")
+    return f
+
+
+def _read_only_dir(ctx) -> Path:
+    d = ctx["tmp"] / "read-only"
+    d.mkdir()
+    d.chmod(0o555)
+    return d
+
+
+def _model_folder(ctx, keep=("config.json",), config=None, files=None) -> Path:
+    """A copy of the tiny model folder with only the files ``keep`` names, its config.json
+    updated with ``config``, plus ``files`` ({name: text})."""
+    d = ctx["tmp"] / "model-copy"
+    d.mkdir()
+    for f in ctx["model"].iterdir():
+        if f.name in keep or keep == "all":
+            (d / f.name).write_bytes(f.read_bytes())
+    if config is not None:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(config)
+        (d / "config.json").write_text(json.dumps(cfg))
+    for name, text in (files or {}).items():
+        (d / name).write_text(text)
+    return d
+
+
+def _train_model(**kw):
+    return lambda ctx: ["train", *tiny_run_args(_model_folder(ctx, **kw), ctx["out"])]
+
+
+def _train_out(make_out, *extra):
+    """train with output_dir=make_out(ctx)."""
+    return lambda ctx: ["train", *tiny_run_args(ctx["model"], make_out(ctx), *extra)]
+
+
+def _run_folder_with(files: dict, *extra):
+    """train into a folder that holds ``files`` ({relative name: bytes}) already."""
+    def make(ctx):
+        d = ctx["tmp"] / "old-run"
+        for name, data in files.items():
+            (d / name).parent.mkdir(parents=True, exist_ok=True)
+            (d / name).write_bytes(data)
+        return d
+    return _train_out(make, *extra)
+
+
+def _copied_run(mutate):
+    """eval of a copy of the finished run folder, changed by ``mutate(folder)``."""
+    def build(ctx):
+        import shutil
+
+        d = ctx["tmp"] / "run-copy"
+        shutil.copytree(ctx["finished"], d)
+        mutate(d)
+        return ["eval", str(d), "--limit", "2"]
+    return build
+
+
+def _held_lock(ctx):
+    """A folder whose .lock another run holds (an flock on another open file)."""
+    import fcntl
+
+    d = ctx["tmp"] / "busy"
+    d.mkdir()
+    fh = open(d / ".lock", "w")
+    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    ctx["keep"] = fh  # held until the test ends
+    return d
+
+
+AS_ROOT = pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                             reason="root may write into a read-only folder")
+
 CASES = [
     # configs
     ("unknown key", _train("adapter.bogus=1"), "adapter.bogus: unknown key"),
@@ -221,17 +300,104 @@ CASES = [
     ("a method without options given some", _train("adapter.method=dora",
                                                     "adapter.dora.x=1"),
      "unknown key"),
+    # the file system: where lorakit writes
+    ("output_dir is an existing file", _train_out(_a_file), "is an existing file, not a folder"),
+    ("output_dir under a file", _train_out(lambda ctx: _a_file(ctx) / "run"),
+     "cannot be created: "),
+    pytest.param("output_dir in a read-only folder",
+                 _train_out(lambda ctx: _read_only_dir(ctx) / "run"), "is not writable",
+                 marks=AS_ROOT, id="output_dir in a read-only folder"),
+    ("merge --out is an existing file", lambda ctx: ["merge", str(ctx["adapter"]), "--out",
+                                                     str(_a_file(ctx))], "is an existing file"),
+    ("export --out under a file", lambda ctx: ["export", str(ctx["adapter"]), "--to", "lora",
+                                               "--out", str(_a_file(ctx) / "x")],
+     "cannot be created"),
+    ("export --to gguf --out is a folder", lambda ctx: [
+        "export", str(ctx["adapter"]), "--to", "gguf", "--out", str(ctx["tmp"])],
+     "is a folder, not a file"),
+    ("eval --predictions under a file", lambda ctx: [
+        "eval", str(ctx["adapter"]), "--data", "task:arithmetic", "--predictions",
+        str(_a_file(ctx) / "p.jsonl")], "cannot be created"),
+    ("eval --predictions names a folder", lambda ctx: [
+        "eval", str(ctx["adapter"]), "--data", "task:arithmetic", "--predictions",
+        str(ctx["tmp"])], "is a folder, not a file"),
+    ("compare --out is an existing file", lambda ctx: [
+        "compare", f"model={ctx['model']}", "--methods", "lora", "--out", str(_a_file(ctx))],
+     "is an existing file"),
+    ("inspect --out under a file", lambda ctx: [
+        "inspect", str(ctx["adapter"]), "--out", str(_a_file(ctx) / "plots")],
+     "cannot be created"),
+    ("a folder another run is using", _train_out(_held_lock), "another lorakit run is using"),
+    # model folders
+    ("embedded model, its cache under a file", lambda ctx: (
+        ctx["setenv"]("LORAKIT_CACHE", str(_a_file(ctx) / "cache")),
+        ["train", "model=smollm2-135m", f"output_dir={ctx['out']}"])[1], "set LORAKIT_CACHE"),
+    ("model folder with only config.json", _train_model(), "no tokenizer files"),
+    ("model folder without a tokenizer", _train_model(keep=("config.json", "model.safetensors")),
+     "no tokenizer files"),
+    ("model folder carrying its own code", _train_model(
+        keep="all", config={"auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}},
+        files={"modeling_x.py": "raise SystemExit('never run')\n"}),
+     "set trust_remote_code=true"),
+    ("model path is a weights file", lambda ctx: ["train", *tiny_run_args(
+        ctx["model"] / "model.safetensors", ctx["out"])], "is a file, not a model folder"),
+    ("model config.json not JSON", _train_model(keep="all", files={"config.json": "{oops"}),
+     "cannot read"),
+    ("model config.json a JSON list", _train_model(keep="all", files={"config.json": "[1]"}),
+     "does not hold a JSON object"),
+    ("unknown model_type", _train_model(keep="all", config={"model_type": "no-such-arch"}),
+     "cannot load model"),
+    # data files other tools write
+    ("data file is a folder", lambda ctx: ["train", *tiny_run_args(
+        ctx["model"], ctx["out"], f"data.train={ctx['tmp']}")], "is a folder"),
+    ("CSV content in a .jsonl file", _data(b"instruction,output\nadd 1 and 2,3\n"),
+     "comma-separated values"),
+    ("a file of blank lines", _data(b"\n\n  \n"), "no usable rows"),
+    ("a JSON array in a .jsonl file", _data(b'[{"text": "a b c"}]\n'), "not a JSON object"),
+    ("gzip-compressed JSONL", _data(b"\x1f\x8b\x08\x00", "d.jsonl.gz"), "unknown format"),
+    ("data path through a file", lambda ctx: ["train", *tiny_run_args(
+        ctx["model"], ctx["out"], f"data.train={_a_file(ctx) / 'd.jsonl'}")], "does not exist"),
+    ("config file is a folder", lambda ctx: ["train", str(ctx["tmp"]),
+                                             f"output_dir={ctx['out']}"], "cannot read config"),
+    # adapters and run folders
+    ("adapter path is a file", lambda ctx: ["eval", str(ctx["adapter"] / "adapter_config.json"),
+                                            "--data", "task:arithmetic"],
+     "is a file, not a folder"),
+    ("lorakit.json damaged", _adapter(_write("lorakit.json", b"{half")), "cannot read"),
+    ("adapter_config.json a JSON list", _adapter(_write("adapter_config.json", b"[]")),
+     "does not hold a JSON object"),
+    ("adapter whose recorded base is gone", _adapter(_config_field(
+        base_model_name_or_path="/nonexistent/base")), "not a model folder"),
+    ("merge a plain model folder", lambda ctx: ["merge", str(ctx["model"]), "--out",
+                                                str(ctx["out"])], "already a full model"),
+    ("export a plain model folder", lambda ctx: ["export", str(ctx["model"]), "--to", "lora",
+                                                 "--out", str(ctx["out"])],
+     "whole fine-tuned model"),
+    ("resume a Hugging Face Trainer's folder", _run_folder_with(
+        {"checkpoint-500/trainer_state.json": b"{}", "checkpoint-500/optimizer.pt": b"\x80"},
+        "train.resume=true"), "checkpoints another tool wrote"),
+    ("run folder with a damaged config.yaml", _run_folder_with(
+        {"config.yaml": b"model: [", "checkpoints/step-000002/state.json": b"{}"},
+        "train.resume=true"), "not the config lorakit records"),
+    ("run folder with a damaged summary.json", _run_folder_with({"summary.json": b"{cut"}),
+     "cannot read"),
+    ("eval of a run whose heldout.json is damaged", _copied_run(
+        lambda d: (d / "heldout.json").write_text("{cut")), "cannot read"),
 ]
 
 
-@pytest.mark.parametrize("name,build,needle", CASES, ids=[c[0] for c in CASES])
+def _case_id(case) -> str:
+    return case.id if isinstance(case, type(pytest.param(0))) else case[0]
+
+
+@pytest.mark.parametrize("name,build,needle", CASES, ids=[_case_id(c) for c in CASES])
 def test_bad_input(name, build, needle, tmp_path, capsys, tiny_model_dir, other_model_dir,
                    adapter_dir, finished_run, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "out"
     ctx = {"model": tiny_model_dir, "other": other_model_dir, "adapter": adapter_dir,
            "tmp": tmp_path, "out": out, "noweights": _no_weights(tiny_model_dir, tmp_path),
-           "finished": finished_run}
+           "finished": finished_run, "setenv": monkeypatch.setenv}
     finished_before = {str(f): f.read_bytes() for f in finished_run.rglob("*") if f.is_file()}
     args = build(ctx)
     made = sorted(p.name for p in tmp_path.iterdir())
@@ -251,7 +417,7 @@ def test_bad_input(name, build, needle, tmp_path, capsys, tiny_model_dir, other_
 
 
 def test_table_is_large_enough():
-    assert len(CASES) >= 50
+    assert len(CASES) >= 70
 
 
 def test_reported_but_not_fatal(tmp_path, capsys, tiny_model_dir, monkeypatch):
@@ -272,3 +438,38 @@ def test_reported_but_not_fatal(tmp_path, capsys, tiny_model_dir, monkeypatch):
     assert "skipped 3 bad row(s)" in err
     assert "line 9: malformed JSON" in err and "line 10: missing field 'text'" in err
     assert "line 11: line longer than" in err
+
+
+def test_files_other_tools_write_are_read(tmp_path, capsys, tiny_model_dir, adapter_dir):
+    """What other tools write and lorakit reads as it is: a JSONL with a byte-order mark (a
+    Windows editor) and a trailing blank line gives the rows of the plain file; a Hugging
+    Face Trainer's checkpoint folder of a PEFT adapter evaluates, its pickle files
+    (optimizer.pt, rng_state.pth) never opened."""
+    from lorakit.training.data import read_rows
+
+    rows = b'{"text": "one two"}\n{"text": "three"}\n'
+    plain, bom = tmp_path / "plain.jsonl", tmp_path / "bom.jsonl"
+    plain.write_bytes(rows)
+    bom.write_bytes(b"\xef\xbb\xbf" + rows.replace(b"\n", b"\r\n") + b"\r\n")
+    a, b = read_rows(str(plain)), read_rows(str(bom))
+    assert a.rows == b.rows and not b.skipped and len(b.rows) == 2
+
+    ckpt = _copy_adapter(adapter_dir, tmp_path / "checkpoint-500")
+    (ckpt / "trainer_state.json").write_text('{"global_step": 500}')
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+        (ckpt / name).write_bytes(b"\x80\x04pickle that must never be loaded")
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"instruction": "1+1", "output": "2"}\n'
+                    '{"instruction": "2+2", "output": "4"}\n')
+    code = main(["eval", str(ckpt), "--data", str(data), "--max-new-tokens", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    assert json.loads(out.strip().splitlines()[-1])["examples"] > 0
+
+
+def test_every_case_is_in_the_documented_table():
+    """docs/bad-inputs.md lists every case of the table, in order, and no other."""
+    doc = (REPO / "docs" / "bad-inputs.md").read_text()
+    rows = [line.split(" | ")[1] for line in doc.splitlines() if line[:2] == "| "
+            and line.split(" | ")[0][2:].isdigit()]
+    assert rows == [_case_id(c) for c in CASES]

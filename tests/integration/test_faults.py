@@ -108,26 +108,107 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_p
     assert not (out / "summary.json").exists()
 
 
-def test_failed_checkpoint_write_is_a_clear_error(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    import lorakit.training.checkpoint as ckpt
+def _full_disk_at(monkeypatch, module, where: str, error):
+    """Make ``module.save_file`` raise ``error`` for a file whose path contains ``where`` (a
+    disk that fills up at that write); every other write goes through."""
+    real = module.save_file
 
-    real = ckpt.save_file
-    calls = {"n": 0}
-
-    def flaky(tensors, path, *a, **k):
-        calls["n"] += "trainable" in str(path)
-        if calls["n"] == 2 and "trainable" in str(path):  # the 2nd checkpoint's first file
-            raise OSError(errno.ENOSPC, "No space left on device")
+    def filling(tensors, path, *a, **k):
+        if where in str(path):
+            raise error
         return real(tensors, path, *a, **k)
 
-    monkeypatch.setattr(ckpt, "save_file", flaky)
-    out = tmp_path / "run"
-    code = main(["train", *_args(tiny_model_dir, out, "train.save_every=2", "adapter.dropout=0")])
+    monkeypatch.setattr(module, "save_file", filling)
+
+
+def _one_error(capsys) -> str:
     err = capsys.readouterr().err
-    assert code == 2, err[-2000:]
-    assert "could not write checkpoint" in err and "No space left" in err
-    assert "Traceback" not in err
+    lines = [x for x in err.splitlines() if x.startswith("lorakit: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+SIX = ("train.max_steps=6", "train.save_every=2")
+
+
+@pytest.fixture(scope="module")
+def six_steps(tiny_model_dir, tmp_path_factory):
+    """The adapter of an uninterrupted 6-step run (checkpoints at steps 2 and 4)."""
+    ref = tmp_path_factory.mktemp("six") / "ref"
+    assert main(["train", *_args(tiny_model_dir, ref, *SIX)]) == 0
+    return _adapter(ref)
+
+
+def test_full_disk_mid_run_says_so_keeps_the_last_checkpoint_and_resumes(
+        tiny_model_dir, six_steps, tmp_path, capsys, monkeypatch):
+    """The disk fills up while a checkpoint is written (safetensors' own I/O error, as its
+    Rust writer reports ENOSPC), then again while the adapter is written: each time one
+    sentence, the checkpoint before intact and nothing half-written; train.resume=true then
+    finishes the run with the adapter of an uninterrupted one."""
+    from safetensors import SafetensorError
+
+    import lorakit.peft_format as peft_format
+    import lorakit.training.checkpoint as ckpt
+
+    six = SIX
+    capsys.readouterr()
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:  # the 2nd checkpoint's 2nd file: after its 1st is written
+        _full_disk_at(m, ckpt, "step-000004.tmp-", SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"))
+        assert main(["train", *_args(tiny_model_dir, out, *six)]) == 2
+    line = _one_error(capsys)
+    assert "step-000004: no space left on the disk; free some disk space" in line, line
+    assert "then continue with train.resume=true (from the checkpoint of step 2" in line, line
     assert _checkpoint_steps(out) == [2]
-    intact = out / "checkpoints" / "step-000002"
-    assert set(load_file(str(intact / "trainable.safetensors")))
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert set(load_file(str(out / "checkpoints" / "step-000002" / "trainable.safetensors")))
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+    with monkeypatch.context() as m:
+        _full_disk_at(m, peft_format, "adapter_model", OSError(errno.ENOSPC, "No space left"))
+        assert main(["train", *_args(tiny_model_dir, out, *six)]) == 2
+    line = _one_error(capsys)
+    assert f"cannot write {out / 'adapter'}: no space left on the disk" in line, line
+    assert "(from the checkpoint of step 4, which is intact)" in line, line
+    assert _checkpoint_steps(out) == [2, 4]
+    assert not (out / "adapter").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".adapter")]
+
+    assert main(["train", *_args(tiny_model_dir, out, *six)]) == 0
+    assert "resumed from" in capsys.readouterr().err
+    a, b = six_steps, _adapter(out)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_ctrl_c_mid_run_leaves_a_run_that_resumes(tiny_model_dir, six_steps, tmp_path, capsys,
+                                                   monkeypatch):
+    """Ctrl-C after step 3 (KeyboardInterrupt inside the loop): exit 130 with a line saying
+    how to continue; the run's .lock is left on disk, held by no one, as by a killed
+    process, and does not stop the resumed run, which ends as an uninterrupted one."""
+    import lorakit.training.loop as loop
+
+    six = SIX
+
+    def ctrl_c(point, step=None):
+        if point == "after-step" and step == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(loop, "kill_point", ctrl_c)
+        capsys.readouterr()
+        assert main(["train", *_args(tiny_model_dir, out, *six)]) == 130
+    err = capsys.readouterr().err
+    assert "lorakit: interrupted" in err and "train.resume=true" in err and "Traceback" not in err
+    assert _checkpoint_steps(out) == [2]
+    # a process that held the lock and was killed: its flock goes with it
+    subprocess.run([sys.executable, "-c", "import fcntl, os, signal, sys; "
+                    "fh = open(sys.argv[1], 'w'); fcntl.flock(fh, fcntl.LOCK_EX); "
+                    "os.kill(os.getpid(), signal.SIGKILL)", str(out / ".lock")], check=False)
+    assert (out / ".lock").exists()
+    assert main(["train", *_args(tiny_model_dir, out, *six)]) == 0
+    a, b = six_steps, _adapter(out)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

@@ -46,11 +46,12 @@ import yaml
 
 from ..config import load_run_config, parse_overrides, split_config_args
 from ..errors import LorakitError
-from ..files import write_json
+from ..files import check_output, file_errors, read_json, write_json
 from ..registry import METHODS, PRESETS, all_methods, get_method, preset_options
 from ..training.evaluation import PREDICTIONS
 from ..training.distributed import Strategy
-from ..training.loop import ModelBuild, base_metrics, prepare_data
+from ..training.loop import base_metrics, prepare_data
+from ..training.session import ModelBuild, assemble, inference_device
 from ..training.runtime import resolve_precision
 from .report import best_lr_factors, write_report
 from .settings import Budget, settings_for
@@ -222,10 +223,12 @@ def compare(config: Optional[str], overrides: list[str], methods: list[str], out
         raise LorakitError("--seeds must be at least 1")
     out = Path(out)
     spec = _Spec(config, overrides, out, quick, long_steps, long_len)
+    check_output(out, "--out")
     plans = spec.first_plans(methods, lr_sweep, long_context)
-    out.mkdir(parents=True, exist_ok=True)
+    with file_errors("create", out):
+        out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_NAME
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"runs": {}}
+    state = read_json(state_path) if state_path.exists() else {"runs": {}}
     t_all = time.perf_counter()
     _run_plans(plans, state, state_path, config, out, log, python)
     if seeds > 1:
@@ -234,7 +237,8 @@ def compare(config: Optional[str], overrides: list[str], methods: list[str], out
         plans += more
     state["last_call_wall_s"] = time.perf_counter() - t_all
     write_json(state_path, state)
-    report = write_report(out, plans, state)
+    with file_errors("write the report into", out):
+        report = write_report(out, plans, state)
     log(f"report: {out / 'report.md'} and {out / 'report.html'}")
     return report
 
@@ -388,13 +392,9 @@ def measure_base(cfg, log: Log = print) -> dict:
     dtype = resolve_precision(cfg.train.precision)
     torch.manual_seed(cfg.train.seed)
     # the model as the run builds it: read once in the compute dtype, on the device
-    build = ModelBuild(cfg, Strategy("single", 1), dtype,
-                       torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tok = build.load()
-    _, heldout, _ = prepare_data(cfg, tok, log)
-    if get_method(cfg.adapter.method).wraps_layers:
-        build.adapt(model)
-    model = build.place(model)
+    build = ModelBuild(cfg, Strategy("single", 1), dtype, inference_device())
+    model, tok, (_, heldout, _) = assemble(build, lambda tok: prepare_data(cfg, tok, log),
+                                           adapt=get_method(cfg.adapter.method).wraps_layers)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     return base_metrics(cfg, model, tok, heldout, dtype, out, log)

@@ -32,7 +32,7 @@ import torch
 from .. import models
 from ..adapters.base import adapter_layers
 from ..errors import LorakitError
-from ..files import read_json
+from ..files import check_output, file_errors, read_json
 from ..peft_format import EXTRAS_NAME, is_whole_model, open_adapter, read_adapter, recorded_base
 from ..registry import all_methods, get_method
 from .pages import html_page, html_table, pyplot, save_png
@@ -262,9 +262,11 @@ def inspect_adapters(path: str | Path, vs: Optional[str | Path] = None,
                      ) -> tuple[list[dict], Path]:
     """Analyse ``path`` (and ``vs``) and write the outputs; default folder: ``inspect`` next
     to the adapter (the run folder for a lorakit run)."""
+    out_dir = Path(out) if out else Path(path).resolve().parent / "inspect"
+    check_output(out_dir, "--out")
     results = [analyze(path, model_name)]
     if vs is not None:
         results.append(analyze(vs, model_name))
-    out_dir = Path(out) if out else Path(path).resolve().parent / "inspect"
-    write_outputs(results, out_dir)
+    with file_errors("write", out_dir):
+        write_outputs(results, out_dir)
     return results, out_dir

@@ -2,7 +2,8 @@
 
 :data:`COMMANDS` is the table of subcommands. ``lorakit NAME`` calls ``NAME_args(parser)`` and
 ``run_NAME(args)`` of the module the table names; the engine never imports this package.
-A user's mistake (LorakitError) prints one sentence and exits with code 2, no traceback.
+A user's mistake (LorakitError) prints one sentence and exits with code 2, no traceback; so
+does a file-system error (a full disk, no permission), named by :func:`files.file_error`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Optional
 
 from ..version import __version__
 from ..errors import LorakitError
+from ..files import file_error
 from . import analysis, commands
 
 #: lorakit NAME -> (module with NAME_args and run_NAME, one-line help)
@@ -63,8 +65,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lorakit: interrupted", file=sys.stderr)
+        more = ("; the run folder is kept: train.resume=true continues from its last "
+                "checkpoint" if args.command == "train" else "")
+        print(f"lorakit: interrupted{more}", file=sys.stderr)
         return 130
+    except Exception as e:
+        err = file_error(e, "access")  # one a command did not word itself: still one sentence
+        if err is None:
+            raise
+        print(f"lorakit: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

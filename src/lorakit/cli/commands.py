@@ -14,17 +14,17 @@ from typing import Optional
 
 import torch
 
-from .. import models, peft_format
+from .. import peft_format
 from ..config import METRIC_NAMES, RunConfig, config_reference, load_run_config, split_config_args
 from ..errors import LorakitError
+from ..files import check_output
 from ..export import OUTTYPES, TARGETS, describe as describe_export, export
 from ..registry import describe
-from ..training.data import Rows, build_heldout, encode, read_rows, remap
-from ..training.evaluation import (HeldOut, _device, generate_answers, measure,
-                                   stop_token_ids)
+from ..training.evaluation import _device, generate_answers, measure, stop_token_ids
 from ..training.formats import render
 from ..training.loop import train
-from ..training.runtime import cast_frozen, dtype_name, resolve_precision
+from ..training.runtime import resolve_precision
+from ..training.session import AdapterBuild, eval_rows, evaluate, inference_device
 
 
 def _stderr(line: str) -> None:
@@ -102,24 +102,14 @@ def _add_model_arg(p: argparse.ArgumentParser, dtype_default: Optional[str] = "f
                    help="let transformers run the model repository's code")
 
 
-def inference_device() -> torch.device:
-    """The GPU when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_for_inference(adapter: Optional[str], model_name: Optional[str], dtype,
                        trust_remote_code: bool = False):
     """(model, tokenizer) for an adapter folder (or a full fine-tuned model folder), or the
     base model alone when ``adapter`` is None, read once in ``dtype`` onto the GPU when there
     is one. A QLoRA adapter goes onto the 16-bit base."""
-    device = inference_device()
-    if adapter is None:
-        if not model_name:
-            raise LorakitError("name a model with --model (or --base)")
-        return models.load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code,
-                                 device=device)
-    return peft_format.open_adapter(adapter_folder(adapter), model_name, dtype,
-                                    trust_remote_code, device)
+    folder = adapter_folder(adapter) if adapter is not None else None
+    return AdapterBuild(RunConfig(), dtype, inference_device(), folder, model_name,
+                        trust_remote_code).load()
 
 
 # ---- eval ---------------------------------------------------------------------------------
@@ -169,59 +159,18 @@ def _eval_config(run_dir: Optional[Path], args):
     return cfg
 
 
-def _eval_rows(spec: Optional[str], run_dir: Optional[Path], cfg, tok):
-    """(what was evaluated, validation examples, metric rows, format)."""
-    if spec:
-        rows = remap(read_rows(spec, "test", cfg.data.max_seq_len), cfg.data.columns,
-                     cfg.data.roles)
-        enc = encode(rows, tok, "auto",
-                     cfg.data.max_seq_len, cfg.data.loss_on, truncation=cfg.data.truncation)  # the loss covers what the run trained on
-        if enc.skipped:
-            print(Rows(enc.rows, enc.skipped, spec).report(), file=sys.stderr)
-        return ({"data": spec, "split": "test" if spec.startswith("task:") else "all"},
-                enc.examples, enc.rows if enc.fmt != "text" else [], enc.fmt)
-    if run_dir is None:
-        raise LorakitError("say which data to evaluate on with --data FILE or --data task:NAME")
-    record_file = run_dir / "heldout.json"
-    if not record_file.is_file():
-        raise LorakitError(f"{run_dir} does not record its held-out rows (trained by an older "
-                           "lorakit); pass --data")
-    record = json.loads(record_file.read_text())
-    valid, metric_rows = build_heldout(record, tok, cfg.data.max_seq_len,
-                                       cfg.data.loss_on, cfg.data.truncation)
-    v = record["valid"] if isinstance(record["valid"], dict) else record["valid"][0]
-    files = ([p["data"] for p in record["valid"]] if isinstance(record["valid"], list)
-             else v["data"])
-    what = {"data": files, "split": v["split"] if v["lines"] is None else "held-out rows"}
-    if record.get("metric"):
-        m = record["metric"] if isinstance(record["metric"], dict) else record["metric"][0]
-        what["metric_split"] = m["split"]
-    return what, valid, metric_rows, record["format"]
-
-
 def run_eval(args) -> int:
     if (args.adapter is None) == (args.base is None):
         raise LorakitError("give either an adapter folder or --base MODEL")
+    if args.predictions:
+        check_output(args.predictions, "--predictions", folder=False)
     adapter = adapter_folder(args.adapter) if args.adapter is not None else None
     run_dir = _run_folder(args.adapter)
     cfg = _eval_config(run_dir, args)
     dtype = resolve_precision(args.dtype or (cfg.train.precision if run_dir else "fp32"))
-    # read once, frozen weights in the compute dtype as in training
-    model, tok = load_for_inference(adapter, args.base or args.model, dtype,
-                                    args.trust_remote_code)
-    what, valid, metric_rows, fmt = _eval_rows(args.data, run_dir, cfg, tok)
-    cast_frozen(model, dtype)
-    m = measure(model, tok, HeldOut(valid, metric_rows, fmt), cfg.eval, cfg.data.max_seq_len,
-                dtype, "adapter" if adapter else "base model", _stderr,
-                Path(args.predictions) if args.predictions else None)
-    if "predictions" in m:
-        m["predictions"] = args.predictions
-    loss, gen = m.pop("valid_loss", None), m.pop("generation", {})
-    if gen:
-        gen["metric_examples"] = gen.pop("examples")
-    result = {**what, "dtype": dtype_name(dtype), "examples": len(valid),
-              "loss": loss, **m, **gen}
-    print(json.dumps(result))
+    build = AdapterBuild(cfg, dtype, inference_device(), adapter, args.base or args.model,
+                         args.trust_remote_code)
+    print(json.dumps(evaluate(build, args.data, run_dir, args.predictions, _stderr)))
     return 0
 
 
@@ -309,8 +258,9 @@ def merge_args(p: argparse.ArgumentParser) -> None:
 
 def run_merge(args) -> int:
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
         raise LorakitError(f"{out} exists and is not empty; choose another --out")
+    check_output(out, "--out")
     model, tok = load_for_inference(args.adapter, args.model, args.dtype, args.trust_remote_code)
     if getattr(model, "lorakit_state", None) is None:
         raise LorakitError(f"{args.adapter} is already a full model; nothing to merge")
@@ -348,9 +298,9 @@ def _heldout_evaluator(run_dir: Path):
     labels = iter(("original", "export"))
 
     def evaluate(model, tok) -> dict:
-        _, valid, metric_rows, fmt = _eval_rows(None, run_dir, cfg, tok)
-        m = measure(model, tok, HeldOut(valid, metric_rows, fmt), cfg.eval,
-                    cfg.data.max_seq_len, torch.float32, next(labels, "export"), _stderr)
+        _, heldout = eval_rows(None, run_dir, cfg, tok, _stderr)
+        m = measure(model, tok, heldout, cfg.eval, cfg.data.max_seq_len, torch.float32,
+                    next(labels, "export"), _stderr)
         return {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
     return evaluate
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import LorakitError
 from ..faults import kill_point
-from ..files import atomic_dir, write_json
+from ..files import atomic_dir, file_error, write_json
 from ..sharding import full, is_sharded, like
 
 _STEP = re.compile(r"^step-(\d+)$")
@@ -72,6 +72,38 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def resume_hint(out_dir: Path) -> str:
+    """How to continue a run that stopped (a full disk, Ctrl-C): from its last checkpoint,
+    or from the start when none was written yet."""
+    done = list_checkpoints(out_dir)
+    if not done:
+        return "run the same command again (no checkpoint had been written yet)"
+    step = int(_STEP.match(done[-1].name).group(1))
+    return (f"continue with train.resume=true (from the checkpoint of step {step}, which is "
+            "intact)")
+
+
+def stopped_by_files(e: BaseException, out_dir: Path) -> None:
+    """Raise, for a file-system error ``e`` while a run writes into ``out_dir`` (a full disk
+    while saving a checkpoint or the adapter), one sentence saying what failed and how to
+    continue; return for any other error."""
+    err = file_error(e)
+    if err is not None:
+        raise LorakitError(f"{err}, then {resume_hint(out_dir)}") from None
+
+
+def foreign_checkpoints(out_dir: Path) -> None:
+    """Refuse to resume a folder whose checkpoints another tool wrote (a Hugging Face
+    Trainer's ``checkpoint-N`` folders): lorakit resumes only its own."""
+    out_dir = Path(out_dir)
+    theirs = sorted(p.name for p in out_dir.glob("checkpoint-*") if p.is_dir()) \
+        if out_dir.is_dir() else []
+    if theirs and not list_checkpoints(out_dir):
+        raise LorakitError(f"{out_dir} holds checkpoints another tool wrote ({theirs[0]}, a "
+                           "Hugging Face Trainer's layout); lorakit resumes only its own "
+                           "(checkpoints/step-N): choose another output_dir")
+
+
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler, hooks=None,
                     keep: int = 2, extra: Optional[dict] = None, rank: int = 0,
@@ -86,12 +118,10 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module,
     if rank != 0:
         return None
     path = Path(out_dir) / "checkpoints" / f"step-{step:06d}"
-    try:
-        _write_checkpoint(path, params, opt_tensors, opt_meta, method_state, rngs, scheduler,
-                          step, extra)
-    except OSError as e:
-        raise LorakitError(f"could not write checkpoint {path} ({e.strerror or e}); the previous "
-                           "checkpoint is intact") from None
+    # a failed write (a full disk) leaves no trace and the previous checkpoints whole: the
+    # folder is renamed into place complete (atomic_dir), and only then are old ones deleted
+    _write_checkpoint(path, params, opt_tensors, opt_meta, method_state, rngs, scheduler,
+                      step, extra)
     for old in list_checkpoints(out_dir)[:-keep]:
         # rename first (atomic): a kill during the deletion leaves a '.'-folder, never a
         # checkpoint with missing files that would look complete

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import LorakitError
+from ..files import file_errors
 from .formats import (assistant_spans, check_row, conversation, detect_format,
                       prompt_and_answer, render)
 from .tasks import get_task
@@ -55,8 +56,8 @@ def _read_jsonl(path: Path) -> Rows:
             if len(raw) > MAX_LINE_BYTES:
                 skipped.append((n, f"line longer than {MAX_LINE_BYTES // 2**20} MiB"))
                 continue
-            try:
-                line = raw.decode("utf-8").strip()
+            try:  # a byte-order mark, as some Windows editors write, starts the first line
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
             except UnicodeDecodeError:
                 skipped.append((n, "not UTF-8"))
                 continue
@@ -72,6 +73,12 @@ def _read_jsonl(path: Path) -> Rows:
                 continue
             obj["_line"] = n
             rows.append(obj)
+    if not rows and skipped and all("malformed JSON" in why for _, why in skipped):
+        with open(path, "rb") as f:
+            first = f.readline().decode("utf-8", "replace")
+        if "," in first and not first.lstrip().startswith(("{", "[")):
+            raise LorakitError(f"data file {str(path)!r} holds comma-separated values, not JSON "
+                               "lines; name it .csv (its header row names the fields)")
     return Rows(rows, skipped, str(path))
 
 
@@ -131,12 +138,17 @@ def read_rows(spec: str, split: str = "train", max_len: Optional[int] = None) ->
     if not path.is_file():
         if HUB_ID.fullmatch(spec) and not path.suffix and not path.exists():
             return _read_hub(spec, split)
+        if path.is_dir():
+            raise LorakitError(f"data file {spec!r} is a folder; name a .jsonl, .json, .csv, "
+                               ".parquet or .txt file")
         raise LorakitError(f"data file {spec!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        out = _read_jsonl(path)
+        with file_errors("read", path):
+            out = _read_jsonl(path)
     elif suffix == ".txt":
-        out = _read_txt(path)
+        with file_errors("read", path):
+            out = _read_txt(path)
     elif suffix in (".json", ".csv", ".parquet"):
         import datasets  # start-up time: slow to import, and only these formats need it
 

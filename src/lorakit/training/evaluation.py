@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import METRIC_NAMES
+from ..files import file_errors, write_lines
 from .data import Rows, collate, encode, prompt_and_answer
 from .eval_precision import evaluation_precision
 from .number import number_score
@@ -332,12 +333,9 @@ def perplexity(loss: float) -> float:
 
 def write_predictions(path: Path, predictions: list[dict]) -> None:
     """One JSON object per answer: prompt, reference, prediction, each metric, cut."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for p in predictions:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    with file_errors("write", path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_lines(path, (json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
 
 
 # ---- a model's figures on a run's held-out rows --------------------------------------------

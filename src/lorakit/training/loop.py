@@ -22,7 +22,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,13 +39,14 @@ from ..adapters.base import MethodHooks
 from ..config import RunConfig
 from ..errors import LorakitError
 from ..faults import kill_point
-from ..files import atomic_dir, write_json
+from ..files import (atomic_dir, check_output, file_errors, read_json, write_json,
+                     write_text)
 from ..registry import get_method
-from ..sharding import full
-from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
-from .distributed import (Strategy, any_process, clip_grad_norm_, full_state, load_whole,
-                          process_bytes, requires_gradient_sync, resolve_strategy, shard_model,
-                          sync_replicated_grads, whole_parameters)
+from .checkpoint import (foreign_checkpoints, list_checkpoints, load_checkpoint, remove_partial,
+                         save_checkpoint, stopped_by_files)
+from .distributed import (Strategy, any_process, clip_grad_norm_, load_whole, process_bytes,
+                          requires_gradient_sync, resolve_strategy, sync_replicated_grads,
+                          whole_parameters)
 from .data import (IGNORE, StepSampler, build_heldout, collate, encode, heldout_record,
                    merge_records, pack, read_rows, remap, split_rows, weighted)
 from .evaluation import PREDICTIONS, HeldOut, Share, eval_loss, measure
@@ -54,8 +54,9 @@ from .loss import loss_sum
 from .memory import run_exact_memory
 from .optim import build_optimizer, build_scheduler
 from .runtime import (AUTO_PROBE_STEPS, PeakMemory, activation_checkpointing, cast_frozen,
-                      cast_trainable, compile_decision, compile_error_reason, compiled_layers,
-                      dtype_name, is_compile_error, make_accelerator, resolve_precision, tracker_config)
+                      compile_decision, compile_error_reason, compiled_layers, dtype_name,
+                      is_compile_error, make_accelerator, resolve_precision, tracker_config)
+from .session import ModelBuild
 
 Log = Callable[[str], None]
 
@@ -274,7 +275,7 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
                 break
     finally:
         compiled.close()
-    bar.close()
+        bar.close()  # its line ended: an error message starts a line of its own
     best = {}
     if tracker is not None:
         if tc.keep_best:
@@ -511,6 +512,7 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
     Everything that can be wrong with the input (model, data, adapter config) is found before
     anything is written to ``output_dir``."""
     out, tc = Path(cfg.output_dir), cfg.train
+    check_output(out, "output_dir")  # an existing file, a folder that cannot be created
     if (out / ".lock").exists():
         _lock(out).close()  # another run using the folder is the first thing to say
     finished = _finished_run(cfg, out, log)
@@ -541,8 +543,8 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
     lock = _lock(out) if acc.is_main_process else None
     try:
         if acc.is_main_process:
-            (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"),
-                                                            sort_keys=False))
+            write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"),
+                                                           sort_keys=False))
             write_json(out / "heldout.json", record)
         if tc.report_to:  # accelerate's trackers: tensorboard events in <out>/tensorboard
             acc.init_trackers("tensorboard", config=tracker_config(cfg.model_dump(mode="json")))
@@ -559,6 +561,9 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
         run.hooks.prepare(run)  # e.g. LoRA-drop's sample phase and layer selection
         cast_frozen(run.model, dtype)
         return _train_and_finish(run, method, total, base, peak)
+    except Exception as e:
+        stopped_by_files(e, out)  # a full disk: one sentence saying how to continue
+        raise
     finally:
         if lock is not None:
             lock.close()
@@ -569,110 +574,6 @@ def fsdp_units_check(model: nn.Module, strategy: Strategy) -> None:
     from .distributed import fsdp_units
 
     fsdp_units(model, strategy)
-
-
-class ModelBuild:
-    """How this run's model is made, once or again (LoRA-drop under FSDP builds it twice):
-    loaded in the compute dtype where it will run, adapted, placed or sharded.
-
-    Loading (See Note: FSDP2 in lorakit, distributed.py): one process, or DDP: each process
-    reads the weights once, in the compute dtype (frozen weights bf16 from the start; a
-    method that trains every weight loads fp32 master weights), onto its own device. FSDP
-    with sharded loading: process 0 reads the weights, the others build the model on the meta
-    device and receive their shards; a 4-bit base is read and quantized by every process."""
-
-    def __init__(self, cfg: RunConfig, strategy: Strategy, dtype: torch.dtype,
-                 device: torch.device, rank: int = 0):
-        self.cfg, self.strategy, self.dtype, self.device = cfg, strategy, dtype, device
-        self.main = rank == 0
-        method = get_method(cfg.adapter.method)
-        # trainable weights are fp32 masters: a method that trains every weight loads fp32
-        self.load_dtype = dtype if method.wraps_layers else torch.float32
-        self.meta = (strategy.fsdp and strategy.sharded_loading and not cfg.adapter.quantize)
-        self._state: Optional[dict] = None
-
-    def files_ready(self) -> None:
-        """Once per run, before any :meth:`load`: with several processes the first converts
-        the embedded model's files (a one-time cache) while the others wait for it."""
-        if self.strategy.processes > 1 and self.cfg.model in models.EMBEDDED:
-            if self.main:
-                models.resolve_model_path(self.cfg.model, self.load_dtype)
-            torch.distributed.barrier()
-
-    def load(self, meta: Optional[bool] = None) -> tuple[nn.Module, Any]:
-        cfg = self.cfg
-        on_meta = self.meta and not self.main if meta is None else meta
-        device = None if self.strategy.fsdp else self.device
-        if cfg.adapter.quantize and not on_meta:
-            # See Note: reading a 4-bit base (models.py): NF4 as it is read, on the device
-            loaded = models.load_quantized(cfg.model, cfg.adapter, self.load_dtype,
-                                           cfg.trust_remote_code, device)
-            if loaded is not None:
-                return loaded
-            if self.main:  # never silently: say which path ran
-                print("note: this checkpoint cannot be read tensor by tensor (no safetensors "
-                      "files, or tensor names other than the model's); loading it whole, then "
-                      "quantizing to NF4", file=sys.stderr)
-        return models.load_model(cfg.model, dtype=self.load_dtype,
-                                 trust_remote_code=cfg.trust_remote_code, device=device,
-                                 meta=on_meta)
-
-    def adapt(self, model: nn.Module) -> nn.Module:
-        """Apply the method; trainable weights in fp32 (their master copies)."""
-        with torch.device("meta") if _on_meta(model) else contextlib.nullcontext():
-            inject.apply(model, self.cfg.adapter)
-        cast_trainable(model, torch.float32)
-        return model
-
-    def place(self, model: nn.Module, edits: tuple = ()) -> nn.Module:
-        """On the device (frozen weights in the compute dtype), or sharded under FSDP.
-        ``edits``: what was done to ``model`` after :meth:`adapt` (LoRA-drop's sharing), done
-        again to the meta twin process 0 shards, so both have one structure."""
-        cast_frozen(model, self.dtype)
-        if not self.strategy.fsdp:
-            return model.to(self.device)
-        state = None
-        if self.meta and self.main:
-            # process 0 keeps its whole weights (CPU) for the broadcast and shards a meta twin
-            # built the same way, so that no device ever holds the whole model
-            state = full_state(model)
-            with torch.random.fork_rng(devices=[]):
-                twin, _ = self.load(meta=True)
-                self.adapt(twin)
-                for edit in edits:
-                    edit(twin)
-            if hasattr(model, "lorakit_state"):  # what the method recorded (the same object)
-                twin.lorakit_state.extras = model.lorakit_state.extras
-            cast_frozen(twin, self.dtype)
-            model = twin
-        model = shard_model(model, self.strategy, self.device, state)
-        del state
-        models.release_freed_memory()  # the whole weights process 0 broadcast are gone
-        return model
-
-    def rebuild(self, current: nn.Module, edit: Callable[[nn.Module], Any]
-                ) -> tuple[nn.Module, Any]:
-        """A new sharded model holding ``current``'s trained values, after ``edit`` (which
-        replaces Parameters: a sharded model's cannot be). The edit draws from the random
-        state this process had at the call, as it would on an unsharded model."""
-        trained = {n: full(p.detach()).cpu() for n, p in current.named_parameters()
-                   if p.requires_grad}  # a collective: every process calls it
-        rng = torch.get_rng_state()
-        model, _ = self.load()
-        self.adapt(model)
-        if not _on_meta(model):
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n in trained:
-                        p.copy_(trained[n].to(p.dtype))
-        del trained
-        torch.set_rng_state(rng)
-        result = edit(model)
-        return self.place(model, edits=(edit,)), result
-
-
-def _on_meta(model: nn.Module) -> bool:
-    return any(p.is_meta for p in model.parameters())
 
 
 def _train_and_finish(run: Run, method, total: int, base: Optional[dict],
@@ -757,7 +658,7 @@ def _finished_run(cfg: RunConfig, out: Path, log: Log) -> Optional[dict]:
     refuses a folder that holds a run made with other settings, naming the first that
     differs, and a folder with an unfinished run when not resuming."""
     summary_file, recorded_file = out / "summary.json", out / "config.yaml"
-    recorded = yaml.safe_load(recorded_file.read_text()) if recorded_file.exists() else None
+    recorded = _recorded_config(recorded_file) if recorded_file.exists() else None
     diff = _first_difference(recorded or {}, cfg.model_dump(mode="json")) if recorded else None
     if summary_file.exists():
         if diff:
@@ -765,7 +666,9 @@ def _finished_run(cfg: RunConfig, out: Path, log: Log) -> Optional[dict]:
                                "another output_dir to train with these settings")
         log(f"{out} already holds this finished run (same settings); showing its results "
             "(choose another output_dir to train again)")
-        return json.loads(summary_file.read_text())
+        return read_json(summary_file)
+    if cfg.train.resume:
+        foreign_checkpoints(out)
     if (out / "checkpoints").exists():
         if not cfg.train.resume:
             raise LorakitError(f"{out} already holds an unfinished run; set train.resume=true "
@@ -776,9 +679,23 @@ def _finished_run(cfg: RunConfig, out: Path, log: Log) -> Optional[dict]:
     return None
 
 
+def _recorded_config(path: Path) -> dict:
+    with file_errors("read", path):
+        text = path.read_text(encoding="utf-8")
+    try:
+        recorded = yaml.safe_load(text)
+    except yaml.YAMLError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise LorakitError(f"{path} is not the config lorakit records (damaged?); choose "
+                           "another output_dir or delete that file")
+    return recorded
+
+
 def _lock(out_dir: Path):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(out_dir / ".lock", "w")
+    with file_errors("create", out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(out_dir / ".lock", "w")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
