@@ -39,12 +39,17 @@ def machine() -> str:
 
     import torch
 
-    cpu = "unknown CPU"
+    cpu, flags = "unknown CPU", set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            lines = f.read().splitlines()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+        flags = set(next(ln for ln in lines if ln.startswith("flags")).split(":", 1)[1].split())
     except (OSError, StopIteration):
         pass
+    # what bf16 runs on: native instructions, or emulation (much slower than fp32)
+    isa = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    cpu += f" ({', '.join(isa) or 'no AVX2'})"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, Python "
             f"{platform.python_version()}")
