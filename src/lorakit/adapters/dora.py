@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Setting
-from .lora import LoRA, LoRALinear
+from .lora import LoRA, LoRALinear, fused_linear_applies
 
 #: Norms below this are clamped: a zero row (Llama-3.1 o_proj has 511) gives k = m/EPS, and m
 #: starts at that row's norm, 0, so k = 0 instead of 0/0 = NaN.
@@ -116,17 +116,24 @@ class DoRALinear(LoRALinear):
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.bypass():
-            return out
-        k = self.magnitude_scale().to(out.dtype)
+            return self.base_layer(x)
         if isinstance(self.dropout, nn.Identity) or not self.training:
-            # x̃ = x: y = (k-1)(out - b) + out + k·lora = k·(out - b + lora) + b: the add fused
-            # into the LoRA GEMM, one multiply (autograd keeps one output-sized tensor, for dk)
+            # x̃ = x: y = (k-1)(out - b) + out + k·lora = k·(x W0ᵀ + lora) + b: one multiply
+            # (autograd keeps one output-sized tensor, for dk)
             bias = getattr(self.base_layer, "bias", None)
-            base = out if bias is None else out - bias.to(out.dtype)
-            v = self.add_branch(base, x)  # V x = W0 x + s·BA x, one addmm
-            return v * k if bias is None else v * k + bias.to(out.dtype)
+            if fused_linear_applies(self, x):
+                # V x = x W0ᵀ + s·x Aᵀ Bᵀ as one node, without the bias (See Note: the LoRA
+                # linear as one autograd node, in lora.py)
+                v = self.fused(x, bias=False)
+            else:
+                out = self.base_layer(x)
+                base = out if bias is None else out - bias.to(out.dtype)
+                v = self.add_branch(base, x)  # V x = W0 x + s·BA x, one addmm
+            k = self.magnitude_scale().to(v.dtype)
+            return v * k if bias is None else v * k + bias.to(v.dtype)
+        out = self.base_layer(x)
+        k = self.magnitude_scale().to(out.dtype)
         x_d = self.dropout(x)
         base_part = F.linear(x_d, self.base_weight_matrix().to(x_d.dtype))
         lora = F.linear(F.linear(x_d, self.lora_A.to(x_d.dtype)) * self.scaling,
