@@ -97,15 +97,22 @@ class DoRALinear(LoRALinear):
         w0_sq = self._w0_sq_norms(w0)
         # W0 Aᵀ in the weight's own dtype (a bf16 GEMM accumulates in fp32): no fp32 copy of
         # W0 per forward; the cross term is small next to ||W0||², so its rounding is too
-        w0_at = (w0 @ a.T.to(w0.dtype)).float() if w0.dtype in (torch.bfloat16, torch.float16) \
-            else torch.cat([c.float() @ a.T for c in _row_chunks(w0)])  # (d_out, r)
+        if w0.dtype in (torch.bfloat16, torch.float16):
+            w0_at = (w0 @ a.T.to(w0.dtype)).float()
+        else:
+            chunks = _row_chunks(w0)
+            w0_at = (chunks[0].float() @ a.T if len(chunks) == 1  # (d_out, r)
+                     else torch.cat([c.float() @ a.T for c in chunks]))
         sq = w0_sq + 2 * s * (b * w0_at).sum(dim=1) + s * s * ((b @ (a @ a.T)) * b).sum(dim=1)
-        # cancellation: W0 ≈ -s·BA in these rows (usually none); compute them directly. No
-        # branch on their number, so a compiled graph holds it (a dynamic-size index)
-        bad = (sq < CANCEL * w0_sq).nonzero().flatten()
-        v = w0[bad].float() + s * (b[bad] @ a)
-        sq = sq.index_put((bad,), v.pow(2).sum(dim=1))
-        return sq.clamp_min(0).sqrt()
+        # cancellation: W0 ≈ -s·BA in these rows (usually none); compute them directly. In a
+        # compiled graph without a branch on their number (a dynamic-size index); eagerly
+        # only when there are any (the check costs one comparison, the fix five operators)
+        low = sq < CANCEL * w0_sq
+        if torch.compiler.is_compiling() or bool(low.any()):
+            bad = low.nonzero().flatten()
+            v = w0[bad].float() + s * (b[bad] @ a)
+            sq = sq.index_put((bad,), v.pow(2).sum(dim=1))
+        return sq.clamp_min_(0).sqrt_()
 
     def before_compile(self) -> None:
         self._w0_sq_norms(self.base_weight_matrix())

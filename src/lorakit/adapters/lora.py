@@ -22,7 +22,8 @@ saved.
 The GEMMs run in the dtype the plain ops would use (autocast's, else the input's), the
 adapter's fp32 master weights are cast once per forward and their gradients come back fp32.
 Used where that is exactly the layer: a plain ``nn.Linear``/``Conv1D`` base with plain tensors
-(not a 4-bit base or a sharded DTensor), no hooks on it, no active dropout; else the plain ops.
+(not a 4-bit base or a sharded DTensor), no hooks on it, no active dropout, and eager (in a
+compiled graph inductor fuses the plain ops itself); else the plain ops.
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def fused_linear_applies(layer: AdapterLayer, x: torch.Tensor) -> bool:
     linear as one autograd node): dropout inactive, a plain dense base without hooks, plain
     tensors, the base weight frozen, and dtypes the plain ops would accept."""
     base = layer.base_layer
+    if torch.compiler.is_compiling():
+        return False  # train.compile: inductor fuses the plain ops itself
     if layer.training and not isinstance(layer.dropout, nn.Identity):
         return False
     if not (type(base) is nn.Linear or layer.fan_in_fan_out):
