@@ -48,6 +48,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call where it is one already (a dispatch saved per use)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """y = x W0ᵀ + b + s·(x Aᵀ) Bᵀ as one node (See Note: the LoRA linear as one autograd
     node). ``w0`` (d_out, d_in) is frozen; ``a``/``b`` may be frozen (no gradient, and A
@@ -56,11 +61,11 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w0, bias, a, b, scaling: float, dtype: torch.dtype,
                 grad_b_fn: Optional[Callable] = None):
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        w, a_, b_ = w0.to(dtype), a.to(dtype), b.to(dtype)
+        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
+        w, a_, b_ = _as(w0, dtype), _as(a, dtype), _as(b, dtype)
         h = torch.mm(x2, a_.t())
         y = (torch.mm(x2, w.t()) if bias is None
-             else torch.addmm(bias.to(dtype), x2, w.t()))
+             else torch.addmm(_as(bias, dtype), x2, w.t()))
         y.addmm_(h, b_.t(), alpha=scaling)
         ctx.save_for_backward(x2 if a.requires_grad else None, h, w, a_, b_)
         ctx.scaling, ctx.grad_b_fn = scaling, grad_b_fn
@@ -73,23 +78,23 @@ class LoRALinearFunction(torch.autograd.Function):
         s = ctx.scaling
         x_dtype, bias_dtype, a_dtype, b_dtype = ctx.dtypes
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        g = grad.reshape(-1, grad.shape[-1]).to(h.dtype)
+        g = _as(grad.reshape(-1, grad.shape[-1]), h.dtype)
         dx = dbias = da = db = None
         dh = torch.mm(g, b_).mul_(s) if (need_x or need_a) else None
         if need_b:
             db = torch.mm(g.t(), h).mul_(s)
             if ctx.grad_b_fn is not None:
                 db = ctx.grad_b_fn(db)
-            db = db.to(b_dtype)
+            db = _as(db, b_dtype)
         if need_a:
-            da = torch.mm(dh.t(), x2).to(a_dtype)
+            da = _as(torch.mm(dh.t(), x2), a_dtype)
         if need_bias:
-            dbias = g.sum(0).to(bias_dtype)
+            dbias = _as(g.sum(0), bias_dtype)
         if need_x:
             # two GEMMs and an add, not one GEMM accumulated into the other: in bf16 that
             # would round once instead of three times, no longer the plain ops' numbers; the
             # add in x's dtype (under autocast the plain ops cast each part back before it)
-            dx = torch.mm(g, w).to(x_dtype).add_(torch.mm(dh, a_).to(x_dtype))
+            dx = _as(torch.mm(g, w), x_dtype).add_(_as(torch.mm(dh, a_), x_dtype))
             dx = dx.view(*grad.shape[:-1], w.shape[1])
         return dx, None, dbias, da, db, None, None, None
 
