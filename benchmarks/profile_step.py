@@ -2,6 +2,9 @@
 self-times side by side (``benchmarks/run.py``'s variants, same model and batch).
 
     python benchmarks/profile_step.py --dtype fp32 frozen+fusedloss lorakit-lora+fusedloss
+
+``--counts``: calls per step of each operator instead of self times (deterministic, so it can be
+compared on a loaded machine: what overhead a change removes, not how long it took).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from run import build
 from common import machine
 
 
-def profile(variant: str, dtype: torch.dtype, steps: int) -> dict[str, float]:
-    """{operator: self CPU ms per step}, median-free: the sum over ``steps`` steps / steps."""
+def profile(variant: str, dtype: torch.dtype, steps: int, counts: bool = False
+            ) -> dict[str, float]:
+    """{operator: self CPU ms per step}, median-free: the sum over ``steps`` steps / steps
+    (``counts``: {operator: calls per step})."""
     _, step, _ = build(variant, dtype)
     step()
     step()
@@ -25,7 +30,7 @@ def profile(variant: str, dtype: torch.dtype, steps: int) -> dict[str, float]:
             step()
     out: dict[str, float] = collections.defaultdict(float)
     for ev in prof.key_averages():
-        out[ev.key] += ev.self_cpu_time_total / 1000 / steps
+        out[ev.key] += (ev.count if counts else ev.self_cpu_time_total / 1000) / steps
     return out
 
 
@@ -35,12 +40,15 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--counts", action="store_true", help="calls per step, not self times")
     a = ap.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    ref, var = (profile(v, dtype, a.steps) for v in a.variants)
-    print(f"# {machine()}\n# {a.dtype}, self CPU ms per step, {a.steps} steps profiled\n")
-    print(f"total: {a.variants[0]} {sum(ref.values()):.0f} ms, {a.variants[1]} "
-          f"{sum(var.values()):.0f} ms (+{sum(var.values()) - sum(ref.values()):.0f})\n")
+    ref, var = (profile(v, dtype, a.steps, a.counts) for v in a.variants)
+    unit = "calls" if a.counts else "ms"
+    print(f"# {machine()}\n# {a.dtype}, {'operator calls' if a.counts else 'self CPU ms'} per "
+          f"step, {a.steps} steps profiled\n")
+    print(f"total: {a.variants[0]} {sum(ref.values()):.0f} {unit}, {a.variants[1]} "
+          f"{sum(var.values()):.0f} {unit} (+{sum(var.values()) - sum(ref.values()):.0f})\n")
     print(f"| operator | {a.variants[0]} | {a.variants[1]} | difference |\n|---|---|---|---|")
     keys = sorted(set(ref) | set(var), key=lambda k: -abs(var.get(k, 0) - ref.get(k, 0)))
     for k in keys[:a.top]:

@@ -12,7 +12,13 @@ the bytes saved for backward (what a training step keeps per attention layer).
 LongLoRA (Chen et al. 2023) reports attention at 8192 tokens costing 16x that at 2048 for full
 attention and ~4x with S2-Attn (group ratio 1/4), i.e. S2/full ~ 1/4 at 8k.
 
+``--model``: the same end to end, a whole training step (forward, backward, AdamW) of LoRA
+r=16 on every linear layer of the embedded model (SmolLM2-135M), batch 1, with S2-Attn
+against full attention ("sdpa"): step time and the bytes autograd keeps for backward (the
+library's count, lorakit.training.memory.SavedBytes; the model's own weights left out).
+
     python benchmarks/s2_attention.py [--lengths 2048,4096,8192] [--reps 5] [--device cuda]
+    python benchmarks/s2_attention.py --model [--lengths 2048,4096,8192] [--reps 3]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from common import SavedBytes
 from lorakit.attention.s2 import s2_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
@@ -105,16 +112,76 @@ def machine(device) -> str:
             f"threads (torch {torch.__version__})")
 
 
+def model_step(s2: bool, n: int, device, dtype):
+    """(step function, model) of LoRA r=16 on the embedded model with or without S2-Attn."""
+    import lorakit as lk
+    from lorakit.training.loop import cast_frozen
+    from lorakit.training.loss import loss_sum
+
+    torch.manual_seed(0)
+    model, _ = lk.load_model("smollm2-135m")
+    model.config.use_cache = False
+    lk.apply(model, method="lora", r=16, alpha=32, s2_attn=s2, context_length=n)
+    cast_frozen(model, dtype)
+    model.to(device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    ids = torch.randint(0, 49152, (1, n), generator=torch.Generator().manual_seed(1)).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            s, count = loss_sum(model, batch)
+        (s / count).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, model
+
+
+def model_main(lengths, reps, device, dtype) -> None:
+    """The --model table: whole training steps, S2-Attn against full attention."""
+    rows = []
+    for n in lengths:
+        built = {m: model_step(m == "s2", n, device, dtype) for m in METHODS}
+        saved = {}
+        for m, (step, model) in built.items():
+            with SavedBytes(exclude=[*model.parameters(), *model.buffers()]) as sb:
+                step()  # also the warm-up
+            saved[m] = sb.nbytes
+        times = {m: [] for m in METHODS}
+        for _ in range(reps):
+            for m, (step, _) in built.items():
+                sync(device)
+                t0 = time.perf_counter()
+                step()
+                sync(device)
+                times[m].append(time.perf_counter() - t0)
+        rows.append((n, {m: statistics.median(t) for m, t in times.items()}, saved))
+        del built
+    print(f"# S2-Attn vs full attention, whole LoRA training step of SmolLM2-135M (r=16, all "
+          f"linear layers), batch 1, G = N/4; {machine(device)}, "
+          f"{str(dtype).removeprefix('torch.')}, median of {reps}")
+    print("| tokens | full s | S2 s | S2/full time | full saved MiB | S2 saved MiB |")
+    print("|---|---|---|---|---|---|")
+    for n, med, saved in rows:
+        print(f"| {n} | {med['full']:.2f} | {med['s2']:.2f} | {med['s2'] / med['full']:.2f} | "
+              f"{saved['full'] / 2**20:.1f} | {saved['s2'] / 2**20:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="2048,4096,8192")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on cuda)")
+    ap.add_argument("--model", action="store_true", help="whole training steps of the "
+                    "embedded model instead of the attention function alone")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     lengths = [int(x) for x in args.lengths.split(",")]
+    if args.model:
+        return model_main(lengths, args.reps, device, dtype)
 
     for n in lengths:  # warm-up: kernels, allocator
         for fn in METHODS.values():

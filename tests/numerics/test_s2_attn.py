@@ -274,3 +274,74 @@ def test_two_models_with_different_ratios_in_one_process():
     disable_s2_attention(quarter)
     assert not any(hasattr(m, RATIO_ATTR) for m in quarter.modules())
     assert "lorakit" not in quarter.config.to_json_string()
+
+
+# ---- what backward keeps (docs/methods/longlora.md; See Note: S2-Attn's backward keeps what
+# full attention's keeps, in lorakit/attention/s2.py) --------------------------------------------
+
+def _s2_inputs(b, h, kvh, n, d=8, dtype=torch.float32):
+    """q/k/v in the layout transformers passes: (b, heads, n, d) views of (b, n, heads, d)."""
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(b, n, x, d, generator=g).to(dtype).requires_grad_() for x in (h, kvh, kvh)]
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["cpu-flash", "re-run"])
+@pytest.mark.parametrize("h,kvh,n,mask_kind,dtype", [
+    (9, 3, 37, None, torch.float32), (9, 3, 40, "bool", torch.float32),
+    (4, 2, 32, None, torch.bfloat16), (4, 2, 37, "float", torch.float32),
+    (1, 1, 16, None, torch.float32)])
+def test_function_equals_autograd_through_the_calls(monkeypatch, flash, h, kvh, n, mask_kind,
+                                                    dtype):
+    """S2Function (saving q, k, v, the output and the log-sum-exp) gives bit for bit the output
+    and the gradients of plain autograd through the same SDPA calls; also where a call is
+    re-run in backward instead (no CPU flash kernel)."""
+    from lorakit.attention import s2
+    if not flash:
+        monkeypatch.setattr(s2, "_cpu_flash", lambda call, scaling: False)
+    n_pad = padded_length(n, 0.25)
+    mask = None
+    if mask_kind:
+        valid = torch.ones(2, n, dtype=torch.bool)
+        valid[1, :3] = False  # left padding
+        mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
+        if mask_kind == "float":
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    results = []
+    for fn in (s2._s2, s2.s2_autograd):
+        ins = _s2_inputs(2, h, kvh, n, dtype=dtype)
+        out = fn(*(t.transpose(1, 2) for t in ins), n_pad // 4, n_pad, mask, 8 ** -0.5)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+        (out * weight).sum().backward()
+        results.append([out.detach()] + [t.grad for t in ins])
+    for ours, plain in zip(*results):
+        assert torch.equal(ours, plain)
+
+
+def _saved_mib(model, ids, attention_mask=None) -> float:
+    from lorakit.training.memory import SavedBytes
+    with SavedBytes(exclude=[*model.parameters(), *model.buffers()]) as saved:
+        model(input_ids=ids, attention_mask=attention_mask, labels=ids).loss.backward()
+    return saved.mib
+
+
+def test_backward_keeps_no_more_than_full_attention():
+    """A whole tiny Llama (9 heads over 3 kv heads: the head split falls inside a kv group) at
+    2048 tokens, saved-for-backward bytes counted per storage: S2-Attn's are not above full
+    attention's, without and with a padding mask (before S2Function: 3.1 MiB more per layer)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    def model(s2_attn):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=96, hidden_size=144, intermediate_size=64,
+                          num_hidden_layers=1, num_attention_heads=9, num_key_value_heads=3,
+                          max_position_embeddings=2048)
+        cfg._attn_implementation = "sdpa"
+        return lk.apply(AutoModelForCausalLM.from_config(cfg), method="lora", r=4,
+                        s2_attn=s2_attn).train()
+
+    ids = batch(n=1, length=2048)
+    left = torch.ones_like(ids)
+    left[0, :5] = 0
+    for mask in (None, left):
+        full, s2 = (_saved_mib(model(s2_attn), ids, mask) for s2_attn in (False, True))
+        assert s2 <= full, (mask is not None, s2, full)

@@ -3,7 +3,9 @@
 What needs what (each checked against the installed library below):
 - torch 2.7: ``torch.distributed.fsdp.fully_shard`` with ``ignored_params`` (FSDP2),
   ``distribute_tensor(..., src_data_rank=None)``, SDPA's ``enable_gqa`` (2.5) and
-  ``torch._dynamo.config.recompile_limit`` (the name since 2.6), fused AdamW on CPU (2.4).
+  ``torch._dynamo.config.recompile_limit`` (the name since 2.6), fused AdamW on CPU (2.4),
+  per-device ``torch.is_autocast_enabled``/``get_autocast_dtype`` (2.4; the LoRA Function),
+  the CPU flash attention op pair and ``torch._fused_sdp_choice`` (S2Function).
 - bitsandbytes 0.49: NF4 ``Linear4bit`` quantized and run on the CPU.
 """
 
@@ -47,3 +49,7 @@ def test_the_torch_features_behind_the_floor_exist():
     q = torch.zeros(1, 4, 2, 8)
     kv = torch.zeros(1, 2, 2, 8)
     torch.nn.functional.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    assert torch._fused_sdp_choice(q, kv, kv, enable_gqa=True) >= 0
+    assert hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
+    assert torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16)
+    assert not torch.is_autocast_enabled("cpu")

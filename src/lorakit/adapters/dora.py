@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRA, LoRALinear, at_lora_rate
+from .lora import LoRA, LoRALinear, at_lora_rate, fused_linear_applies
 
 #: Norms below this are clamped: a zero row (Llama-3.1 o_proj has 511) gives k = m/EPS, and m
 #: starts at that row's norm, 0, so k = 0 instead of 0/0 = NaN.
@@ -96,15 +96,22 @@ class DoRALinear(LoRALinear):
         w0_sq = self._w0_sq_norms(w0)
         # W0 Aᵀ in the weight's own dtype (a bf16 GEMM accumulates in fp32): no fp32 copy of
         # W0 per forward; the cross term is small next to ||W0||², so its rounding is too
-        w0_at = (w0 @ a.T.to(w0.dtype)).float() if w0.dtype in (torch.bfloat16, torch.float16) \
-            else torch.cat([c.float() @ a.T for c in _row_chunks(w0)])  # (d_out, r)
+        if w0.dtype in (torch.bfloat16, torch.float16):
+            w0_at = (w0 @ a.T.to(w0.dtype)).float()
+        else:
+            chunks = _row_chunks(w0)
+            w0_at = (chunks[0].float() @ a.T if len(chunks) == 1  # (d_out, r)
+                     else torch.cat([c.float() @ a.T for c in chunks]))
         sq = w0_sq + 2 * s * (b * w0_at).sum(dim=1) + s * s * ((b @ (a @ a.T)) * b).sum(dim=1)
-        # cancellation: W0 ≈ -s·BA in these rows (usually none); compute them directly. No
-        # branch on their number, so a compiled graph holds it (a dynamic-size index)
-        bad = (sq < CANCEL * w0_sq).nonzero().flatten()
-        v = w0[bad].float() + s * (b[bad] @ a)
-        sq = sq.index_put((bad,), v.pow(2).sum(dim=1))
-        return sq.clamp_min(0).sqrt()
+        # cancellation: W0 ≈ -s·BA in these rows (usually none); compute them directly. In a
+        # compiled graph without a branch on their number (a dynamic-size index); eagerly
+        # only when there are any (the check costs one comparison, the fix five operators)
+        low = sq < CANCEL * w0_sq
+        if torch.compiler.is_compiling() or bool(low.any()):
+            bad = low.nonzero().flatten()
+            v = w0[bad].float() + s * (b[bad] @ a)
+            sq = sq.index_put((bad,), v.pow(2).sum(dim=1))
+        return sq.clamp_min_(0).sqrt_()
 
     def before_compile(self) -> None:
         self._w0_sq_norms(self.base_weight_matrix())
@@ -115,17 +122,24 @@ class DoRALinear(LoRALinear):
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.bypass():
-            return out
-        k = self.magnitude_scale().to(out.dtype)
+            return self.base_layer(x)
         if isinstance(self.dropout, nn.Identity) or not self.training:
-            # x̃ = x: y = (k-1)(out - b) + out + k·lora = k·(out - b + lora) + b: the add fused
-            # into the LoRA GEMM, one multiply (autograd keeps one output-sized tensor, for dk)
+            # x̃ = x: y = (k-1)(out - b) + out + k·lora = k·(x W0ᵀ + lora) + b: one multiply
+            # (autograd keeps one output-sized tensor, for dk)
             bias = getattr(self.base_layer, "bias", None)
-            base = out if bias is None else out - bias.to(out.dtype)
-            v = self.add_branch(base, x)  # V x = W0 x + s·BA x, one addmm
-            return v * k if bias is None else v * k + bias.to(out.dtype)
+            if fused_linear_applies(self, x):
+                # V x = x W0ᵀ + s·x Aᵀ Bᵀ as one node, without the bias (See Note: the LoRA
+                # linear as one autograd node, in lora.py)
+                v = self.fused(x, bias=False)
+            else:
+                out = self.base_layer(x)
+                base = out if bias is None else out - bias.to(out.dtype)
+                v = self.add_branch(base, x)  # V x = W0 x + s·BA x, one addmm
+            k = self.magnitude_scale().to(v.dtype)
+            return v * k if bias is None else v * k + bias.to(v.dtype)
+        out = self.base_layer(x)
+        k = self.magnitude_scale().to(out.dtype)
         x_d = self.dropout(x)
         base_part = F.linear(x_d, self.base_weight_matrix().to(x_d.dtype))
         lora = F.linear(F.linear(x_d, self.lora_A.to(x_d.dtype)) * self.scaling,

@@ -5,16 +5,122 @@
 A (r, d_in) ~ kaiming_uniform(a=√5) and B (d_out, r) = 0, so ΔW = s·BA = 0 at step 0
 (microsoft/LoRA ``loralib/layers.py``). On ``nn.Embedding`` the roles swap: A = 0,
 B ~ N(0, 1), no dropout. Tensor names follow PEFT (``lora_A.weight``, ``lora_embedding_A``).
+
+# Note: the LoRA linear as one autograd node
+Without dropout the whole layer is :class:`LoRALinearFunction`, forward and backward written
+out (h = x Aᵀ, r values per token; g = dL/dy):
+
+    y = x W0ᵀ + b + s·h Bᵀ
+    dh = s·g B,   dB = s·gᵀ h,   dA = dhᵀ x,   dx = g W0 + dh A      (no dW0: W0 is frozen)
+
+It saves x and h (what autograd through the plain ops saves too) and the weights, and
+replaces the plain graph's nodes per layer (the linears, the casts of A and B and their
+backward copies, reshapes, transposes, the sum of the two input gradients) by one. Each
+product is the plain ops' own (same GEMMs, same operand order, same roundings), so outputs
+and gradients are theirs bit for bit. With A frozen (LoRA-FA) dA is skipped and x is not
+saved.
+The GEMMs run in the dtype the plain ops would use (autocast's, else the input's), the
+adapter's fp32 master weights are cast once per forward and their gradients come back fp32.
+Used where that is exactly the layer: a plain ``nn.Linear``/``Conv1D`` base with plain tensors
+(not a 4-bit base or a sharded DTensor), no hooks on it, no active dropout, and eager (in a
+compiled graph inductor fuses the plain ops itself); else the plain ops.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from .base import (AdapterLayer, Method, Setting, copy_into, kaiming_uniform_,
                    linear_dims, make_dropout)
+
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer's GEMM runs in for input ``x``: autocast's, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call where it is one already (a dispatch saved per use)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x W0ᵀ + b + s·(x Aᵀ) Bᵀ as one node (See Note: the LoRA linear as one autograd
+    node). ``w0`` (d_out, d_in) is frozen; ``a``/``b`` may be frozen (no gradient, and A
+    frozen: x is not saved); ``grad_b_fn`` maps B's gradient (LoRA-FA v2's projection)."""
+
+    @staticmethod
+    def forward(ctx, x, w0, bias, a, b, scaling: float, dtype: torch.dtype,
+                grad_b_fn: Optional[Callable] = None):
+        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
+        w, a_, b_ = _as(w0, dtype), _as(a, dtype), _as(b, dtype)
+        h = torch.mm(x2, a_.t())
+        y = (torch.mm(x2, w.t()) if bias is None
+             else torch.addmm(_as(bias, dtype), x2, w.t()))
+        y.addmm_(h, b_.t(), alpha=scaling)
+        ctx.save_for_backward(x2 if a.requires_grad else None, h, w, a_, b_)
+        ctx.scaling, ctx.grad_b_fn = scaling, grad_b_fn
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype, a.dtype, b.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, h, w, a_, b_ = ctx.saved_tensors
+        s = ctx.scaling
+        x_dtype, bias_dtype, a_dtype, b_dtype = ctx.dtypes
+        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        g = _as(grad.reshape(-1, grad.shape[-1]), h.dtype)
+        dx = dbias = da = db = None
+        dh = torch.mm(g, b_).mul_(s) if (need_x or need_a) else None
+        if need_b:
+            db = torch.mm(g.t(), h).mul_(s)
+            if ctx.grad_b_fn is not None:
+                db = ctx.grad_b_fn(db)
+            db = _as(db, b_dtype)
+        if need_a:
+            da = _as(torch.mm(dh.t(), x2), a_dtype)
+        if need_bias:
+            dbias = _as(g.sum(0), bias_dtype)
+        if need_x:
+            # two GEMMs and an add, not one GEMM accumulated into the other: in bf16 that
+            # would round once instead of three times, no longer the plain ops' numbers; the
+            # add in x's dtype (under autocast the plain ops cast each part back before it)
+            dx = _as(torch.mm(g, w), x_dtype).add_(_as(torch.mm(dh, a_), x_dtype))
+            dx = dx.view(*grad.shape[:-1], w.shape[1])
+        return dx, None, dbias, da, db, None, None, None
+
+
+def fused_linear_applies(layer: AdapterLayer, x: torch.Tensor) -> bool:
+    """Whether :class:`LoRALinearFunction` is exactly ``layer`` on ``x`` (See Note: the LoRA
+    linear as one autograd node): dropout inactive, a plain dense base without hooks, plain
+    tensors, the base weight frozen, and dtypes the plain ops would accept."""
+    base = layer.base_layer
+    if torch.compiler.is_compiling():
+        return False  # train.compile: inductor fuses the plain ops itself
+    if layer.training and not isinstance(layer.dropout, nn.Identity):
+        return False
+    if not (type(base) is nn.Linear or layer.fan_in_fan_out):
+        return False
+    if (base._forward_hooks or base._forward_pre_hooks or _module._global_forward_hooks
+            or _module._global_forward_pre_hooks):
+        return False
+    w = base.weight
+    if w.requires_grad or not x.is_floating_point():
+        return False
+    tensors = (x, w, base.bias, layer.lora_A, layer.lora_B)
+    if not all(t is None or type(t) in _PLAIN for t in tensors):
+        return False
+    dtype = compute_dtype(x)
+    return dtype == x.dtype == w.dtype or torch.is_autocast_enabled(x.device.type)
 
 
 class LoRALinear(AdapterLayer):
@@ -56,10 +162,18 @@ class LoRALinear(AdapterLayer):
         return F.linear(F.linear(self.dropout(x), a) * self.scaling, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.bypass() and fused_linear_applies(self, x):
+            return self.fused(x)
         out = self.base_layer(x)
         if self.bypass():
             return out
         return self.add_branch(out, self.dropout(x))
+
+    def fused(self, x: torch.Tensor, bias: bool = True, grad_b_fn=None) -> torch.Tensor:
+        """x W0ᵀ (+ b) + s·x Aᵀ Bᵀ by :class:`LoRALinearFunction`."""
+        return LoRALinearFunction.apply(
+            x, self.base_weight_matrix(), self.base_layer.bias if bias else None, self.lora_A,
+            self.lora_B, self.scaling, compute_dtype(x), grad_b_fn)
 
     def add_branch(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """out + s·x Aᵀ Bᵀ, the scale and the add fused into one addmm (x: already dropped)."""

@@ -7,7 +7,9 @@ of LoRA's trainable parameters, and ΔW = s·BA stays in the row space of A (doc
 # Note: what backward needs
 dL/dB = s·dYᵀ h with h = x Aᵀ (r values per token), and dL/dx = s·(dY B) A needs weights only.
 dL/dA, the one term that needs the layer input x (d_in values per token), is never computed.
-:class:`FrozenABranch` therefore saves h, A and B (and an r-sized dropout mask), never x:
+Without dropout the layer is LoRA's one-node :class:`~lorakit.adapters.lora.LoRALinearFunction`,
+which with A frozen skips dA and saves h, not x; with dropout
+:class:`FrozenABranch` saves h, A and B (and an r-sized dropout mask), never x:
 activation memory of the branch drops from b·t·(d_in + r) to b·t·r per adapted layer. Dropout
 is applied to h, not to x, since a mask over x would itself be d_in-sized.
 (On torch 2.13 plain autograd also skips saving x for ``F.linear(x, A)`` once A has
@@ -33,7 +35,7 @@ from pydantic import Field
 from torch import nn
 
 from ..options import MethodOptions
-from .lora import LoRA, LoRALinear, at_lora_rate
+from .lora import LoRA, LoRALinear, at_lora_rate, compute_dtype, fused_linear_applies
 
 #: Ridge of the v2 projection, as in PEFT's LoraFAOptimizer.
 PROJECTION_DELTA = 1e-8
@@ -96,6 +98,14 @@ class LoRAFALinear(LoRALinear):
         self.projection = bool(projection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.bypass() and fused_linear_applies(self, x):
+            # one node for the whole layer; with A frozen it saves h, never x (See Note: the
+            # LoRA linear as one autograd node, in lora.py)
+            project = None
+            if self.projection and not self.lora_A.requires_grad:
+                a = self.lora_A.to(compute_dtype(x))
+                project = lambda grad_b: projected_b_grad(grad_b, a, self.scaling)  # noqa: E731
+            return self.fused(x, grad_b_fn=project)
         out = self.base_layer(x)
         if self.bypass():
             return out

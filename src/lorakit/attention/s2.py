@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.attention import SDPBackend
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import (ALL_ATTENTION_FUNCTIONS, AttentionInterface,
                                          PreTrainedModel)
@@ -103,21 +105,201 @@ def _blocks(mask: torch.Tensor, g: int) -> torch.Tensor:
                        ).reshape(-1, h, g, g)
 
 
-def _causal_blocks(q, k, v, g, mask, scaling, dropout, gqa):
-    """Causal attention within consecutive blocks of ``g`` tokens: (b, L, h, d)."""
-    b = q.shape[0]
-    m = None
-    if mask is not None:
-        m = _blocks(mask.expand(b, -1, -1, -1), g)
-        if m.dtype == torch.bool:
-            # A row that may see nothing (a padded query) gets its own key: softmax over an
-            # empty row is NaN, which would reach the loss through later layers' values.
-            empty = ~m.any(dim=-1, keepdim=True)
-            m = m | (empty & torch.eye(g, dtype=torch.bool, device=m.device))
-    out = F.scaled_dot_product_attention(
-        _to_groups(q, g), _to_groups(k, g), _to_groups(v, g), attn_mask=m, dropout_p=dropout,
-        is_causal=m is None, scale=scaling, enable_gqa=gqa)
-    return _from_groups(out, b)
+class _Region(NamedTuple):
+    """What one SDPA call of S2-Attn covers: the query heads ``heads`` (``part`` 0: the
+    unshifted ones, 1: the shifted ones) over the token ranges ``spans``, side by side in
+    the batch (the shifted heads' two end half-groups share one call), in causal blocks of
+    ``g`` tokens."""
+
+    part: int
+    heads: slice
+    spans: tuple[tuple[int, int], ...]
+    g: int
+
+
+class _Call(NamedTuple):
+    """One SDPA call: grouped (B', h', g, d) query, key and value, the block mask (None:
+    causal) and whether the kernel reads fewer kv heads than query heads."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: Optional[torch.Tensor]
+    gqa: bool
+
+
+def _regions(h: int, n: int, g: int) -> list[_Region]:
+    """The S2 pattern as SDPA calls: heads [0, h//2) in groups [0,G), [G,2G), ...; heads
+    [h//2, h) as the end half-groups [0,G/2) and [N-G/2,N) in one call and the whole groups
+    over [G/2, N-G/2) in another."""
+    hs, half = h // 2, g // 2
+    out = [_Region(0, slice(0, hs), ((0, n),), g)] if hs else []
+    out.append(_Region(1, slice(hs, h), ((0, half), (n - half, n)), half))
+    if n > g:
+        out.append(_Region(1, slice(hs, h), ((half, n - half),), g))
+    return out
+
+
+def _take(x, region: _Region) -> torch.Tensor:
+    """The grouped (B', h', g, d) tensor of ``region`` from (b, h', N, d) ``x``, or from the
+    dict of its token ranges that :func:`_token_pieces` makes."""
+    parts = [_to_groups(x[(s, e)] if isinstance(x, dict) else x[:, :, s:e], region.g)
+             for s, e in region.spans]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _token_pieces(x: torch.Tensor, regions: list[_Region]) -> dict:
+    """{(start, end): x[:, :, start:end]} for every span of ``regions``, which partition the
+    tokens, by one split (See Note: split, not slicing)."""
+    spans = sorted(sp for r in regions for sp in r.spans)
+    pieces = x.split([e - s for s, e in spans], dim=2)
+    return dict(zip(spans, pieces))
+
+
+def _put(out: torch.Tensor, region: _Region, y: torch.Tensor) -> None:
+    """Write a call's grouped output ``y`` into its place in ``out`` (b, N, h, d)."""
+    b = out.shape[0]
+    y = _from_groups(y, b * len(region.spans))
+    for j, (s, e) in enumerate(region.spans):
+        out[:, s:e, region.heads] = y[j * b:(j + 1) * b]
+
+
+def _block_mask(mask: torch.Tensor, region: _Region) -> torch.Tensor:
+    """``region``'s (B', h|1, g, g) blocks of a (b, h|1, N, N) mask."""
+    parts = [_blocks(mask[..., s:e, s:e], region.g) for s, e in region.spans]
+    m = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if m.dtype == torch.bool:
+        # A row that may see nothing (a padded query) gets its own key: softmax over an
+        # empty row is NaN, which would reach the loss through later layers' values.
+        empty = ~m.any(dim=-1, keepdim=True)
+        m = m | (empty & torch.eye(region.g, dtype=torch.bool, device=m.device))
+    return m
+
+
+def _calls(q, k, v, mask, g: int, n_pad: int) -> list[tuple[_Region, _Call]]:
+    """Every SDPA call of S2-Attn on (b, h, n, d) q and (b, kvh, n, d) k/v, padded to
+    ``n_pad`` tokens: views of them where the layout allows (all of the unshifted heads')."""
+    mask = _pad_mask(mask, n_pad)
+    q, k, v = (_pad_to(t, n_pad, 2) for t in (q, k, v))
+    b, h = q.shape[:2]
+    hs = h // 2
+    regions = _regions(h, n_pad, g)
+    # Note: split, not slicing: one autograd node whose backward is a cat, where each slice
+    # would allocate and add a full-size zero gradient.
+    *ks, gqa = _split_kv(k, hs, h, mask is None)
+    *vs, _ = _split_kv(v, hs, h, mask is None)
+    qs = q.split([hs, h - hs], dim=1)
+    qkv = [[_token_pieces(x[part], [r for r in regions if r.part == part]) for x in (qs, ks, vs)]
+           if hs or part else None for part in (0, 1)]
+    full = None if mask is None else mask.expand(b, -1, -1, -1)
+    return [(r, _Call(*(_take(x, r) for x in qkv[r.part]),
+                      None if full is None else _block_mask(full, r), gqa)) for r in regions]
+
+
+def _sdpa(c: _Call, scaling, dropout: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(c.q, c.k, c.v, attn_mask=c.mask, dropout_p=dropout,
+                                          is_causal=c.mask is None, scale=scaling,
+                                          enable_gqa=c.gqa)
+
+
+# Note: S2-Attn's backward keeps what full attention's keeps
+# Autograd through the calls above would keep every SDPA call's own inputs: copies of the
+# shifted heads' half-groups, of k/v expanded where the head split falls inside a kv group,
+# of everything padded (3.4x full attention's bytes at 2k tokens on SmolLM2's shapes).
+# :class:`S2Function` keeps q, k, v as they came in (what full attention keeps too), the
+# output and each call's log-sum-exp (b·h·N floats in all, as full attention); its backward
+# rebuilds the calls' inputs (reshapes and a few copies, freed again at once) and runs the
+# kernel's own backward on them, so forward and gradients are the same numbers as autograd
+# through the calls would give. Where SDPA would not pick PyTorch's CPU flash kernel (whose
+# forward returns the log-sum-exp) a call keeps nothing and backward re-runs its forward.
+# Padded query rows (at the end, see Note: Lengths) get a zero gradient, so their outputs
+# are not kept: the kernel's backward reads an output row only times that row's gradient.
+# Only their log-sum-exp is (4 bytes per head and padded row, fewer than 2/ratio rows).
+
+_FLASH = int(SDPBackend.FLASH_ATTENTION)
+
+
+def _cpu_flash(c: _Call, scaling) -> bool:
+    """Whether SDPA would run this call with PyTorch's CPU flash kernel."""
+    return c.q.device.type == "cpu" and torch._fused_sdp_choice(
+        c.q, c.k, c.v, c.mask, 0.0, c.mask is None, scale=scaling, enable_gqa=c.gqa) == _FLASH
+
+
+def _additive(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A boolean mask as SDPA hands it to its kernels: 0 where allowed, -inf elsewhere."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf"))
+
+
+class S2Function(torch.autograd.Function):
+    """S2-Attn without dropout: (b, h, n, d) q, (b, kvh, n, d) k/v -> (b, n, h, d), saving
+    only what full attention saves (See Note: S2-Attn's backward keeps what full attention's
+    keeps)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, g: int, n_pad: int, scaling):
+        b, h, n, d = q.shape
+        out = q.new_empty(b, n_pad, h, d)
+        lses = []
+        for region, c in _calls(q, k, v, mask, g, n_pad):
+            if _cpu_flash(c, scaling):
+                y, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    c.q, c.k, c.v, 0.0, c.mask is None, attn_mask=_additive(c.mask, q.dtype),
+                    scale=scaling)
+            else:
+                y, lse = _sdpa(c, scaling, 0.0), None
+            _put(out, region, y)
+            lses.append(lse)
+        if n_pad != n:  # a storage of n tokens, as full attention's output
+            out = out[:, :n].clone(memory_format=torch.contiguous_format)
+        ctx.save_for_backward(q, k, v, mask, out, *lses)
+        ctx.g, ctx.n_pad, ctx.scaling = g, n_pad, scaling
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, mask, out, *lses = ctx.saved_tensors
+        n_pad, scaling = ctx.n_pad, ctx.scaling
+        grad_out = _pad_to(grad_out, n_pad, 1).transpose(1, 2)  # (b, h, N, d)
+        out = _pad_to(out, n_pad, 1).transpose(1, 2)
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            roots, grads = [], []
+            for (region, c), lse in zip(_calls(*leaves, mask, ctx.g, n_pad), lses):
+                dy = _take(grad_out[:, region.heads], region)
+                if lse is None:  # re-run the forward, autograd does the rest
+                    roots.append(_sdpa(c, scaling, 0.0))
+                    grads.append(dy)
+                    continue
+                roots += [c.q, c.k, c.v]
+                grads += torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    dy, c.q.detach(), c.k.detach(), c.v.detach(),
+                    _take(out[:, region.heads], region), lse, 0.0, c.mask is None,
+                    attn_mask=_additive(c.mask, q.dtype), scale=scaling)
+            dq, dk, dv = torch.autograd.grad(roots, leaves, grads, allow_unused=True)
+        return dq, dk, dv, None, None, None, None
+
+
+def _s2(query, key, value, group_size: int, n_pad: int, attention_mask=None, scaling=None,
+        dropout: float = 0.0) -> torch.Tensor:
+    """S2-Attn of (b, h, n, d) inputs padded to ``n_pad`` tokens: (b, n, h, d)."""
+    if dropout == 0.0:
+        return S2Function.apply(query, key, value, attention_mask, group_size, n_pad, scaling)
+    return s2_autograd(query, key, value, group_size, n_pad, attention_mask, scaling, dropout)
+
+
+def s2_autograd(query, key, value, group_size: int, n_pad: int, attention_mask=None,
+                scaling=None, dropout: float = 0.0) -> torch.Tensor:
+    """:func:`_s2` by plain autograd through the SDPA calls, which keeps each call's inputs:
+    the path of attention dropout, and what :class:`S2Function` is tested against."""
+    b, h, n, d = query.shape
+    out = query.new_empty(b, n_pad, h, d)
+    for region, c in _calls(query, key, value, attention_mask, group_size, n_pad):
+        _put(out, region, _sdpa(c, scaling, dropout))
+    return out[:, :n]
 
 
 def s2_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -129,40 +311,11 @@ def s2_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     boolean (True = may attend) or additive float; it is intersected with the S2 pattern.
     Returns (b, N, heads, d). N % group_size == 0 and group_size even are required.
     """
-    b, h, n, _ = query.shape
-    g = group_size
+    n, g = query.shape[2], group_size
     if g <= 0 or g % 2 or n % g:
         raise LorakitError(f"S2-Attn needs an even group size dividing the length; "
                            f"got group size {g} for {n} tokens")
-    hs, half = h // 2, g // 2
-    # Note: split, not slicing: one autograd node whose backward is a cat, where each slice
-    # would allocate and add a full-size zero gradient.
-    q_a, q_b = query.split([hs, h - hs], dim=1)
-    k_a, k_b, gqa = _split_kv(key, hs, h, attention_mask is None)
-    v_a, v_b, _ = _split_kv(value, hs, h, attention_mask is None)
-    parts = []
-    if hs:  # unshifted heads: groups [0,G), [G,2G), ...
-        parts.append(_causal_blocks(q_a, k_a, v_a, g, attention_mask, scaling, dropout, gqa))
-
-    # shifted heads: [0,G/2) | whole groups over [G/2, N-G/2) | [N-G/2, N)
-    def pieces(x):
-        return x.split([half, n - g, half], dim=2)
-
-    (q0, qm, q1), (k0, km, k1), (v0, vm, v1) = pieces(q_b), pieces(k_b), pieces(v_b)
-    m_ends = m_mid = None
-    if attention_mask is not None:
-        full = attention_mask.expand(b, -1, -1, -1)
-        m_ends = torch.cat([full[..., :half, :half], full[..., n - half:, n - half:]], dim=0)
-        m_mid = full[..., half:n - half, half:n - half]
-    # the two half-groups side by side in the batch: one SDPA call
-    out_ends = _causal_blocks(torch.cat([q0, q1]), torch.cat([k0, k1]), torch.cat([v0, v1]),
-                              half, m_ends, scaling, dropout, gqa)
-    shifted = [out_ends[:b]]
-    if n > g:
-        shifted.append(_causal_blocks(qm, km, vm, g, m_mid, scaling, dropout, gqa))
-    shifted.append(out_ends[b:])
-    parts.append(torch.cat(shifted, dim=1))
-    return torch.cat(parts, dim=2)
+    return _s2(query, key, value, g, n, attention_mask, scaling, dropout)
 
 
 def _pad_to(x: torch.Tensor, n: int, dim: int, value=0.0) -> torch.Tensor:
@@ -171,6 +324,15 @@ def _pad_to(x: torch.Tensor, n: int, dim: int, value=0.0) -> torch.Tensor:
         return x
     pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, extra]
     return F.pad(x, pad, value=value)
+
+
+def _pad_mask(mask: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    """A (b, 1, L, L) mask padded to (b, 1, n, n): padded positions see and are seen by
+    nothing (the rows that see nothing get their own key in :func:`_block_mask`)."""
+    if mask is None:
+        return None
+    fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+    return _pad_to(_pad_to(mask, n, -1, fill), n, -2, fill)
 
 
 # ---- transformers attention-interface function ------------------------------------------------
@@ -224,14 +386,9 @@ def make_attention_function(inner: str, ratio: Optional[float] = None) -> Callab
             raise LorakitError(f"{type(module).__name__} was not set up for S2-Attn (no group "
                                "ratio); use lorakit.apply with s2_attn")
         n_pad = padded_length(n, r)
-        mask = attention_mask
-        if mask is not None:
-            mask = mask[:, :, :, :n]
-            fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
-            mask = _pad_to(_pad_to(mask, n_pad, -1, fill), n_pad, -2, fill)
-        q, k, v = (_pad_to(t, n_pad, 2) for t in (query, key, value))
-        out = s2_attention(q, k, v, n_pad // groups_per_sequence(r), mask, scaling, dropout)
-        return out[:, :n], None
+        mask = None if attention_mask is None else attention_mask[:, :, :, :n]
+        return _s2(query, key, value, n_pad // groups_per_sequence(r), n_pad, mask, scaling,
+                   dropout), None
 
     s2_attention_forward.__name__ = f"{PREFIX}{inner}"
     return s2_attention_forward

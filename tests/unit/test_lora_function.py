@@ -1,0 +1,143 @@
+"""The LoRA linear as one autograd node (lorakit/adapters/lora.py, See Note: the LoRA linear as
+one autograd node): gradcheck against finite differences in float64, and bit-for-bit the
+outputs and gradients of autograd through the plain ops in fp32 and bf16, for LoRA, LoRA-FA
+(A frozen: x not saved) and DoRA; the plain ops wherever the Function would not be exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit as lk
+from lorakit.adapters import dora, lora, lora_fa
+from lorakit.adapters.lora import LoRALinear, LoRALinearFunction
+from tests.conftest import batch, tiny_model
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w0 = torch.randn(5, 6, dtype=torch.float64, generator=g)  # frozen
+    bias = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+    a = torch.randn(2, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(5, 2, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def fn(x, bias, a, b):
+        return LoRALinearFunction.apply(x, w0, bias, a, b, 0.7, torch.float64, None)
+
+    assert torch.autograd.gradcheck(fn, (x, bias, a, b))
+    assert torch.autograd.gradcheck(lambda x, b: fn(x, None, a.detach(), b), (x, b))
+
+
+def _layer(cls, dtype, bias=True, **kw):
+    torch.manual_seed(0)
+    base = nn.Linear(24, 20, bias=bias).to(dtype).requires_grad_(False)
+    layer = cls(base, 4, 8.0, **kw).train()
+    nn.init.normal_(layer.lora_B, std=0.5)  # as if trained
+    return layer
+
+
+def _run(layer, x, g):
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    (y.float() * g).sum().backward()
+    grads = [p.grad for p in layer.adapter_parameters() if p.requires_grad]
+    return y.grad_fn, [y.detach(), x.grad, *grads]
+
+
+def _plain(monkeypatch):
+    for module in (lora, lora_fa, dora):
+        monkeypatch.setattr(module, "fused_linear_applies", lambda layer, x: False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls,kw,bias", [
+    (LoRALinear, {}, True), (LoRALinear, {}, False),
+    (lora_fa.LoRAFALinear, {}, True), (lora_fa.LoRAFALinear, {"projection": True}, True),
+    (dora.DoRALinear, {}, False)])
+def test_equals_autograd_through_the_plain_ops(monkeypatch, dtype, cls, kw, bias):
+    """Output and every gradient (x, and the adapter's fp32 master weights) are the plain
+    ops' bit for bit; 3-D input; in bf16 the layer dtype and no autocast."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 24, generator=g).to(dtype)
+    gy = torch.randn(3, 5, 20, generator=g)
+    node, fused = _run(_layer(cls, dtype, bias, **kw), x, gy)
+    assert type(node).__name__ == "LoRALinearFunctionBackward" or cls is dora.DoRALinear
+    _plain(monkeypatch)
+    node, plain = _run(_layer(cls, dtype, bias, **kw), x, gy)
+    assert "LoRALinearFunction" not in type(node).__name__
+    assert len(fused) == len(plain)
+    for ours, theirs in zip(fused, plain):
+        assert ours.dtype == theirs.dtype
+        if cls is lora_fa.LoRAFALinear and dtype == torch.bfloat16:
+            # LoRA-FA's plain branch adds s·h Bᵀ after rounding it to bf16; the Function adds
+            # it inside LoRA's addmm (one rounding fewer)
+            assert (ours.float() - theirs.float()).abs().max() <= 2e-2 * theirs.abs().max()
+        else:
+            assert torch.equal(ours, theirs)
+
+
+def test_dora_with_bias_is_the_plain_ops_within_rounding(monkeypatch):
+    """DoRA with a bias: V x is computed without the bias instead of as (x W0ᵀ + b) - b, so
+    equal up to that subtraction's rounding."""
+    g = torch.Generator().manual_seed(1)
+    x, gy = torch.randn(3, 5, 24, generator=g), torch.randn(3, 5, 20, generator=g)
+    _, fused = _run(_layer(dora.DoRALinear, torch.float32), x, gy)
+    _plain(monkeypatch)
+    _, plain = _run(_layer(dora.DoRALinear, torch.float32), x, gy)
+    for ours, theirs in zip(fused, plain):
+        assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+def test_autocast_bf16_over_fp32_base(monkeypatch):
+    """Under autocast the GEMMs run in bf16 as the plain ops' would; fp32 master gradients."""
+    g = torch.Generator().manual_seed(1)
+    x, gy = torch.randn(2, 7, 24, generator=g), torch.randn(2, 7, 20, generator=g)
+    results = []
+    for plain in (False, True):
+        if plain:
+            _plain(monkeypatch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_run(_layer(LoRALinear, torch.float32), x, gy)[1])
+    assert results[0][0].dtype == torch.bfloat16
+    assert results[0][2].dtype == torch.float32  # A's gradient
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+
+
+def test_not_used_where_it_would_not_be_the_layer():
+    x = torch.randn(2, 3, 24)
+    dropped = _layer(LoRALinear, torch.float32, dropout=0.1)
+    assert not lora.fused_linear_applies(dropped, x)  # dropout: A sees the dropped x
+    assert lora.fused_linear_applies(dropped.eval(), x)
+    hooked = _layer(LoRALinear, torch.float32)
+    hooked.base_layer.register_forward_hook(lambda m, i, o: o * 2)
+    assert not lora.fused_linear_applies(hooked, x)  # the hook must run
+    trained = _layer(LoRALinear, torch.float32)
+    trained.base_layer.weight.requires_grad_(True)
+    assert not lora.fused_linear_applies(trained, x)  # no dW0 in the Function
+    assert not lora.fused_linear_applies(_layer(LoRALinear, torch.float32), x.double())
+
+
+def test_lora_fa_saves_no_more_than_lora_and_never_x():
+    """A whole tiny model: LoRA-FA's saved bytes are below LoRA's, and no LoRA-FA layer saves
+    its input (d_in per token) for backward."""
+    from lorakit.training.memory import SavedBytes
+
+    def saved(method):
+        model = lk.apply(tiny_model("llama"), method=method, r=4, alpha=8).train()
+        ids = batch(length=32)
+        with SavedBytes(exclude=[*model.parameters(), *model.buffers()]) as sb:
+            model(input_ids=ids, labels=ids).loss.backward()
+        return sb.nbytes
+
+    assert saved("lora-fa") < saved("lora")
+    layer = _layer(lora_fa.LoRAFALinear, torch.float32)
+    x = torch.randn(4, 32, 24, requires_grad=True)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t,
+                                                  lambda t: t):
+        y = layer(x)
+    assert type(y.grad_fn).__name__ == "LoRALinearFunctionBackward"
+    assert all(s.numel() < x.numel() for s in shapes) and (128, 4) in shapes  # h only
