@@ -66,8 +66,13 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tiny_model_dir,
     assert fallback == pytest.approx(eager, abs=1e-6)
 
 
-def test_auto_stays_eager_where_compiling_would_not_pay(tiny_model_dir, tmp_path, capsys):
-    """The tiny model's steps take milliseconds: 16 steps left save far less than a compile."""
+def test_auto_stays_eager_where_compiling_would_not_pay(tiny_model_dir, tmp_path, capsys,
+                                                        monkeypatch):
+    """The tiny model's steps take milliseconds: 16 steps left save far less than a compile
+    (even with a gain measured, as for bf16)."""
+    import lorakit.training.runtime as runtime
+
+    monkeypatch.setattr(runtime, "COMPILE_MEASURED", {("cpu", torch.float32): (0.08, 64.5)})
     curve = _curve(tiny_model_dir, tmp_path / "auto")
     out = capsys.readouterr()
     lines = [ln for ln in out.err.splitlines() if "train.compile auto" in ln]
@@ -103,11 +108,15 @@ def test_auto_decides_from_the_measurements_as_documented():
     from lorakit.training.runtime import COMPILE_MEASURED, compile_decision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    frac, cost = COMPILE_MEASURED[("cpu", torch.float32)]
-    assert compile_decision(cpu, torch.float32, 1) == (None, "")  # times its probe steps first
+    frac, cost = COMPILE_MEASURED[("cpu", torch.bfloat16)]
+    assert compile_decision(cpu, torch.bfloat16, 1) == (None, "")  # times its probe steps first
     steps = int(cost / (frac * 2.0)) + 1  # just past the break-even at 2 s a step
-    assert compile_decision(cpu, torch.float32, 1, 2.0, steps)[0] is True
-    assert compile_decision(cpu, torch.float32, 1, 2.0, steps - 2)[0] is False
+    assert compile_decision(cpu, torch.bfloat16, 1, 2.0, steps)[0] is True
+    assert compile_decision(cpu, torch.bfloat16, 1, 2.0, steps - 2)[0] is False
+    # fp32 on CPU measured slower compiled: eager whatever the run's length
+    assert COMPILE_MEASURED[("cpu", torch.float32)][0] < 0
+    on, why = compile_decision(cpu, torch.float32, 1, 2.0, 10**6)
+    assert on is False and why.endswith("slower than eager")
     assert compile_decision(cpu, torch.float32, 2) == (
         False, "2 processes: a failed compile cannot fall back to eager")
     assert compile_decision(cuda, torch.bfloat16, 1) == (False,
