@@ -65,7 +65,9 @@ def as_os_error(e: BaseException) -> Optional[OSError]:
     """``e`` as an OSError: itself, or the I/O error inside a safetensors error (its writer is
     Rust code, which reports ``... I/O error: ... (os error 28)``); None for any other."""
     if isinstance(e, OSError):
-        return e
+        # an OSError without an errno is no file-system error (a network library's, a
+        # dataset hub's "not found"): it keeps its own message and traceback
+        return e if e.errno is not None else None
     if type(e).__name__ == "SafetensorError" and ("I/O error" in str(e) or "IoError" in str(e)):
         m = _OS_CODE.search(str(e))
         code = int(m.group(1) or m.group(2)) if m else errno.EIO

@@ -150,6 +150,7 @@ def write_gguf(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: flo
     gguf = _gguf()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with file_errors("write", out):
+        out.parent.mkdir(parents=True, exist_ok=True)  # --out newdir/a.gguf
         _write(gguf, factors, alpha, plan, tmp, out, outtype, name)
     return out
 

@@ -219,11 +219,20 @@ def check_model_folder(path: str, trust_remote_code: bool = False) -> None:
                            f"tokenizer_config.json){'' if weights else ' and no weights'}; copy "
                            "the whole model repository into it")
     code = sorted(p.name for p in local.glob("*.py"))
-    if config.get("auto_map") and not trust_remote_code:
+    if config.get("auto_map") and not trust_remote_code and not _known_type(config):
+        # a model type transformers has its own class for loads without the folder's code
+        # (transformers ignores auto_map then), e.g. a local copy of a phi3 repository
         named = f" ({', '.join(code)})" if code else ""
         raise LorakitError(f"{path} carries its own model code{named}, named by auto_map in its "
                            "config.json, which lorakit runs only when asked: set "
                            "trust_remote_code=true (--trust-remote-code) if you trust that code")
+
+
+def _known_type(config: dict) -> bool:
+    """Whether transformers has its own model class for the config's ``model_type``."""
+    from transformers import CONFIG_MAPPING
+
+    return config.get("model_type") in CONFIG_MAPPING
 
 
 @contextlib.contextmanager

@@ -336,7 +336,8 @@ CASES = [
     ("model folder without a tokenizer", _train_model(keep=("config.json", "model.safetensors")),
      "no tokenizer files"),
     ("model folder carrying its own code", _train_model(
-        keep="all", config={"auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}},
+        keep="all", config={"model_type": "x-custom",
+                            "auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}},
         files={"modeling_x.py": "raise SystemExit('never run')\n"}),
      "set trust_remote_code=true"),
     ("model path is a weights file", lambda ctx: ["train", *tiny_run_args(

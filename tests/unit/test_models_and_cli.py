@@ -55,3 +55,29 @@ def test_uncached_hub_id_offline_is_one_sentence(monkeypatch):
     with pytest.raises(lk.LorakitError, match="not a local folder nor in the local Hugging "
                                               "Face cache"):
         lk.load_model("nobody/no-such-model-xyz")
+
+
+def test_auto_map_of_a_type_transformers_knows_needs_no_remote_code(tmp_path):
+    """transformers ignores auto_map for a model type it has its own class for (a local copy
+    of a phi3 repository): such a folder loads without trust_remote_code; an unknown type
+    with auto_map is refused in one sentence."""
+    import json
+
+    from lorakit.errors import LorakitError
+    from lorakit.models import check_model_folder
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    auto_map = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3", "auto_map": auto_map}))
+    check_model_folder(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "x", "auto_map": auto_map}))
+    with pytest.raises(LorakitError, match="trust_remote_code=true"):
+        check_model_folder(str(tmp_path))
+    check_model_folder(str(tmp_path), trust_remote_code=True)
+
+
+def test_an_os_error_without_errno_is_no_file_error():
+    from lorakit.files import file_error
+
+    assert file_error(OSError("Repository not found")) is None
+    assert file_error(FileNotFoundError(2, "No such file", "x.json")) is not None

@@ -101,7 +101,8 @@ class LoRALinearFunction(torch.autograd.Function):
 
 def fused_linear_applies(layer: AdapterLayer, x: torch.Tensor) -> bool:
     """Whether :class:`LoRALinearFunction` is exactly ``layer`` on ``x`` (See Note: the LoRA
-    linear as one autograd node): dropout inactive, a plain dense base without hooks, plain
+    linear as one autograd node): dropout inactive, a plain dense base without hooks or a
+    forward of its own, plain
     tensors, the base weight frozen, and dtypes the plain ops would accept."""
     base = layer.base_layer
     if torch.compiler.is_compiling():
@@ -111,7 +112,11 @@ def fused_linear_applies(layer: AdapterLayer, x: torch.Tensor) -> bool:
     if not (type(base) is nn.Linear or layer.fan_in_fan_out):
         return False
     if (base._forward_hooks or base._forward_pre_hooks or _module._global_forward_hooks
-            or _module._global_forward_pre_hooks):
+            or _module._global_forward_pre_hooks or base._backward_hooks
+            or base._backward_pre_hooks or _module._global_backward_hooks
+            or _module._global_backward_pre_hooks or "forward" in base.__dict__):
+        # the Function skips base_layer.__call__: its hooks, and a forward replaced on the
+        # instance (accelerate's offload hooks move the weight in first), would not run
         return False
     w = base.weight
     if w.requires_grad or not x.is_floating_point():

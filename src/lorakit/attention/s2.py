@@ -286,7 +286,9 @@ class S2Function(torch.autograd.Function):
 def _s2(query, key, value, group_size: int, n_pad: int, attention_mask=None, scaling=None,
         dropout: float = 0.0) -> torch.Tensor:
     """S2-Attn of (b, h, n, d) inputs padded to ``n_pad`` tokens: (b, n, h, d)."""
-    if dropout == 0.0:
+    # compiled (train.compile): the plain SDPA calls, which dynamo traces and inductor
+    # fuses; the Function's raw kernel calls are for eager runs
+    if dropout == 0.0 and not torch.compiler.is_compiling():
         return S2Function.apply(query, key, value, attention_mask, group_size, n_pad, scaling)
     return s2_autograd(query, key, value, group_size, n_pad, attention_mask, scaling, dropout)
 
@@ -294,7 +296,8 @@ def _s2(query, key, value, group_size: int, n_pad: int, attention_mask=None, sca
 def s2_autograd(query, key, value, group_size: int, n_pad: int, attention_mask=None,
                 scaling=None, dropout: float = 0.0) -> torch.Tensor:
     """:func:`_s2` by plain autograd through the SDPA calls, which keeps each call's inputs:
-    the path of attention dropout, and what :class:`S2Function` is tested against."""
+    the path of attention dropout and of compiled layers, and what :class:`S2Function` is
+    tested against."""
     b, h, n, d = query.shape
     out = query.new_empty(b, n_pad, h, d)
     for region, c in _calls(query, key, value, attention_mask, group_size, n_pad):
