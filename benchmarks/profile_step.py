@@ -5,6 +5,7 @@ self-times side by side (``benchmarks/run.py``'s variants, same model and batch)
 
 ``--counts``: calls per step of each operator instead of self times (deterministic, so it can be
 compared on a loaded machine: what overhead a change removes, not how long it took).
+``--stacks OP``: where the variant calls operator OP from (Python stacks, 5 frames, by count).
 """
 
 from __future__ import annotations
@@ -18,16 +19,22 @@ from run import build
 from common import machine
 
 
-def profile(variant: str, dtype: torch.dtype, steps: int, counts: bool = False
-            ) -> dict[str, float]:
+def profile(variant: str, dtype: torch.dtype, steps: int, counts: bool = False,
+            stacks: str = "") -> dict[str, float]:
     """{operator: self CPU ms per step}, median-free: the sum over ``steps`` steps / steps
-    (``counts``: {operator: calls per step})."""
+    (``counts``: {operator: calls per step}; ``stacks``: print where OP is called from)."""
     _, step, _ = build(variant, dtype)
     step()
     step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                with_stack=bool(stacks)) as prof:
         for _ in range(steps):
             step()
+    if stacks:
+        rows = [ev for ev in prof.key_averages(group_by_stack_n=5) if ev.key == stacks]
+        for ev in sorted(rows, key=lambda e: -e.count)[:8]:
+            print(f"{variant}: {ev.count / steps:.0f} calls per step from")
+            print("\n".join(f"    {frame}" for frame in ev.stack))
     out: dict[str, float] = collections.defaultdict(float)
     for ev in prof.key_averages():
         out[ev.key] += (ev.count if counts else ev.self_cpu_time_total / 1000) / steps
@@ -41,9 +48,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--counts", action="store_true", help="calls per step, not self times")
+    ap.add_argument("--stacks", default="", metavar="OP", help="where OP is called from")
     a = ap.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    ref, var = (profile(v, dtype, a.steps, a.counts) for v in a.variants)
+    ref, var = (profile(v, dtype, a.steps, a.counts, a.stacks) for v in a.variants)
     unit = "calls" if a.counts else "ms"
     print(f"# {machine()}\n# {a.dtype}, {'operator calls' if a.counts else 'self CPU ms'} per "
           f"step, {a.steps} steps profiled\n")
