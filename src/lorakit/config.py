@@ -55,8 +55,9 @@ class AdapterConfig(_Strict):
                                             description="per-module alpha: regex -> alpha")
     use_rslora: bool = Field(False, description="scale = alpha / sqrt(r) (rsLoRA)")
     quantize: Optional[Literal["nf4"]] = Field(None, description="'nf4': 4-bit base (QLoRA)")
-    quant_compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype the NF4 weights are dequantized to for each matmul")
+    quant_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the NF4 weights are dequantized to for each matmul "
+        "(auto: bfloat16 where bf16 is native, else float32)")
     loraplus_ratio: Optional[float] = Field(None, gt=0, description="LoRA+: lr_B / lr_A")
     loraplus_lr_embedding: float = Field(1e-6, gt=0,
                                          description="LoRA+: lr of LoRA on embeddings")

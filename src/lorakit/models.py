@@ -335,7 +335,8 @@ def load_quantized(name_or_path: str, adapter_cfg, dtype: Union[str, torch.dtype
     from accelerate import init_empty_weights
 
     from .module_tree import output_layer, set_submodule
-    from .quant import blocksize_for, is_quantized, nf4_linear, require_bitsandbytes
+    from .quant import (blocksize_for, compute_dtype_of, is_quantized, nf4_linear,
+                        require_bitsandbytes)
 
     require_bitsandbytes()
     torch_dtype = resolve_dtype(dtype) or torch.float32
@@ -358,7 +359,7 @@ def load_quantized(name_or_path: str, adapter_cfg, dtype: Union[str, torch.dtype
                                      not getattr(config, "tie_word_embeddings", False)):
         return None  # the checkpoint names tensors otherwise: the whole-model path
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    compute = getattr(torch, adapter_cfg.quant_compute_dtype)
+    compute = compute_dtype_of(adapter_cfg)
     head = output_layer(model)
     modules = dict(model.named_modules())
     for name in names:

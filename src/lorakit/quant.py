@@ -3,7 +3,7 @@
 The base model's linear layers are replaced by bitsandbytes ``Linear4bit`` (``quant_type="nf4"``,
 double quantization on): each weight is stored as 4-bit NormalFloat codes in blocks of 64
 values sharing one absmax, and those absmaxes are themselves stored 8-bit in blocks of 256
-(Dettmers et al. 2023, §2; docs/methods/qlora.md). Each matmul dequantizes the weight to the compute dtype (bf16 by default);
+(Dettmers et al. 2023, §2; docs/methods/qlora.md). Each matmul dequantizes the weight to the compute dtype (bf16 where it is native, else fp32);
 backward gives only dL/dx. Everything else stays as loaded: embeddings, norms, the output head,
 and the adapters (fp32 master weights, see ``adapters/lora.py``).
 
@@ -36,6 +36,26 @@ BLOCKSIZE = 64  # values per absmax (bitsandbytes' default for 4-bit, as in QLoR
 # (or out-of-range) absmax: relative errors near 1.0 instead of NF4's ~0.15. Real models have
 # in_features a multiple of 64 (SmolLM2: 576, 1536); for the others on CPU (tiny test models)
 # lorakit uses blocks of 32 when in_features allows it, and refuses otherwise.
+
+def native_bf16() -> bool:
+    """Whether bf16 matmuls run natively here: a GPU of compute capability 8.0 or later
+    (A100, H100, RTX 30xx; not the emulated bf16 of a T4 or V100), or a CPU with AVX-512 BF16
+    or AMX. Elsewhere bf16 is emulated, slower than fp32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return getattr(torch.backends.mkldnn, "is_available", lambda: False)() and getattr(
+        torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+
+def compute_dtype_of(cfg) -> torch.dtype:
+    """``adapter.quant_compute_dtype`` as a dtype; ``auto``: bf16 where it is native, else
+    fp32 (on an AVX2-only CPU a bf16 dequantize-and-matmul step was measured ~27x slower
+    than the fp32 LoRA step)."""
+    name = cfg.quant_compute_dtype
+    if name == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    return getattr(torch, name)
+
 
 def blocksize_for(d_in: int, device: torch.device) -> int:
     """Values per absmax for a layer with ``d_in`` inputs quantized on ``device``."""
@@ -143,10 +163,10 @@ def quantize_model(model: nn.Module, cfg) -> nn.Module:
     In place, layer by layer (the 16-bit weight of one layer is freed before the next is
     quantized), once every layer has been checked: on an error the model is unchanged.
     Embeddings, norms and the output layer are left as they are; layers that are already
-    bitsandbytes 4-bit are kept. ``cfg.quant_compute_dtype`` (default bfloat16) is the
-    dtype each weight is dequantized to for its matmul."""
+    bitsandbytes 4-bit are kept. ``cfg.quant_compute_dtype`` (default auto: bf16 where it is
+    native) is the dtype each weight is dequantized to for its matmul."""
     require_bitsandbytes()
-    compute_dtype = getattr(torch, cfg.quant_compute_dtype)
+    compute_dtype = compute_dtype_of(cfg)
     output = output_layer(model)
     chosen = []
     for name, module in model.named_modules():

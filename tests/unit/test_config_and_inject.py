@@ -118,3 +118,19 @@ def test_assigning_fields_keeps_the_options_right():
     assert cfg.options is None
     cfg.method = "lora-drop"
     assert cfg.options.threshold == 0.9
+
+
+def test_quant_compute_dtype_auto_is_bf16_only_where_it_is_native(monkeypatch):
+    """On a CPU that emulates bf16 a bf16 NF4 step was ~27x the fp32 LoRA step: auto is fp32
+    there, bf16 where bf16 is native; an explicit dtype is kept."""
+    import torch
+
+    from lorakit import quant
+    from lorakit.config import AdapterConfig
+
+    assert AdapterConfig().quant_compute_dtype == "auto"
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(quant, "native_bf16", lambda native=native: native)
+        assert quant.compute_dtype_of(AdapterConfig()) == dtype
+        assert quant.compute_dtype_of(AdapterConfig(quant_compute_dtype="float16")) == \
+            torch.float16

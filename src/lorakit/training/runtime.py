@@ -20,6 +20,7 @@ from ..adapters.base import AdapterLayer
 from ..errors import LorakitError
 from ..faults import compile_backend
 from ..models import resolve_dtype
+from ..quant import native_bf16
 
 
 def resolve_precision(precision: str) -> torch.dtype:
@@ -31,12 +32,7 @@ def resolve_precision(precision: str) -> torch.dtype:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if precision == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) \
-                else torch.float32
-        fast = getattr(torch.backends.mkldnn, "is_available", lambda: False)() and getattr(
-            torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        return torch.bfloat16 if fast else torch.float32
+        return torch.bfloat16 if native_bf16() else torch.float32
     return resolve_dtype(precision)
 
 
