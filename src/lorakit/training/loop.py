@@ -53,6 +53,7 @@ from .evaluation import PREDICTIONS, HeldOut, Share, eval_loss, measure
 from .loss import loss_sum
 from .memory import run_exact_memory
 from .optim import build_optimizer, build_scheduler
+from ..quant import compute_dtype_of
 from .runtime import (AUTO_PROBE_STEPS, PeakMemory, activation_checkpointing, cast_frozen,
                       compile_decision, compile_error_reason, compiled_layers, dtype_name,
                       is_compile_error, make_accelerator, resolve_precision, tracker_config)
@@ -586,6 +587,10 @@ def _train_and_finish(run: Run, method, total: int, base: Optional[dict],
             f"({100 * trainable / n_total:.3f}%), {len(run.train_examples)} examples, "
             f"{total} steps, {dtype_name(run.dtype)}, {acc.num_processes} process(es), "
             f"{run.strategy.name}")
+    if cfg.adapter.quantize:  # which dtype the 4-bit weights compute in, auto or asked for
+        run.log(f"{cfg.adapter.quantize} base: matmuls in "
+                f"{dtype_name(compute_dtype_of(cfg.adapter))} (adapter.quant_compute_dtype: "
+                f"{cfg.adapter.quant_compute_dtype})")
     peak.reset()
     with activation_checkpointing(run.model, cfg.train.gradient_checkpointing):
         stats = optimize(run, run.train_examples, total, checkpoints=True)
