@@ -99,10 +99,13 @@ def _from_groups(x: torch.Tensor, b: int) -> torch.Tensor:
 
 def _blocks(mask: torch.Tensor, g: int) -> torch.Tensor:
     """The diagonal (g, g) blocks of a (b, h, L, L) mask as (L/g · b, h, g, g), the batch
-    order of :func:`_to_groups`."""
+    order of :func:`_to_groups`. By a diagonal of the (b, h, L/g, g, L/g, g) view, not a
+    loop over the groups: a loop over symbolic sizes is unrolled for one length only (See
+    Note: symbolic spans)."""
     b, h, length, _ = mask.shape
-    return torch.stack([mask[..., s:s + g, s:s + g] for s in range(0, length, g)], dim=1
-                       ).reshape(-1, h, g, g)
+    m = length // g
+    blocks = mask.reshape(b, h, m, g, m, g).diagonal(dim1=2, dim2=4)  # (b, h, g, g, L/g)
+    return blocks.permute(0, 4, 1, 2, 3).reshape(-1, h, g, g)
 
 
 class _Region(NamedTuple):
@@ -142,18 +145,29 @@ def _regions(h: int, n: int, g: int) -> list[_Region]:
 
 def _take(x, region: _Region) -> torch.Tensor:
     """The grouped (B', h', g, d) tensor of ``region`` from (b, h', N, d) ``x``, or from the
-    dict of its token ranges that :func:`_token_pieces` makes."""
-    parts = [_to_groups(x[(s, e)] if isinstance(x, dict) else x[:, :, s:e], region.g)
+    list of its token ranges' pieces that :func:`_token_pieces` makes."""
+    parts = [_to_groups(next(p for sp, p in x if sp == (s, e)) if isinstance(x, list)
+                        else x[:, :, s:e], region.g)
              for s, e in region.spans]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _token_pieces(x: torch.Tensor, regions: list[_Region]) -> dict:
-    """{(start, end): x[:, :, start:end]} for every span of ``regions``, which partition the
-    tokens, by one split (See Note: split, not slicing)."""
-    spans = sorted(sp for r in regions for sp in r.spans)
-    pieces = x.split([e - s for s, e in spans], dim=2)
-    return dict(zip(spans, pieces))
+def _token_pieces(x: torch.Tensor, regions: list[_Region]) -> list:
+    """[((start, end), x[:, :, start:end]), ...] for every span of ``regions``, which
+    partition the tokens, by one split (See Note: split, not slicing).
+
+    Note: symbolic spans. In a compiled layer (``train.compile``, ``dynamic=True``) the span
+    bounds are symbolic sizes. Dynamo cannot sort them (``sorted`` was a graph break in every
+    S2 call), and as dict keys they are hashed, which specializes them (a recompile for every
+    padded length). So the spans are put in token order by chaining each to the one starting
+    where it ends, and the pieces are found again by comparing spans (:func:`_take`): dynamo
+    traces such comparisons as guards that hold for every length."""
+    spans = [sp for r in regions for sp in r.spans]
+    order = [next(sp for sp in spans if sp[0] == 0)]
+    while len(order) < len(spans):
+        order.append(next(sp for sp in spans if sp[0] == order[-1][1]))
+    pieces = x.split([e - s for s, e in order], dim=2)
+    return list(zip(order, pieces))
 
 
 def _put(out: torch.Tensor, region: _Region, y: torch.Tensor) -> None:
