@@ -206,6 +206,8 @@ def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
     for name, layer in list(adapter_layers(model)):
         if merge_adapters:
             layer.merge()
+        if hasattr(layer, "unfold"):
+            layer.unfold()  # W0 out of the [W0; A] training buffer (adapters/lora.py)
         set_submodule(model, name, layer.base_layer)
     for name, wrapper in list(trained_modules(model)):
         set_submodule(model, name, wrapper.module if merge_adapters else wrapper.original_module)

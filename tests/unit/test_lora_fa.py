@@ -77,8 +77,11 @@ def test_gradients_equal_plain_autograd(dropout):
         h = h * (torch.rand_like(h) >= dropout) / (1 - dropout)
     y = layer.base_layer(x2) + F.linear(h * layer.scaling, b)
     y.backward(g)
-    assert (gb - b.grad).abs().max().item() <= 1e-6
-    assert (gx - x2.grad).abs().max().item() <= 1e-6
+    # relative to the largest element: without dropout the layer's GEMM yields h beside
+    # x W0ᵀ (A folded into the frozen GEMM, adapters/lora.py), which a BLAS may sum in another
+    # order than x Aᵀ alone: one rounding of h
+    assert (gb - b.grad).abs().max().item() <= 1e-6 * b.grad.abs().max().item()
+    assert (gx - x2.grad).abs().max().item() <= 1e-6 * x2.grad.abs().max().item()
 
 
 def test_gradcheck_float64():

@@ -60,14 +60,18 @@ def _plain(monkeypatch):
         monkeypatch.setattr(module, "fused_linear_applies", lambda layer, x: False)
 
 
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cls,kw,bias", [
     (LoRALinear, {}, True), (LoRALinear, {}, False),
     (lora_fa.LoRAFALinear, {}, True), (lora_fa.LoRAFALinear, {"projection": True}, True),
     (dora.DoRALinear, {}, False)])
-def test_equals_autograd_through_the_plain_ops(monkeypatch, dtype, cls, kw, bias):
+def test_equals_autograd_through_the_plain_ops(monkeypatch, dtype, cls, kw, bias, fold):
     """Output and every gradient (x, and the adapter's fp32 master weights) are the plain
-    ops' bit for bit; 3-D input; in bf16 the layer dtype and no autocast."""
+    ops' bit for bit; 3-D input; in bf16 the layer dtype and no autocast. With A folded into
+    the W0 GEMM (the default), within one rounding of h (See Note: A folded into the frozen
+    GEMM: a BLAS may sum r columns alone in another order)."""
+    monkeypatch.setattr(LoRALinear, "fold_a", fold)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 5, 24, generator=g).to(dtype)
     gy = torch.randn(3, 5, 20, generator=g)
@@ -83,6 +87,9 @@ def test_equals_autograd_through_the_plain_ops(monkeypatch, dtype, cls, kw, bias
             # LoRA-FA's plain branch adds s·h Bᵀ after rounding it to bf16; the Function adds
             # it inside LoRA's addmm (one rounding fewer)
             assert (ours.float() - theirs.float()).abs().max() <= 2e-2 * theirs.abs().max()
+        elif fold:
+            tol = 2e-2 if dtype == torch.bfloat16 else 1e-6
+            assert (ours.float() - theirs.float()).abs().max() <= tol * theirs.abs().max()
         else:
             assert torch.equal(ours, theirs)
 
@@ -156,3 +163,91 @@ def test_lora_fa_saves_no_more_than_lora_and_never_x():
         y = layer(x)
     assert type(y.grad_fn).__name__ == "LoRALinearFunctionBackward"
     assert all(s.numel() < x.numel() for s in shapes) and (128, 4) in shapes  # h only
+
+
+def _folded(layer) -> bool:
+    st = layer.__dict__.get("_fold")
+    return st is not None and st[0].data_ptr() == layer.base_layer.weight.data_ptr()
+
+
+def test_folded_buffer_follows_a_the_weight_and_unload():
+    """The [W0; A] buffer (See Note: A folded into the frozen GEMM): built at the first
+    training forward with W0 as its first rows (same Parameter object), A's rows refreshed
+    after a fused AdamW step, rebuilt after the weight moved, not built in inference mode;
+    the output may be modified in place; unload gives W0 its own storage."""
+    layer = _layer(LoRALinear, torch.float32)
+    w = layer.base_layer.weight
+    w0 = w.detach().clone()
+    with torch.inference_mode():
+        layer(torch.randn(2, 24))
+    assert not _folded(layer)  # never an inference-mode buffer
+    with torch.no_grad():
+        layer(torch.randn(2, 24))
+    assert not _folded(layer)  # evaluation keeps the separate GEMMs
+    x = torch.randn(2, 3, 24)
+    y = layer(x)
+    assert _folded(layer) and layer.base_layer.weight is w and torch.equal(w, w0)
+    buf = layer.__dict__["_fold"][0]
+    assert torch.equal(buf[20:], layer.lora_A.detach())
+    y.mul_(2).sum().backward()  # in place on the output: allowed (not a view)
+    a_before = layer.lora_A.detach().clone()
+    # the training loop's optimizer: fused AdamW updates A in place without bumping its
+    # version counter, so the fold may not wait for one
+    opt = torch.optim.AdamW(layer.adapter_parameters(), lr=0.1, fused=True)
+    opt.step()
+    assert not torch.equal(layer.lora_A.detach(), a_before)
+    y2 = layer(x)
+    assert torch.equal(buf[20:], layer.lora_A.detach())  # refreshed from the stepped A
+    ref = x @ w0.T + layer.base_layer.bias + layer.scaling * (
+        x @ layer.lora_A.detach().T) @ layer.lora_B.detach().T
+    assert torch.allclose(y2, ref, atol=1e-5)
+    layer.base_layer.double().float()  # a new storage for W0: the fold is rebuilt
+    assert not _folded(layer)
+    assert torch.allclose(layer(x), ref, atol=1e-5) and _folded(layer)
+    model = lk.apply(tiny_model("llama"), method="lora", r=4, alpha=8).train()
+    ids = batch(length=8)
+    model(input_ids=ids, labels=ids).loss.backward()
+    from lorakit.adapters.base import adapter_layers
+    folded = [m for _, m in adapter_layers(model) if _folded(m)]
+    assert folded
+    weights = [m.base_layer.weight for m in folded]
+    plain = lk.unload(model, merge_adapters=False)
+    for p in weights:  # own storage again, exactly as large as the weight
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+    assert plain is model
+
+
+def test_fold_keeps_tied_weights_tied():
+    """Folding replaces the base Parameter's storage, not the Parameter: a tied pair stays
+    one Parameter, and the other module reads the same values."""
+    base = nn.Linear(24, 20, bias=False).requires_grad_(False)
+    emb = nn.Embedding(20, 24)
+    emb.weight = base.weight
+    layer = LoRALinear(base, 4, 8.0).train()
+    layer(torch.randn(3, 24))
+    assert _folded(layer) and emb.weight is base.weight
+    assert emb.weight.data_ptr() == layer.__dict__["_fold"][0].data_ptr()
+
+
+def test_sharding_turns_the_fold_off(tmp_path):
+    """FSDP2 manages the unsharded weight's storage itself: shard_model takes W0 out of a fold
+    made before and keeps it out (one gloo process)."""
+    import torch.distributed as dist
+
+    from lorakit.adapters.base import adapter_layers
+    from lorakit.training.distributed import Strategy, shard_model
+
+    model = lk.apply(tiny_model("llama"), method="lora", r=4, alpha=8).train()
+    ids = batch(length=8)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert any(_folded(m) for _, m in adapter_layers(model))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        shard_model(model, Strategy("fsdp", 1, sharded_loading=False), torch.device("cpu"))
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        layers = [m for _, m in adapter_layers(model)]
+        assert layers and all(not m.fold_a and "_fold" not in m.__dict__ for m in layers)
+    finally:
+        dist.destroy_process_group()

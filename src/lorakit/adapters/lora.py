@@ -17,13 +17,46 @@ It saves x and h (what autograd through the plain ops saves too) and the weights
 replaces the plain graph's nodes per layer (the linears, the casts of A and B and their
 backward copies, reshapes, transposes, the sum of the two input gradients) by one. Each
 product is the plain ops' own (same GEMMs, same operand order, same roundings), so outputs
-and gradients are theirs bit for bit. With A frozen (LoRA-FA) dA is skipped and x is not
+and gradients are theirs bit for bit (with A folded into the W0 GEMM, below: within one
+rounding of h). With A frozen (LoRA-FA) dA is skipped and x is not
 saved.
 The GEMMs run in the dtype the plain ops would use (autocast's, else the input's), the
 adapter's fp32 master weights are cast once per forward and their gradients come back fp32.
 Used where that is exactly the layer: a plain ``nn.Linear``/``Conv1D`` base with plain tensors
 (not a 4-bit base or a sharded DTensor), no hooks on it, no active dropout, and eager (in a
 compiled graph inductor fuses the plain ops itself); else the plain ops.
+The output is returned as a tensor of its own (not a view of the Function's buffer), so code
+that modifies a projection's output in place keeps working.
+
+# Note: A folded into the frozen GEMM
+h = x Aᵀ is a GEMM with r (16) output columns: on a CPU it runs far below the big GEMM's
+rate and reads x a second time (issue #27's profile: the skinny GEMMs were two thirds of the
+eager LoRA step's overhead). A training layer therefore keeps W0 and a copy of A stacked in
+one weight buffer, [W0; A] of (d_out + r, d_in); the base Parameter's storage becomes the
+first d_out rows of it (the Parameter object is kept, so tied weights stay tied), and one
+GEMM yields [x W0ᵀ | h]. The copy of A is refreshed at every forward while A trains (r·d_in
+values; a fused optimizer such as AdamW(fused=True) updates A without bumping its version
+counter, so no cheaper test of "A changed" is sound), and for a frozen A when its version
+or storage changed (a load). Backward is the node's.
+Each output element is the same dot product over d_in as in the separate GEMMs, but a BLAS
+may pick another kernel (another summation order) for r columns alone than for d_out + r: on
+the AMD EPYCs measured, fp32 results were equal bit for bit at 512 tokens of the embedded
+model's shapes and differed in the last bits of h at a dozen tokens or r 4. So folded, the
+node equals the plain ops within one rounding of h, unfolded bit for bit
+(tests/unit/test_lora_function.py, both).
+Folded where: training (autograd on: evaluation and generation keep the separate GEMMs, so
+their outputs are the plain ops' and PEFT's bit for bit), a plain ``nn.Linear`` base (not
+Conv1D: its (d_in, d_out) storage cannot take rows), the base weight in the compute dtype or
+fp32, outside inference mode, and not under FSDP2 (which gathers, frees and re-allocates the
+unsharded weight's storage itself: sharding turns the fold off). Cost: one more copy of A per
+layer, in W0's dtype. Moving the model (``.to``) gives W0 a new storage; the fold is rebuilt
+at the next forward. :func:`lorakit.unload` gives W0 its own storage back. ``fold_a = False``
+on a layer (or on the class) turns it off (benchmarks/run.py's ``+unfolded``).
+Measured (benchmarks/RESULTS.md): on one decoder layer's seven linears it removed 81% of the
+node's overhead on an AVX2-only EPYC (fp32) and 22% on an AVX-512 BF16 one (bf16), none in
+fp32 there; in the whole training step of the embedded model on the AVX-512 machine folded
+and unfolded steps were equal within the noise in both precisions (the AVX2 machine's step
+was not measured).
 """
 
 from __future__ import annotations
@@ -60,17 +93,31 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w0, bias, a, b, scaling: float, dtype: torch.dtype,
-                grad_b_fn: Optional[Callable] = None):
+                grad_b_fn: Optional[Callable] = None, fold: Optional[torch.Tensor] = None):
         x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
-        w, a_, b_ = _as(w0, dtype), _as(a, dtype), _as(b, dtype)
-        h = torch.mm(x2, a_.t())
-        y = (torch.mm(x2, w.t()) if bias is None
-             else torch.addmm(_as(bias, dtype), x2, w.t()))
+        b_ = _as(b, dtype)
+        if fold is None:
+            w, a_ = _as(w0, dtype), _as(a, dtype)
+            h = torch.mm(x2, a_.t())
+            y = (torch.mm(x2, w.t()) if bias is None
+                 else torch.addmm(_as(bias, dtype), x2, w.t()))
+        else:  # See Note: A folded into the frozen GEMM
+            d = w0.shape[0]
+            wa = _as(fold, dtype)
+            if wa is fold:  # no cast: save the Parameters themselves, as unfolded
+                w, a_ = w0, _as(a, dtype)
+            else:
+                w, a_ = wa[:d], wa[d:]
+            yh = (torch.mm(x2, wa.t()) if bias is None else torch.addmm(
+                torch.cat([_as(bias, dtype), bias.new_zeros(fold.shape[0] - d, dtype=dtype)]),
+                x2, wa.t()))
+            y, h = yh[:, :d], yh[:, d:].contiguous()
         y.addmm_(h, b_.t(), alpha=scaling)
         ctx.save_for_backward(x2 if a.requires_grad else None, h, w, a_, b_)
         ctx.scaling, ctx.grad_b_fn = scaling, grad_b_fn
         ctx.dtypes = (x.dtype, None if bias is None else bias.dtype, a.dtype, b.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        # not y.view: a view made inside a Function may not be modified in place afterwards
+        return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
 
     @staticmethod
     def backward(ctx, grad):
@@ -96,7 +143,7 @@ class LoRALinearFunction(torch.autograd.Function):
             # add in x's dtype (under autocast the plain ops cast each part back before it)
             dx = _as(torch.mm(g, w), x_dtype).add_(_as(torch.mm(dh, a_), x_dtype))
             dx = dx.view(*grad.shape[:-1], w.shape[1])
-        return dx, None, dbias, da, db, None, None, None
+        return dx, None, dbias, da, db, None, None, None, None
 
 
 def fused_linear_applies(layer: AdapterLayer, x: torch.Tensor) -> bool:
@@ -133,6 +180,8 @@ class LoRALinear(AdapterLayer):
 
     adapter_param_names = ("lora_A", "lora_B")
     peft_names = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
+    #: keep A folded into the frozen GEMM's weight (See Note: A folded into the frozen GEMM)
+    fold_a = True
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False):
@@ -176,9 +225,46 @@ class LoRALinear(AdapterLayer):
 
     def fused(self, x: torch.Tensor, bias: bool = True, grad_b_fn=None) -> torch.Tensor:
         """x W0ᵀ (+ b) + s·x Aᵀ Bᵀ by :class:`LoRALinearFunction`."""
+        dtype = compute_dtype(x)
+        fold = self.folded(dtype)
         return LoRALinearFunction.apply(
             x, self.base_weight_matrix(), self.base_layer.bias if bias else None, self.lora_A,
-            self.lora_B, self.scaling, compute_dtype(x), grad_b_fn)
+            self.lora_B, self.scaling, dtype, grad_b_fn, fold)
+
+    def folded(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The [W0; A] buffer (See Note: A folded into the frozen GEMM), built on first use and
+        rebuilt when W0 was given another storage; A's rows copied from A at each call while A
+        trains. None where the layer is not folded."""
+        w = self.base_layer.weight
+        if not (self.fold_a and torch.is_grad_enabled()) or type(
+                self.base_layer) is not nn.Linear or w.dtype not in (
+                dtype, torch.float32) or type(w) is not nn.Parameter:
+            return None
+        d, a = w.shape[0], self.lora_A
+        st = self.__dict__.get("_fold")
+        stale = (st is None or st[0].data_ptr() != w.data_ptr() or st[0].dtype != w.dtype
+                 or st[0].device != w.device or st[0].shape != (d + self.r, w.shape[1]))
+        key = (a.data_ptr(), a._version)
+        if stale or a.requires_grad or st[1] != key:
+            if torch.is_inference_mode_enabled() or w.is_inference():
+                return None  # an inference-mode buffer could not be used by autograd later
+            with torch.no_grad():
+                if stale:
+                    buf = w.new_empty((d + self.r, w.shape[1]))
+                    buf[:d].copy_(w)
+                    w.data = buf[:d]  # the Parameter object stays (ties, optimizer, names)
+                    st = self.__dict__["_fold"] = [buf, None]
+                st[0][d:].copy_(a)
+                st[1] = (a.data_ptr(), a._version)
+        return st[0]
+
+    def unfold(self) -> None:
+        """Give W0 a storage of its own again (:func:`lorakit.unload`)."""
+        st = self.__dict__.pop("_fold", None)
+        w = self.base_layer.weight
+        if st is not None and w.data_ptr() == st[0].data_ptr():
+            with torch.no_grad():
+                w.data = w.detach().clone()
 
     def add_branch(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """out + s·x Aᵀ Bᵀ, the scale and the add fused into one addmm (x: already dropped)."""

@@ -138,6 +138,13 @@ def shard_model(model: nn.Module, strategy: Strategy, device: torch.device,
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
+    for m in model.modules():
+        if hasattr(m, "fold_a"):
+            # FSDP2 swaps in, frees and re-allocates the unsharded weight's storage itself: W0
+            # may not live in a LoRA layer's [W0; A] buffer (adapters/lora.py, Note: A folded
+            # into the frozen GEMM)
+            m.unfold()
+            m.fold_a = False
     shared = shared_parameters(model)  # in model order: the same on every process
     ignored = set(shared)
     for unit in fsdp_units(model, strategy):

@@ -53,11 +53,14 @@ class SavedBytes:
 
     def __init__(self, exclude: Iterable[torch.Tensor] = ()):
         self.seen: dict[tuple, int] = {}
-        self.exclude = {_key(t) for t in exclude}
+        # the tensors, not their storages' keys: a storage may change inside the block (a LoRA
+        # layer folds W0 into its [W0; A] buffer at its first training forward), so the keys
+        # are read when the count is
+        self.exclude = list(exclude)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device.type != "meta" and _key(t) not in self.exclude:
+        if t.device.type != "meta":
             self.seen[_key(t)] = t.untyped_storage().nbytes()
         return t
 
@@ -70,7 +73,8 @@ class SavedBytes:
 
     @property
     def nbytes(self) -> int:
-        return sum(self.seen.values())
+        skip = {_key(t) for t in self.exclude if t.device.type != "meta"}
+        return sum(n for k, n in self.seen.items() if k not in skip)
 
     @property
     def mib(self) -> float:
