@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import machine
+from common import machine, steady_allocator
 from lorakit.adapters.lora import LoRALinearFunction
 
 HIDDEN, INTER, KV = 576, 1536, 192
@@ -99,13 +99,19 @@ class Folded(torch.autograd.Function):
         return dx, None, da, db, None, None, None
 
 
+DTYPE = torch.float32  # --dtype: every tensor's (the node's GEMMs run in it)
+
+
 def make(tokens: int):
     g = torch.Generator().manual_seed(0)
-    w = {k: torch.randn(o, i, generator=g) * 0.02 for k, (o, i) in DIMS.items()}
-    a = {k: (torch.randn(R, i, generator=g) * 0.02).requires_grad_() for k, (o, i) in DIMS.items()}
-    b = {k: (torch.randn(o, R, generator=g) * 0.02).requires_grad_() for k, (o, i) in DIMS.items()}
-    x = torch.randn(tokens, HIDDEN, generator=g).requires_grad_()
-    xi = torch.randn(tokens, INTER, generator=g).requires_grad_()
+
+    def rnd(*shape, scale=1.0, grad=False):
+        return (torch.randn(*shape, generator=g) * scale).to(DTYPE).requires_grad_(grad)
+    w = {k: rnd(o, i, scale=0.02) for k, (o, i) in DIMS.items()}
+    a = {k: rnd(R, i, scale=0.02, grad=True) for k, (o, i) in DIMS.items()}
+    b = {k: rnd(o, R, scale=0.02, grad=True) for k, (o, i) in DIMS.items()}
+    x = rnd(tokens, HIDDEN, grad=True)
+    xi = rnd(tokens, INTER, grad=True)
     # the folded buffers, built once (in a model W0 would be a view of its buffer)
     wa = {k: torch.cat([w[k], a[k].detach()]) for k in DIMS}
     return w, a, b, x, xi, wa
@@ -119,11 +125,11 @@ def layer(variant: str, w, a, b, x, xi, wa):
     if variant == "frozen":
         outs = [F.linear(inp(k), w[k]) for k in DIMS]
     elif variant in ("node", "bf16-adapter"):
-        dt = torch.bfloat16 if variant == "bf16-adapter" else torch.float32
+        dt = torch.bfloat16 if variant == "bf16-adapter" else DTYPE
         for k in DIMS:
-            if dt == torch.float32:
+            if dt == DTYPE:
                 outs.append(LoRALinearFunction.apply(inp(k), w[k], None, a[k], b[k], S,
-                                                     torch.float32, None))
+                                                     DTYPE, None))
             else:  # base fp32, adapter GEMMs bf16
                 h = F.linear(inp(k).to(dt), a[k].to(dt))
                 outs.append(F.linear(inp(k), w[k]) + S * F.linear(h, b[k].to(dt)).float())
@@ -154,12 +160,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--reps", type=int, default=5, help="layer passes per timed sample")
-    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="add the bf16-adapter variant")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="every tensor's dtype (bf16: the layer as a bf16 run computes it)")
     ap.add_argument("--check", action="store_true", help="compare gradients with node's")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    alloc = steady_allocator()
+    global DTYPE
+    DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     torch.manual_seed(0)
     variants = ["frozen", "node", "shared", "folded", "folded+bwd"] + (
         ["bf16-adapter"] if a.bf16 else [])
@@ -183,8 +194,9 @@ def main() -> None:
     for _ in range(a.rounds):
         for v in variants:
             times[v].append(sum(timed(v, tensors) for _ in range(a.reps)) / a.reps)
-    print(f"# {machine()}, {torch.get_num_threads()} threads")
-    print(f"# one decoder layer's 7 linears, {a.tokens} tokens, r {R}, fp32, forward + backward,"
+    print(f"# {machine()}, {torch.get_num_threads()} threads\n# {alloc}")
+    print(f"# one decoder layer's 7 linears, {a.tokens} tokens, r {R}, {a.dtype}, forward + "
+          "backward,"
           f" median of {a.rounds} rounds x {a.reps} passes\n")
     fz = statistics.median(times["frozen"])
     nd = statistics.median(times["node"])

@@ -16,7 +16,7 @@ import collections
 import torch
 from run import build
 
-from common import machine
+from common import machine, steady_allocator
 
 
 def profile(variant: str, dtype: torch.dtype, steps: int, counts: bool = False,
@@ -50,11 +50,12 @@ def main() -> None:
     ap.add_argument("--counts", action="store_true", help="calls per step, not self times")
     ap.add_argument("--stacks", default="", metavar="OP", help="where OP is called from")
     a = ap.parse_args()
+    alloc = steady_allocator()  # as benchmarks/run.py times its steps
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     ref, var = (profile(v, dtype, a.steps, a.counts, a.stacks) for v in a.variants)
     unit = "calls" if a.counts else "ms"
-    print(f"# {machine()}\n# {a.dtype}, {'operator calls' if a.counts else 'self CPU ms'} per "
-          f"step, {a.steps} steps profiled\n")
+    what = "operator calls" if a.counts else "self CPU ms"
+    print(f"# {machine()}\n# {alloc}\n# {a.dtype}, {what} per step, {a.steps} steps profiled\n")
     print(f"total: {a.variants[0]} {sum(ref.values()):.0f} {unit}, {a.variants[1]} "
           f"{sum(var.values()):.0f} {unit} (+{sum(var.values()) - sum(ref.values()):.0f})\n")
     print(f"| operator | {a.variants[0]} | {a.variants[1]} | difference |\n|---|---|---|---|")

@@ -9,7 +9,8 @@ each per round) so machine drift cancels; medians and ratios are printed.
 A variant is ``<library>-<method>`` (or ``frozen``) plus options: ``+fusedloss`` computes the
 loss as lorakit's training loop does (lorakit/training/loss.py: no logits tensor; without it,
 transformers' own loss), ``+compile`` runs the decoder layers through torch.compile as
-``train.compile`` does (lorakit/training/runtime.py).
+``train.compile`` does (lorakit/training/runtime.py), ``+unfolded`` keeps lorakit's A out of
+the frozen GEMM (adapters/lora.py, Note: A folded into the frozen GEMM; the default folds).
 
 Also in the same run:
 - memory you can check: for each method at batch 1 x 1024 tokens, the bytes autograd saves for
@@ -33,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine, peak_since_mib, reset_peak
+from common import machine, peak_since_mib, reset_peak, steady_allocator
 from lorakit.training.memory import state_bytes  # noqa: E402  (common puts src/ on the path)
 
 import torch
@@ -51,6 +52,7 @@ BATCH, SEQ, R, ALPHA = 2, 256, 16, 32
 MEM_BATCH, MEM_SEQ = 1, 1024  # the memory targets' shape
 GIB = 2**30
 TOTAL_STEPS = 1000  # AdaLoRA schedule length (the benchmark runs a handful of steps of it)
+ROUND_TIMES: dict[str, dict[str, list[float]]] = {}  # every timed step, for --json
 
 
 def build(variant: str, dtype: torch.dtype, batch: int = BATCH, seq: int = SEQ):
@@ -78,6 +80,9 @@ def build(variant: str, dtype: torch.dtype, batch: int = BATCH, seq: int = SEQ):
         if method == "adalora":
             opts["adalora"] = {"init_r": R, "target_r": R // 2, "tinit": 10, "tfinal": 10}
         lk.apply(model, **opts)
+        if "unfolded" in extras:
+            for _, layer in lk.inject.adapter_layers(model):
+                layer.fold_a = False
         from lorakit.registry import get_method
 
         hooks = get_method(lk.inject.state_of(model).config.method).hooks()
@@ -148,6 +153,7 @@ def time_steps(variants: list[str], dtype: torch.dtype, rounds: int) -> dict[str
             t = time.perf_counter()
             built[v][1]()
             times[v].append(time.perf_counter() - t)
+    ROUND_TIMES[str(dtype)] = times
     return {v: statistics.median(ts) for v, ts in times.items()}
 
 
@@ -336,6 +342,8 @@ def main() -> None:
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--no-memory", action="store_true", help="skip the exact memory table")
     ap.add_argument("--no-generation", action="store_true")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="time with glibc's default trimming (see common.steady_allocator)")
     ap.add_argument("--memory-one", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
@@ -344,13 +352,16 @@ def main() -> None:
         _memory_one(a.memory_one, dtypes[a.dtypes])
         return
     variants = [v for v in a.variants.split(",") if v]
-    results: dict = {"machine": machine(), "batch": BATCH, "seq": SEQ, "r": R, "rounds": a.rounds}
-    print(f"# {results['machine']}\n# batch {BATCH}x{SEQ}, r={R}, median of {a.rounds} "
-          "interleaved rounds\n", flush=True)
+    alloc = "allocator: defaults" if a.default_allocator else steady_allocator()
+    results: dict = {"machine": machine(), "batch": BATCH, "seq": SEQ, "r": R, "rounds": a.rounds,
+                     "allocator": alloc}
+    print(f"# {results['machine']}\n# {alloc}\n# batch {BATCH}x{SEQ}, r={R}, median of "
+          f"{a.rounds} interleaved rounds\n", flush=True)
     for dname in a.dtypes.split(","):
         med = time_steps(variants, dtypes[dname], a.rounds) if variants else {}
         rss = {} if a.no_rss else {v: memory_of(v, dname) for v in variants}
-        results[dname] = {"step_s": med, "peak_mib": rss}
+        results[dname] = {"step_s": med, "peak_mib": rss,
+                          "rounds_s": ROUND_TIMES.get(str(dtypes[dname]), {})}
         if variants:
             print(f"## {dname}: training step")
             print_step_table(variants, med, rss)
