@@ -201,6 +201,11 @@ def test_folded_buffer_follows_a_the_weight_and_unload():
     ref = x @ w0.T + layer.base_layer.bias + layer.scaling * (
         x @ layer.lora_A.detach().T) @ layer.lora_B.detach().T
     assert torch.allclose(y2, ref, atol=1e-5)
+    import copy
+
+    twin = copy.deepcopy(layer)  # no stale buffer (a weight-sized copy) in the copy
+    assert twin.__dict__.get("_fold") is None and torch.equal(twin.base_layer.weight, w0)
+    assert twin.base_layer.weight.untyped_storage().nbytes() == w0.numel() * 4
     layer.base_layer.double().float()  # a new storage for W0: the fold is rebuilt
     assert not _folded(layer)
     assert torch.allclose(layer(x), ref, atol=1e-5) and _folded(layer)

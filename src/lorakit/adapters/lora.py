@@ -175,6 +175,14 @@ def fused_linear_applies(layer: AdapterLayer, x: torch.Tensor) -> bool:
     return dtype == x.dtype == w.dtype or torch.is_autocast_enabled(x.device.type)
 
 
+class _Fold(list):
+    """[buffer, A's key] of a folded layer; a deep copy of the layer gets none (its W0 is a
+    copy of its own, and the copy folds again when it trains) rather than a stale buffer."""
+
+    def __deepcopy__(self, memo):
+        return None
+
+
 class LoRALinear(AdapterLayer):
     """LoRA on ``nn.Linear``, GPT-2 ``Conv1D`` or a bitsandbytes 4-bit linear layer."""
 
@@ -253,7 +261,7 @@ class LoRALinear(AdapterLayer):
                     buf = w.new_empty((d + self.r, w.shape[1]))
                     buf[:d].copy_(w)
                     w.data = buf[:d]  # the Parameter object stays (ties, optimizer, names)
-                    st = self.__dict__["_fold"] = [buf, None]
+                    st = self.__dict__["_fold"] = _Fold([buf, None])
                 st[0][d:].copy_(a)
                 st[1] = (a.data_ptr(), a._version)
         return st[0]
