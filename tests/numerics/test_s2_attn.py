@@ -279,6 +279,26 @@ def test_two_models_with_different_ratios_in_one_process():
 # ---- what backward keeps (docs/methods/longlora.md; See Note: S2-Attn's backward keeps what
 # full attention's keeps, in lorakit/attention/s2.py) --------------------------------------------
 
+@pytest.mark.parametrize("h,kvh", [(4, 2), (9, 3)])
+def test_value_head_size_may_differ_from_query_key(h, kvh):
+    """Models whose value heads are another size than q/k's (DeepSeek's MLA: 192 vs 128):
+    the output takes v's head size; the Function's gradients equal autograd's."""
+    from lorakit.attention import s2
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, h, 16, 8, generator=g), torch.randn(2, kvh, 16, 8, generator=g)
+    v = torch.randn(2, kvh, 16, 6, generator=g)
+    ours = s2_attention(q, k, v, 4)
+    assert ours.shape == (2, 16, h, 6)
+    assert (ours - reference(q, k, v, 4)).abs().max().item() <= TOL
+    grads = []
+    for fn in (s2._s2, s2.s2_autograd):
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        fn(*ins, 4, 16, None, 8 ** -0.5).square().sum().backward()
+        grads.append([t.grad for t in ins])
+    for ours, plain in zip(*grads):
+        assert torch.allclose(ours, plain, atol=1e-6)
+
+
 def _s2_inputs(b, h, kvh, n, d=8, dtype=torch.float32):
     """q/k/v in the layout transformers passes: (b, heads, n, d) views of (b, n, heads, d)."""
     g = torch.Generator().manual_seed(3)

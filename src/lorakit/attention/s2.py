@@ -254,8 +254,8 @@ class S2Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, g: int, n_pad: int, scaling):
-        b, h, n, d = q.shape
-        out = q.new_empty(b, n_pad, h, d)
+        b, h, n, _ = q.shape
+        out = q.new_empty(b, n_pad, h, v.shape[-1])  # v's head size (may differ from q/k's)
         lses = []
         for region, c in _calls(q, k, v, mask, g, n_pad):
             if _cpu_flash(c, scaling):
@@ -312,8 +312,8 @@ def s2_autograd(query, key, value, group_size: int, n_pad: int, attention_mask=N
     """:func:`_s2` by plain autograd through the SDPA calls, which keeps each call's inputs:
     the path of attention dropout and of compiled layers, and what :class:`S2Function` is
     tested against."""
-    b, h, n, d = query.shape
-    out = query.new_empty(b, n_pad, h, d)
+    b, h, n, _ = query.shape
+    out = query.new_empty(b, n_pad, h, value.shape[-1])
     for region, c in _calls(query, key, value, attention_mask, group_size, n_pad):
         _put(out, region, _sdpa(c, scaling, dropout))
     return out[:, :n]
