@@ -147,3 +147,22 @@ def test_unfrozen_a_falls_back_to_lora():
     layer(x).sum().backward()
     assert layer.lora_A.grad is not None
     assert torch.allclose(layer(x), ref(x), atol=1e-6)
+
+
+def test_v2_projection_under_autocast_uses_a_in_fp32():
+    """Under bf16 autocast the layer's GEMMs run in bf16, but the v2 projection's Gram matrix
+    AAᵀ is A's fp32 master values' (as PEFT's LoraFAOptimizer computes it), and the
+    projection runs in fp32 even when backward is called inside the autocast block."""
+    x = torch.randn(3, 5, 48)
+    grads = []
+    for projection in (False, True):
+        layer = _layer(LoRAFALinear, projection=projection).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x).float().sum().backward()
+        grads.append(layer.lora_B.grad)
+    a = layer.lora_A.detach()
+    assert a.dtype == torch.float32
+    expected = projected_b_grad(grads[0], a, layer.scaling)
+    assert torch.allclose(grads[1], expected, rtol=1e-5, atol=1e-7)
+    rounded = projected_b_grad(grads[0], a.to(torch.bfloat16), layer.scaling)
+    assert not torch.allclose(rounded, expected, rtol=1e-5, atol=1e-7)  # the test can tell

@@ -129,10 +129,9 @@ class LoRALinearFunction(torch.autograd.Function):
         dx = dbias = da = db = None
         dh = torch.mm(g, b_).mul_(s) if (need_x or need_a) else None
         if need_b:
-            db = torch.mm(g.t(), h).mul_(s)
-            if ctx.grad_b_fn is not None:
+            db = _as(torch.mm(g.t(), h).mul_(s), b_dtype)
+            if ctx.grad_b_fn is not None:  # in B's (master) dtype: no rounding to bf16 after
                 db = ctx.grad_b_fn(db)
-            db = _as(db, b_dtype)
         if need_a:
             da = _as(torch.mm(dh.t(), x2), a_dtype)
         if need_bias:

@@ -35,17 +35,20 @@ from pydantic import Field
 from torch import nn
 
 from ..options import MethodOptions
-from .lora import LoRA, LoRALinear, at_lora_rate, compute_dtype, fused_linear_applies
+from .lora import LoRA, LoRALinear, at_lora_rate, fused_linear_applies
 
 #: Ridge of the v2 projection, as in PEFT's LoraFAOptimizer.
 PROJECTION_DELTA = 1e-8
 
 
 def projected_b_grad(grad_b: torch.Tensor, a: torch.Tensor, scaling: float) -> torch.Tensor:
-    """LoRA-FA v2: (1/s²)·g_B·pinv(AAᵀ + δI), computed in fp32, returned in g_B's dtype."""
-    a = a.float()
-    gram = a @ a.T + PROJECTION_DELTA * torch.eye(a.shape[0], device=a.device)
-    return (grad_b.float() @ torch.linalg.pinv(gram) / scaling**2).to(grad_b.dtype)
+    """LoRA-FA v2: (1/s²)·g_B·pinv(AAᵀ + δI), computed in fp32 (autocast off: a backward run
+    inside an autocast block would otherwise do these products in bf16), returned in g_B's
+    dtype."""
+    with torch.autocast(a.device.type, enabled=False):
+        a = a.float()
+        gram = a @ a.T + PROJECTION_DELTA * torch.eye(a.shape[0], device=a.device)
+        return (grad_b.float() @ torch.linalg.pinv(gram) / scaling**2).to(grad_b.dtype)
 
 
 class FrozenABranch(torch.autograd.Function):
@@ -103,7 +106,9 @@ class LoRAFALinear(LoRALinear):
             # LoRA linear as one autograd node, in lora.py)
             project = None
             if self.projection and not self.lora_A.requires_grad:
-                a = self.lora_A.to(compute_dtype(x))
+                # the Gram matrix from A's fp32 master values (as PEFT's LoraFAOptimizer and
+                # the plain path), not from A rounded to the GEMMs' dtype
+                a = self.lora_A.detach()
                 project = lambda grad_b: projected_b_grad(grad_b, a, self.scaling)  # noqa: E731
             return self.fused(x, grad_b_fn=project)
         out = self.base_layer(x)
