@@ -117,7 +117,7 @@ def loss_sums(model: nn.Module, examples: list[dict], pad_id: int, batch_size: i
     starts = list(range(0, len(examples), batch_size))
     mine = share.batches(len(starts))
     results: dict[int, tuple[float, int]] = {}
-    for k in _bar(mine, progress, len(mine), 1):
+    for k in _bar(mine, progress, len(mine)):
         i = starts[k if k is not None else 0]  # a repeat: any batch
         b = {k2: v.to(device) for k2, v in collate(examples[i:i + batch_size], pad_id).items()}
         with autocast_for(model, dtype):
@@ -142,17 +142,17 @@ def eval_loss(model: nn.Module, examples: list[dict], pad_id: int, batch_size: i
     return sum(s for s, _ in sums) / max(1, sum(n for _, n in sums))
 
 
-def _bar(it, desc: Optional[str], n_items: int, per: int):
-    """A tqdm bar over batches, counted in examples; silent when ``desc`` is None."""
+def _bar(it, desc: Optional[str], n_batches: int):
+    """A tqdm bar over this process's batches; silent when ``desc`` is None."""
     if desc is None:
         return it
-    bar = tqdm(total=n_items, desc=desc, unit="ex", dynamic_ncols=True, leave=False)
+    bar = tqdm(total=n_batches, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
 
     def gen():
         try:
             for i in it:
                 yield i
-                bar.update(1 if per == 1 else min(per, n_items - i))
+                bar.update(1)
         finally:
             bar.close()
     return gen()
@@ -249,7 +249,7 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_to
     tokenizer.padding_side = "left"
     found: dict[int, list[tuple[int, Answer]]] = {}
     try:
-        for k in _bar(mine, progress, len(mine), 1):
+        for k in _bar(mine, progress, len(mine)):
             s = starts[k if k is not None else 0]  # a repeat: any batch
             idx = order[s:s + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
