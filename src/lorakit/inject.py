@@ -119,8 +119,24 @@ def apply(model: nn.Module, cfg: Union[AdapterConfig, dict, None] = None, **kwar
     state = LorakitState(config=cfg)
 
     if cfg.quantize:
-        quantize_model(model, cfg)
+        quantize_model(model, cfg)  # not undone on a failure below (4-bit codes cannot be)
+    trains = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    model.lorakit_state = state
+    try:
+        _wrap(model, method, cfg, state)
+        method.after_apply(model, cfg)  # what the layers share, or a rewritten base
+    except BaseException:
+        # nothing half-applied: no wrapper, no state, S2-Attn off, each parameter trainable
+        # as before (RoPE interpolation stays, as unload leaves it)
+        unload(model, merge_adapters=False)
+        for p, flag in trains.values():
+            p.requires_grad_(flag)
+        raise
+    return model
 
+
+def _wrap(model: nn.Module, method, cfg: AdapterConfig, state: LorakitState) -> None:
+    """:func:`apply`'s freezing, wrapping and long-context set-up."""
     if not method.wraps_layers:  # full fine-tuning: everything trains, nothing is wrapped
         for p in model.parameters():
             p.requires_grad_(True)
@@ -148,13 +164,6 @@ def apply(model: nn.Module, cfg: Union[AdapterConfig, dict, None] = None, **kwar
 
     if cfg.s2_attn or cfg.context_length:
         configure_long_context(model, cfg)
-    model.lorakit_state = state
-    try:
-        method.after_apply(model, cfg)  # what the layers share, or a rewritten base
-    except BaseException:
-        unload(model, merge_adapters=False)
-        raise
-    return model
 
 
 def trained_modules(model: nn.Module) -> Iterator[tuple[str, TrainedModule]]:

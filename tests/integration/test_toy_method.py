@@ -142,9 +142,19 @@ def test_an_error_in_after_apply_undoes_the_apply(vera, monkeypatch):
 
     monkeypatch.setattr(vera.METHOD, "after_apply", fail)
     model = tiny_model()
+    model.get_input_embeddings().weight.requires_grad_(False)  # a user's own choice
     modules = [type(m) for m in model.modules()]
+    flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
     with pytest.raises(LorakitError, match="no room"):
         lk.apply(model, method="toy-vera", r=4, target_modules=TARGETS)
     assert [type(m) for m in model.modules()] == modules  # no wrapper left behind
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags  # unfrozen
+    assert getattr(model, "lorakit_state", None) is None
+    # an error of apply's own, after it froze the model, undoes it too
+    with pytest.raises(LorakitError, match="choose one"):
+        lk.apply(model, method="lora", r=4, target_modules=["q_proj"],
+                 trainable_modules=["q_proj"])
+    assert [type(m) for m in model.modules()] == modules
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
     assert getattr(model, "lorakit_state", None) is None
     lk.apply(model, method="lora", r=4)  # and it can be adapted again
