@@ -196,7 +196,8 @@ AUTO_PROBE_STEPS = 4
 #: step; the compile's one-time cost in seconds): benchmarks/compile_breakeven.py
 #: fp32: measured on an AMD EPYC (AVX2), 30 steps: the compiled step 4% slower, 64.5 s of
 #: compiling. bf16: measured on an AMD EPYC with AVX-512 BF16, 30 steps: 0.599 s compiled vs
-#: 0.678 s eager (11.7% saved), 41.1 s of compiling (a recompile at a new length included).
+#: 0.678 s eager (11.7% saved), 41.1 s of compiling (incl. the recompile for the first batch
+#: without padding, which transformers runs without an attention mask).
 COMPILE_MEASURED: dict[tuple[str, torch.dtype], tuple[float, float]] = {
     ("cpu", torch.float32): (-0.04, 64.5),
     ("cpu", torch.bfloat16): (0.117, 41.1),
