@@ -55,8 +55,8 @@ on a layer (or on the class) turns it off (benchmarks/run.py's ``+unfolded``).
 Measured (benchmarks/RESULTS.md): on one decoder layer's seven linears it removed 81% of the
 node's overhead on an AVX2-only EPYC (fp32) and 22% on an AVX-512 BF16 one (bf16), none in
 fp32 there; in the whole training step of the embedded model on the AVX-512 machine folded
-and unfolded steps were equal within the noise in both precisions (the AVX2 machine's step
-was not measured).
+and unfolded steps were equal within the noise in both precisions; on the AVX2 machine the
+whole fp32 step was too (within that VM's +-10% noise: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
