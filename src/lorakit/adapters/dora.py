@@ -128,10 +128,11 @@ class DoRALinear(LoRALinear):
             # x̃ = x: y = (k-1)(out - b) + out + k·lora = k·(x W0ᵀ + lora) + b: one multiply
             # (autograd keeps one output-sized tensor, for dk)
             bias = getattr(self.base_layer, "bias", None)
-            if fused_linear_applies(self, x):
+            dtype = fused_linear_applies(self, x)
+            if dtype:
                 # V x = x W0ᵀ + s·x Aᵀ Bᵀ as one node, without the bias (See Note: the LoRA
                 # linear as one autograd node, in lora.py)
-                v = self.fused(x, bias=False)
+                v = self.fused(x, bias=False, dtype=dtype)
             else:
                 out = self.base_layer(x)
                 base = out if bias is None else out - bias.to(out.dtype)

@@ -101,7 +101,8 @@ class LoRAFALinear(LoRALinear):
         self.projection = bool(projection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.bypass() and fused_linear_applies(self, x):
+        dtype = None if self.bypass() else fused_linear_applies(self, x)
+        if dtype:
             # one node for the whole layer; with A frozen it saves h, never x (See Note: the
             # LoRA linear as one autograd node, in lora.py)
             project = None
@@ -110,7 +111,7 @@ class LoRAFALinear(LoRALinear):
                 # the plain path), not from A rounded to the GEMMs' dtype
                 a = self.lora_A.detach()
                 project = lambda grad_b: projected_b_grad(grad_b, a, self.scaling)  # noqa: E731
-            return self.fused(x, grad_b_fn=project)
+            return self.fused(x, grad_b_fn=project, dtype=dtype)
         out = self.base_layer(x)
         if self.bypass():
             return out
