@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRA, LoRALinear, at_lora_rate, fused_linear_applies
+from .lora import LoRA, LoRALinear, _as, at_lora_rate, fused_linear_applies
 
 #: Norms below this are clamped: a zero row (Llama-3.1 o_proj has 511) gives k = m/EPS, and m
 #: starts at that row's norm, 0, so k = 0 instead of 0/0 = NaN.
@@ -82,31 +82,33 @@ class DoRALinear(LoRALinear):
         weight = self.base_layer.weight
         key = (weight.data_ptr(), weight._version, weight.device, w0.dtype)
         if self._w0_cache is None or self._w0_cache[0] != key:
-            self._w0_cache = (key, row_sq_norms(w0))
+            sq = row_sq_norms(w0)
+            self._w0_cache = (key, sq, CANCEL * sq)
         return self._w0_cache[1]
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
         """||W0 + s·BA||_row in fp32, detached (See Note: row norms without a weight-sized
-        temporary)."""
+        temporary): ||W0||² + rowsum(B ⊙ (2s·W0Aᵀ + s²·B·AAᵀ)), the bracket one addmm."""
         w0 = self.base_weight_matrix()
-        a = self.lora_A.float()
-        b = self.lora_B.float()
+        lp = self._parameters
+        a, b = _as(lp["lora_A"], torch.float32), _as(lp["lora_B"], torch.float32)
         s = self.scaling
         w0_sq = self._w0_sq_norms(w0)
         # W0 Aᵀ in the weight's own dtype (a bf16 GEMM accumulates in fp32): no fp32 copy of
         # W0 per forward; the cross term is small next to ||W0||², so its rounding is too
         if w0.dtype in (torch.bfloat16, torch.float16):
-            w0_at = (w0 @ a.T.to(w0.dtype)).float()
+            w0_at = torch.mm(w0, a.to(w0.dtype).t()).float()
         else:
             chunks = _row_chunks(w0)
-            w0_at = (chunks[0].float() @ a.T if len(chunks) == 1  # (d_out, r)
-                     else torch.cat([c.float() @ a.T for c in chunks]))
-        sq = w0_sq + 2 * s * (b * w0_at).sum(dim=1) + s * s * ((b @ (a @ a.T)) * b).sum(dim=1)
+            w0_at = (torch.mm(_as(chunks[0], torch.float32), a.t()) if len(chunks) == 1
+                     else torch.cat([c.float() @ a.T for c in chunks]))  # (d_out, r)
+        c = torch.addmm(w0_at, b, torch.mm(a, a.t()), beta=2 * s, alpha=s * s)
+        sq = torch.linalg.vecdot(b, c).add_(w0_sq)
         # cancellation: W0 ≈ -s·BA in these rows (usually none); compute them directly. In a
         # compiled graph without a branch on their number (a dynamic-size index); eagerly
         # only when there are any (the check costs one comparison, the fix five operators)
-        low = sq < CANCEL * w0_sq
+        low = sq < self._w0_cache[2]  # CANCEL·||W0||², cached with it
         if torch.compiler.is_compiling() or bool(low.any()):
             bad = low.nonzero().flatten()
             v = w0[bad].float() + s * (b[bad] @ a)
@@ -118,16 +120,16 @@ class DoRALinear(LoRALinear):
 
     def magnitude_scale(self) -> torch.Tensor:
         """k = m / stopgrad(||W0 + s·BA||_row), fp32, differentiable in m only."""
-        return self.lora_magnitude_vector / self.weight_norm().clamp_min(EPS)
+        return self._parameters["lora_magnitude_vector"] / self.weight_norm().clamp_min(EPS)
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass():
             return self.base_layer(x)
-        if isinstance(self.dropout, nn.Identity) or not self.training:
+        if isinstance(self._modules["dropout"], nn.Identity) or not self.training:
             # x̃ = x: y = (k-1)(out - b) + out + k·lora = k·(x W0ᵀ + lora) + b: one multiply
             # (autograd keeps one output-sized tensor, for dk)
-            bias = getattr(self.base_layer, "bias", None)
+            bias = getattr(self._modules["base_layer"], "bias", None)
             dtype = fused_linear_applies(self, x)
             if dtype:
                 # V x = x W0ᵀ + s·x Aᵀ Bᵀ as one node, without the bias (See Note: the LoRA
