@@ -10,7 +10,8 @@ A variant is ``<library>-<method>`` (or ``frozen``) plus options: ``+fusedloss``
 loss as lorakit's training loop does (lorakit/training/loss.py: no logits tensor; without it,
 transformers' own loss), ``+compile`` runs the decoder layers through torch.compile as
 ``train.compile`` does (lorakit/training/runtime.py), ``+unfolded`` keeps lorakit's A out of
-the frozen GEMM (adapters/lora.py, Note: A folded into the frozen GEMM; the default folds).
+the frozen GEMM (adapters/lora.py, Note: A folded into the frozen GEMM; the default folds
+fp32 GEMMs only, so in bf16 the two are the same).
 
 Also in the same run:
 - memory you can check: for each method at batch 1 x 1024 tokens, the bytes autograd saves for

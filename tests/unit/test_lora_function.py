@@ -69,8 +69,8 @@ def _plain(monkeypatch):
 def test_equals_autograd_through_the_plain_ops(monkeypatch, dtype, cls, kw, bias, fold):
     """Output and every gradient (x, and the adapter's fp32 master weights) are the plain
     ops' bit for bit; 3-D input; in bf16 the layer dtype and no autocast. With A folded into
-    the W0 GEMM (the default), within one rounding of h (See Note: A folded into the frozen
-    GEMM: a BLAS may sum r columns alone in another order)."""
+    the W0 GEMM (the default in fp32; bf16 is never folded), within one rounding of h (See
+    Note: A folded into the frozen GEMM: a BLAS may sum r columns alone in another order)."""
     monkeypatch.setattr(LoRALinear, "fold_a", fold)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 5, 24, generator=g).to(dtype)
@@ -174,7 +174,8 @@ def test_folded_buffer_follows_a_the_weight_and_unload():
     """The [W0; A] buffer (See Note: A folded into the frozen GEMM): built at the first
     training forward with W0 as its first rows (same Parameter object), A's rows refreshed
     after a fused AdamW step, rebuilt after the weight moved, not built in inference mode;
-    the output may be modified in place; unload gives W0 its own storage."""
+    the output may be modified in place; never for 16-bit GEMMs; unload gives W0 its own
+    storage."""
     layer = _layer(LoRALinear, torch.float32)
     w = layer.base_layer.weight
     w0 = w.detach().clone()
@@ -209,6 +210,15 @@ def test_folded_buffer_follows_a_the_weight_and_unload():
     layer.base_layer.double().float()  # a new storage for W0: the fold is rebuilt
     assert not _folded(layer)
     assert torch.allclose(layer(x), ref, atol=1e-5) and _folded(layer)
+    layer.base_layer.bfloat16()  # 16-bit GEMMs are never folded (See Note)
+    layer(x.bfloat16()).float().sum().backward()
+    assert not _folded(layer)
+    layer.base_layer.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # nor an fp32 base under bf16 autocast
+        layer(x).float().sum().backward()
+    assert not _folded(layer)
+    layer(x)
+    assert _folded(layer)  # fp32 again: folded again
     model = lk.apply(tiny_model("llama"), method="lora", r=4, alpha=8).train()
     ids = batch(length=8)
     model(input_ids=ids, labels=ids).loss.backward()

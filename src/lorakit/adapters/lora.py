@@ -55,8 +55,8 @@ node equals the plain ops within one rounding of h, unfolded bit for bit
 (tests/unit/test_lora_function.py, both).
 Folded where: training (autograd on: evaluation and generation keep the separate GEMMs, so
 their outputs are the plain ops' and PEFT's bit for bit), a plain ``nn.Linear`` base (not
-Conv1D: its (d_in, d_out) storage cannot take rows), the base weight in the compute dtype or
-fp32, outside inference mode, and not under FSDP2 (which gathers, frees and re-allocates the
+Conv1D: its (d_in, d_out) storage cannot take rows), fp32 GEMMs only (base weight and
+compute dtype fp32: in bf16 it measured slower, below), outside inference mode, and not under FSDP2 (which gathers, frees and re-allocates the
 unsharded weight's storage itself: sharding turns the fold off). Cost: one more copy of A per
 layer, in W0's dtype. Moving the model (``.to``) gives W0 a new storage; the fold is rebuilt
 at the next forward. :func:`lorakit.unload` gives W0 its own storage back. ``fold_a = False``
@@ -65,7 +65,16 @@ Measured (benchmarks/RESULTS.md): on one decoder layer's seven linears it remove
 node's overhead on an AVX2-only EPYC (fp32) and 22% on an AVX-512 BF16 one (bf16), none in
 fp32 there; in the whole training step of the embedded model on the AVX-512 machine folded
 and unfolded steps were equal within the noise in both precisions; on the AVX2 machine the
-whole fp32 step was too (within that VM's +-10% noise: benchmarks/RESULTS.md).
+whole fp32 step was too (within that VM's +-10% noise: benchmarks/RESULTS.md). With the
+real layer against itself unfolded (benchmarks/lora_fold.py: 45 interleaved rounds, one
+process, 512 tokens) on a second AVX-512 BF16 EPYC, folded was slower at all four of the
+model's shapes in bf16 (by 2-11%, ~64 ms of a ~2 s step if it added up), in fp32 from 6%
+slower to 4% faster; yet in the whole bf16 step there (19 interleaved rounds) folded and
+unfolded were again equal within the noise (1.22x and 1.24x the frozen step). With the two
+AVX-512 machines' per-layer figures disagreeing and no whole-step gain in 16-bit on either,
+16-bit GEMMs (bf16 training, and every CUDA run, where the
+fold was never measured) take the plain node: ``fold_dtypes`` (the benchmark widens it);
+fp32 keeps the fold, where the AVX2 machine measured its per-layer gain.
 """
 
 from __future__ import annotations
@@ -113,15 +122,12 @@ class LoRALinearFunction(torch.autograd.Function):
             y = (torch.mm(x2, w.t()) if bias is None
                  else torch.addmm(_as(bias, dtype), x2, w.t()))
         else:  # See Note: A folded into the frozen GEMM
-            d = w0.shape[0]
-            wa = _as(fold, dtype)
-            if wa is fold:  # no cast: save the Parameters themselves, as unfolded
-                w, a_ = w0, _as(a, dtype)
-            else:
-                w, a_ = wa[:d], wa[d:]
-            yh = (torch.mm(x2, wa.t()) if bias is None else torch.addmm(
+            # the buffer is in the compute dtype (LoRALinear.folded): save the Parameters
+            # themselves, as unfolded
+            d, w, a_ = w0.shape[0], w0, _as(a, dtype)
+            yh = (torch.mm(x2, fold.t()) if bias is None else torch.addmm(
                 torch.cat([_as(bias, dtype), bias.new_zeros(fold.shape[0] - d, dtype=dtype)]),
-                x2, wa.t()))
+                x2, fold.t()))
             y, h = yh[:, :d], yh[:, d:].contiguous()  # h alone saved: not yh's storage
         y.addmm_(h, b_.t(), alpha=scaling)
         ctx.save_for_backward(x2 if a.requires_grad else None, h, w, a_, b_)
@@ -242,6 +248,8 @@ class LoRALinear(AdapterLayer):
     peft_names = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
     #: keep A folded into the frozen GEMM's weight (See Note: A folded into the frozen GEMM)
     fold_a = True
+    #: the compute dtypes it is folded in (16-bit GEMMs measured slower folded: same Note)
+    fold_dtypes: tuple = (torch.float32,)
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False):
@@ -307,13 +315,12 @@ class LoRALinear(AdapterLayer):
         rebuilt when W0 was given another storage; A's rows copied from A at each call while A
         trains. None where the layer is not folded. ``w``/``a``: the base weight and A, where
         the caller has them."""
-        if not (self.fold_a and torch.is_grad_enabled()):
+        if not (self.fold_a and torch.is_grad_enabled()) or dtype not in self.fold_dtypes:
             return None
         base = self._modules["base_layer"]
         if w is None:
             w, a = base._parameters["weight"], self._parameters["lora_A"]
-        if type(base) is not nn.Linear or type(w) is not nn.Parameter or w.dtype not in (
-                dtype, torch.float32):
+        if type(base) is not nn.Linear or type(w) is not nn.Parameter or w.dtype != dtype:
             return None
         st = self.__dict__.get("_fold")
         # W0 still lives in the buffer: its first element is the buffer's (the buffer is kept
