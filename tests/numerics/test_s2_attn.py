@@ -337,6 +337,46 @@ def test_function_equals_autograd_through_the_calls(monkeypatch, flash, h, kvh, 
         assert torch.equal(ours, plain)
 
 
+@pytest.mark.parametrize("flash", [True, False], ids=["cpu-flash", "re-run"])
+def test_mixed_dtypes_under_autocast_train(monkeypatch, flash):
+    """Under bf16 autocast with fp32 q/k and a bf16 v (trainable fp32 embeddings: RoPE at fp32
+    positions), S2-Attn runs in autocast's dtype as full attention's SDPA would, backward
+    included (which re-runs SDPA calls outside autocast): the gradients reach the inputs in
+    their own dtypes and equal plain autograd's through the same calls."""
+    from lorakit.attention import s2
+    if not flash:
+        monkeypatch.setattr(s2, "_cpu_flash", lambda call, scaling: False)
+    results = []
+    for fn in (s2._s2, s2.s2_autograd):
+        q, k, v = _s2_inputs(2, 4, 2, 32)
+        v = v.detach().bfloat16().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 8, 32, None,
+                     8 ** -0.5)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        assert (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (torch.float32,) * 2 + (
+            torch.bfloat16,)
+        results.append([out.detach(), q.grad, k.grad, v.grad])
+    for ours, plain in zip(*results):
+        assert torch.equal(ours, plain)
+
+
+def test_longlora_trains_under_bf16_autocast():
+    """The training loop's bf16 setting (frozen weights cast to bf16, fp32 trainable embeddings
+    and norms, bf16 autocast): LongLoRA's S2-Attn step runs and its gradients are finite (the
+    fp32 embeddings make q/k fp32 after RoPE while v is bf16)."""
+    from lorakit.training.loop import cast_frozen
+    model = lk.apply(tiny_model("llama"), method="longlora").train()
+    cast_frozen(model, torch.bfloat16)
+    ids = batch(n=2, length=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in lk.trainable_parameters(model).values()]
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+
+
 def _saved_mib(model, ids, attention_mask=None) -> float:
     from lorakit.training.memory import SavedBytes
     with SavedBytes(exclude=[*model.parameters(), *model.buffers()]) as saved:

@@ -297,9 +297,25 @@ class S2Function(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+def _autocast_inputs(*ts: torch.Tensor) -> tuple:
+    """q, k, v in the dtype autocast runs SDPA in, where it is on (autograd takes the
+    gradients back to the inputs' dtypes); as they are elsewhere. Cast before S2-Attn rather
+    than left to autocast: S2Function's backward re-runs SDPA calls where autocast is off, so
+    mixed inputs (fp32 q/k after RoPE at fp32 positions, bf16 v: trainable fp32 embeddings
+    under bf16 autocast, LongLoRA's setting) would not be cast for it, and the output is then
+    autocast's dtype, as full attention's."""
+    device = ts[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return ts
+    dt = torch.get_autocast_dtype(device)
+    return tuple(t.to(dt) if t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in ts)
+
+
 def _s2(query, key, value, group_size: int, n_pad: int, attention_mask=None, scaling=None,
         dropout: float = 0.0) -> torch.Tensor:
     """S2-Attn of (b, h, n, d) inputs padded to ``n_pad`` tokens: (b, n, h, d)."""
+    query, key, value = _autocast_inputs(query, key, value)
     # compiled (train.compile): the plain SDPA calls, which dynamo traces and inductor
     # fuses; the Function's raw kernel calls are for eager runs
     if dropout == 0.0 and not torch.compiler.is_compiling():
@@ -312,6 +328,7 @@ def s2_autograd(query, key, value, group_size: int, n_pad: int, attention_mask=N
     """:func:`_s2` by plain autograd through the SDPA calls, which keeps each call's inputs:
     the path of attention dropout and of compiled layers, and what :class:`S2Function` is
     tested against."""
+    query, key, value = _autocast_inputs(query, key, value)
     b, h, n, _ = query.shape
     out = query.new_empty(b, n_pad, h, value.shape[-1])
     for region, c in _calls(query, key, value, attention_mask, group_size, n_pad):
