@@ -56,8 +56,9 @@ node equals the plain ops within one rounding of h, unfolded bit for bit
 Folded where: training (autograd on: evaluation and generation keep the separate GEMMs, so
 their outputs are the plain ops' and PEFT's bit for bit), a plain ``nn.Linear`` base (not
 Conv1D: its (d_in, d_out) storage cannot take rows), fp32 GEMMs only (base weight and
-compute dtype fp32: in bf16 it measured slower, below), outside inference mode, and not under FSDP2 (which gathers, frees and re-allocates the
-unsharded weight's storage itself: sharding turns the fold off). Cost: one more copy of A per
+compute dtype fp32: no gain measured in bf16, below), outside inference mode, and not under
+FSDP2 (which gathers, frees and re-allocates the unsharded weight's storage itself: sharding
+turns the fold off). Cost: one more copy of A per
 layer, in W0's dtype. Moving the model (``.to``) gives W0 a new storage; the fold is rebuilt
 at the next forward. :func:`lorakit.unload` gives W0 its own storage back. ``fold_a = False``
 on a layer (or on the class) turns it off (benchmarks/run.py's ``+unfolded``).
@@ -72,9 +73,10 @@ model's shapes in bf16 (by 2-11%, ~64 ms of a ~2 s step if it added up), in fp32
 slower to 4% faster; yet in the whole bf16 step there (19 interleaved rounds) folded and
 unfolded were again equal within the noise (1.22x and 1.24x the frozen step). With the two
 AVX-512 machines' per-layer figures disagreeing and no whole-step gain in 16-bit on either,
-16-bit GEMMs (bf16 training, and every CUDA run, where the
-fold was never measured) take the plain node: ``fold_dtypes`` (the benchmark widens it);
-fp32 keeps the fold, where the AVX2 machine measured its per-layer gain.
+16-bit GEMMs (bf16 training, and every CUDA run, where the fold was never measured) take the
+plain node: ``fold_dtypes`` (the benchmark widens it); fp32 keeps the fold, where the AVX2
+machine measured its per-layer gain. A layer that stops folding (W0 cast to bf16) drops its
+old buffer.
 """
 
 from __future__ import annotations
@@ -167,11 +169,13 @@ _unsafe_view = torch.ops.aten._unsafe_view.default
 #: transforms, where it routes the call through functorch) only binds default arguments for
 #: a ``setup_context`` this Function does not have and unwraps tensors of finished transforms
 _apply_node = super(torch.autograd.Function, LoRALinearFunction).apply
+#: private torch API: where a torch release lacks it, every call takes ``Function.apply``
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 def lora_linear_node(*args) -> torch.Tensor:
     """``LoRALinearFunction.apply(*args)``, ~7 us cheaper per call outside torch.func."""
-    if torch._C._are_functorch_transforms_active():
+    if _transforms_active is None or _transforms_active():
         return LoRALinearFunction.apply(*args)
     return _apply_node(*args)
 
@@ -248,7 +252,7 @@ class LoRALinear(AdapterLayer):
     peft_names = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
     #: keep A folded into the frozen GEMM's weight (See Note: A folded into the frozen GEMM)
     fold_a = True
-    #: the compute dtypes it is folded in (16-bit GEMMs measured slower folded: same Note)
+    #: the compute dtypes it is folded in (16-bit: no measured gain, same Note)
     fold_dtypes: tuple = (torch.float32,)
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
@@ -315,12 +319,15 @@ class LoRALinear(AdapterLayer):
         rebuilt when W0 was given another storage; A's rows copied from A at each call while A
         trains. None where the layer is not folded. ``w``/``a``: the base weight and A, where
         the caller has them."""
-        if not (self.fold_a and torch.is_grad_enabled()) or dtype not in self.fold_dtypes:
-            return None
         base = self._modules["base_layer"]
         if w is None:
             w, a = base._parameters["weight"], self._parameters["lora_A"]
-        if type(base) is not nn.Linear or type(w) is not nn.Parameter or w.dtype != dtype:
+        if not (self.fold_a and torch.is_grad_enabled()) or dtype not in self.fold_dtypes or (
+                type(base) is not nn.Linear or type(w) is not nn.Parameter or w.dtype != dtype):
+            if "_fold" in self.__dict__ and w.data_ptr() != self.__dict__["_fold"][3]:
+                # W0 was given another storage (e.g. cast to bf16) and this layer no longer
+                # folds: do not keep the old weight-sized buffer alive
+                del self.__dict__["_fold"]
             return None
         st = self.__dict__.get("_fold")
         # W0 still lives in the buffer: its first element is the buffer's (the buffer is kept
