@@ -11,10 +11,7 @@ loss as lorakit's training loop does (lorakit/training/loss.py: no logits tensor
 transformers' own loss), ``+compile`` runs the decoder layers through torch.compile as
 ``train.compile`` does (lorakit/training/runtime.py), ``+unfolded`` keeps lorakit's A out of
 the frozen GEMM (adapters/lora.py, Note: A folded into the frozen GEMM; the default folds
-fp32 GEMMs only, so in bf16 the two are the same), ``+unshared`` computes each LoRA linear's
-h = x Aᵀ on its own rather than in one GEMM with the other linears of its input (same file,
-Note: one GEMM for the A's of a shared input; done where not folded, so in fp32 the two are
-the same unless ``+unfolded``).
+fp32 GEMMs only, so in bf16 the two are the same).
 
 Also in the same run:
 - memory you can check: for each method at batch 1 x 1024 tokens, the bytes autograd saves for
@@ -84,11 +81,9 @@ def build(variant: str, dtype: torch.dtype, batch: int = BATCH, seq: int = SEQ):
         if method == "adalora":
             opts["adalora"] = {"init_r": R, "target_r": R // 2, "tinit": 10, "tfinal": 10}
         lk.apply(model, **opts)
-        for _, layer in lk.inject.adapter_layers(model):
-            if "unfolded" in extras:
+        if "unfolded" in extras:
+            for _, layer in lk.inject.adapter_layers(model):
                 layer.fold_a = False
-            if "unshared" in extras:
-                layer.share_input = False
         from lorakit.registry import get_method
 
         hooks = get_method(lk.inject.state_of(model).config.method).hooks()

@@ -18,7 +18,6 @@ from torch import nn
 
 from .adapters.base import (AdapterLayer, LorakitState, adapter_layers,  # noqa: F401
                             pattern_value, state_of)  # re-exported: part of inject's API
-from .adapters.lora import link_shared_inputs
 from .attention.s2 import configure_long_context, disable_s2_attention
 from .config import AdapterConfig, adapter_config
 from .errors import LorakitError
@@ -126,7 +125,6 @@ def apply(model: nn.Module, cfg: Union[AdapterConfig, dict, None] = None, **kwar
     try:
         _wrap(model, method, cfg, state)
         method.after_apply(model, cfg)  # what the layers share, or a rewritten base
-        link_shared_inputs(model)  # q/k/v, gate/up: one GEMM for their A's (adapters/lora.py)
     except BaseException:
         # nothing half-applied: no wrapper, no state, S2-Attn off, each parameter trainable
         # as before (RoPE interpolation stays, as unload leaves it)

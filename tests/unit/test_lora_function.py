@@ -28,15 +28,6 @@ def test_gradcheck_float64():
 
     assert torch.autograd.gradcheck(fn, (x, bias, a, b))
     assert torch.autograd.gradcheck(lambda x, b: fn(x, None, a.detach(), b), (x, b))
-    # h given by a shared-input group (lora.py, See Note: one GEMM for the A's of a shared
-    # input): h's gradient, B's and x's through W0
-
-    def given_h(x, h, b):
-        return LoRALinearFunction.apply(x, w0, None, None, b, 0.7, torch.float64, None, None,
-                                        h)
-
-    h = torch.randn(2, 3, 2, dtype=torch.float64, generator=g).reshape(6, 2).requires_grad_()
-    assert torch.autograd.gradcheck(given_h, (x, h, b))
 
 
 def _layer(cls, dtype, bias=True, **kw):

@@ -77,36 +77,11 @@ AVX-512 machines' per-layer figures disagreeing and no whole-step gain in 16-bit
 plain node: ``fold_dtypes`` (the benchmark widens it); fp32 keeps the fold, where the AVX2
 machine measured its per-layer gain. A layer that stops folding (W0 cast to bf16) drops its
 old buffer.
-
-# Note: one GEMM for the A's of a shared input
-The attention's q/k/v projections read the same input, and so do the MLP's gate/up
-(:data:`SHARED_INPUTS`): where the layers are not folded (16-bit GEMMs), the first of them
-called computes h for all, [h_q | h_k | h_v] = x [A_q; A_k; A_v]ᵀ, as one GEMM with 3r
-columns in one node (:class:`SharedAFunction`), and the others take theirs; each layer's own
-node then gets h as an input (its backward gives dh, dB and x's gradient through W0), and
-the group's backward computes the A's gradients as one GEMM dHᵀ x and x's gradient through
-the A's as one, dH [A_q; A_k; A_v]. Three skinny GEMMs of r columns become one of 3r, twice
-in backward too (a BLAS runs a GEMM this thin far below its rate, and each reads x once).
-A layer takes a waiting h only when it is called with the very tensor it was computed for,
-unchanged since (its version), in the same dtype, with its A unchanged, before any other
-group's call and before the group's backward ran; anything else (another input, a layer
-called alone, a copy of the model whose layers are not the group's) computes its own h, so
-the result never depends on whether or in what order the layers were called. Members that
-would not take the node (dropout on, hooks, a bypassed layer) are left out of the group's
-GEMM. Numerics: each h element is the same dot product (a BLAS may order its sum otherwise
-for 3r columns: within one rounding, as the fold); x's gradient through the A's sums the 3r
-products before one rounding rather than rounding each layer's r and adding, so in bf16 it
-is the plain ops' within a rounding, not bit for bit. Only while autograd records (training):
-evaluation keeps the separate GEMMs. ``share_input = False`` on a layer turns it off
-(benchmarks/run.py's ``+unshared``). Measured on the embedded model's whole bf16 step
-(benchmarks/RESULTS.md): see the round 3 sixth session's table.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-import weakref
 from typing import Callable, Optional
 
 import torch
@@ -140,15 +115,10 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w0, bias, a, b, scaling: float, dtype: torch.dtype,
-                grad_b_fn: Optional[Callable] = None, fold: Optional[torch.Tensor] = None,
-                h: Optional[torch.Tensor] = None):
+                grad_b_fn: Optional[Callable] = None, fold: Optional[torch.Tensor] = None):
         x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
         b_ = _as(b, dtype)
-        if h is not None:  # h = x Aᵀ given (See Note: one GEMM for the A's of a shared input)
-            w, a_ = _as(w0, dtype), None
-            y = (torch.mm(x2, w.t()) if bias is None
-                 else torch.addmm(_as(bias, dtype), x2, w.t()))
-        elif fold is None:
+        if fold is None:
             w, a_ = _as(w0, dtype), _as(a, dtype)
             h = torch.mm(x2, a_.t())
             y = (torch.mm(x2, w.t()) if bias is None
@@ -162,10 +132,9 @@ class LoRALinearFunction(torch.autograd.Function):
                 x2, fold.t()))
             y, h = yh[:, :d], yh[:, d:].contiguous()  # h alone saved: not yh's storage
         y.addmm_(h, b_.t(), alpha=scaling)
-        ctx.save_for_backward(x2 if a is not None and a.requires_grad else None, h, w, a_, b_)
+        ctx.save_for_backward(x2 if a.requires_grad else None, h, w, a_, b_)
         ctx.scaling, ctx.grad_b_fn = scaling, grad_b_fn
-        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype,
-                      None if a is None else a.dtype, b.dtype)
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype, a.dtype, b.dtype)
         # not y.view: a view made inside a Function may not be modified in place afterwards
         return _unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
 
@@ -175,11 +144,9 @@ class LoRALinearFunction(torch.autograd.Function):
         s = ctx.scaling
         x_dtype, bias_dtype, a_dtype, b_dtype = ctx.dtypes
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        # h given: dh is its gradient, dA and dh·A the group's
-        need_h = len(ctx.needs_input_grad) > 9 and ctx.needs_input_grad[9]
         g = _as(grad.reshape(-1, grad.shape[-1]), h.dtype)
         dx = dbias = da = db = None
-        dh = _scaled_mm(g, b_, s) if (need_h or (a_ is not None and (need_x or need_a))) else None
+        dh = _scaled_mm(g, b_, s) if (need_x or need_a) else None
         if need_b:
             db = _as(_scaled_mm(g.t(), h, s), b_dtype)
             if ctx.grad_b_fn is not None:  # in B's (master) dtype: no rounding to bf16 after
@@ -192,11 +159,9 @@ class LoRALinearFunction(torch.autograd.Function):
             # two GEMMs and an add, not one GEMM accumulated into the other: in bf16 that
             # would round once instead of three times, no longer the plain ops' numbers; the
             # add in x's dtype (under autocast the plain ops cast each part back before it)
-            dx = _as(torch.mm(g, w), x_dtype)
-            if a_ is not None:
-                dx.add_(_as(torch.mm(dh, a_), x_dtype))
+            dx = _as(torch.mm(g, w), x_dtype).add_(_as(torch.mm(dh, a_), x_dtype))
             dx = dx.view(*grad.shape[:-1], w.shape[1])
-        return dx, None, dbias, da, db, None, None, None, None, dh if need_h else None
+        return dx, None, dbias, da, db, None, None, None, None
 
 
 _unsafe_view = torch.ops.aten._unsafe_view.default
@@ -232,121 +197,6 @@ def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, s: float) -> torch.Tensor:
             z = _ZEROS[key] = torch.zeros((), dtype=m1.dtype, device=m1.device)
         return torch.addmm(z, m1, m2, beta=0, alpha=s)  # beta 0: the zero is never read
     return torch.mm(m1, m2).mul_(s)
-
-
-class SharedAFunction(torch.autograd.Function):
-    """h_1, ..., h_n = x [A_1; ...; A_n]ᵀ as one GEMM and one node, for the LoRA linears that
-    read the same input (See Note: one GEMM for the A's of a shared input). Backward: the A's
-    gradients from one GEMM dHᵀ x and the input's from one, dH [A_1; ...], dH = [dh_1 | ...]."""
-
-    @staticmethod
-    def forward(ctx, x, dtype: torch.dtype, group: "SharedInput", *a_s):
-        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
-        a_cat = torch.cat([_as(a, dtype) for a in a_s])
-        ranks = [a.shape[0] for a in a_s]
-        hs = torch.mm(x2, a_cat.t()).split(ranks, dim=1)
-        ctx.save_for_backward(x2 if any(a.requires_grad for a in a_s) else None, a_cat)
-        ctx.group, ctx.ranks, ctx.shape = group, ranks, x.shape
-        ctx.dtypes = (x.dtype, [a.dtype for a in a_s])
-        return hs
-
-    @staticmethod
-    def backward(ctx, *dhs):
-        x2, a_cat = ctx.saved_tensors
-        ctx.group.close()  # this forward is over: nothing computed in it may be taken later
-        x_dtype, a_dtypes = ctx.dtypes
-        need_x, need_a = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
-        tokens = math.prod(ctx.shape[:-1])
-        dh = torch.cat([a_cat.new_zeros(tokens, r) if d is None else d
-                        for d, r in zip(dhs, ctx.ranks)], dim=1)
-        das = [None] * len(need_a)
-        if any(need_a):
-            for i, (da, dt) in enumerate(zip(torch.mm(dh.t(), x2).split(ctx.ranks), a_dtypes)):
-                if need_a[i]:
-                    das[i] = _as(da, dt)
-        dx = _as(torch.mm(dh, a_cat), x_dtype).view(ctx.shape) if need_x else None
-        return dx, None, None, *das
-
-
-_tls = threading.local()  # .open: the SharedInput whose h's wait to be taken, in this thread
-
-
-class SharedInput:
-    """The LoRA linears of one module that read the same input (:data:`SHARED_INPUTS`), and
-    the h = x Aᵀ computed for them by the first one called (See Note: one GEMM for the A's of
-    a shared input). Holds its members weakly; a deep copy or pickle of the model gets a group
-    of the copied members."""
-
-    def __init__(self, members=()):
-        self.refs = [weakref.ref(m) for m in members]
-        self.pending: list = [None] * len(self.refs)
-
-    def __reduce__(self):
-        return SharedInput, (), {"members": [r() for r in self.refs]}
-
-    def __setstate__(self, state):
-        self.__init__([m for m in state["members"] if m is not None])
-
-    def close(self) -> None:
-        self.pending = [None] * len(self.refs)
-        if getattr(_tls, "open", None) is self:
-            _tls.open = None
-
-    def h(self, layer: "LoRALinear", x: torch.Tensor, dtype: torch.dtype,
-          a: torch.Tensor) -> Optional[torch.Tensor]:
-        """x Aᵀ for ``layer``: the one computed with the group's, where it was computed for
-        this very input (same tensor, unchanged since, same dtype, A unchanged) in the forward
-        now running; else, if another member can take part, computed for the group now; else
-        None (the layer computes its own)."""
-        opened = getattr(_tls, "open", None)
-        if opened is not None and opened is not self:
-            opened.close()  # another module's call came between: its waiting h's are stale
-        i = next((j for j, r in enumerate(self.refs) if r() is layer), None)
-        if i is None:  # a copy of the layer that is not this group's (DataParallel's replica)
-            return None
-        p = self.pending[i]
-        if p is not None:
-            self.pending[i] = None
-            if (p[0] is x and p[1] == x._version and p[2] == dtype
-                    and p[3] == (a.data_ptr(), a._version)):
-                return p[4]
-        members = [(i, layer, a)]
-        for j, r in enumerate(self.refs):
-            m = r()
-            if j != i and m is not None and m.share_input and not m.bypass() \
-                    and fused_linear_applies(m, x) == dtype and not m.folds(dtype):
-                members.append((j, m, m._parameters["lora_A"]))
-        self.close()
-        if len(members) == 1:
-            return None
-        hs = SharedAFunction.apply(x, dtype, self, *[m_a for _, _, m_a in members])
-        for (j, _, m_a), hj in zip(members[1:], hs[1:]):
-            self.pending[j] = (x, x._version, dtype, (m_a.data_ptr(), m_a._version), hj)
-        _tls.open = self
-        return hs[0]
-
-
-#: Sibling linears that read the same input in transformers' decoder layers (Llama, Mistral,
-#: Qwen, Gemma...: attention's q/k/v and the MLP's gate/up; Mixtral's experts: w1/w3).
-SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
-
-
-def link_shared_inputs(model: nn.Module) -> int:
-    """Give the LoRA linears of each :data:`SHARED_INPUTS` group of a module one
-    :class:`SharedInput` (at least two of them, same input width); returns the groups made."""
-    made = 0
-    for parent in model.modules():
-        kids = parent._modules
-        for names in SHARED_INPUTS:
-            ms = [kids.get(n) for n in names]
-            ms = [m for m in ms if isinstance(m, LoRALinear)]
-            if len(ms) < 2 or len({m.in_features for m in ms}) != 1:
-                continue
-            group = SharedInput(ms)
-            for m in ms:
-                m.__dict__["_shared"] = group
-            made += 1
-    return made
 
 
 def fused_linear_applies(layer: AdapterLayer, x: torch.Tensor) -> Optional[torch.dtype]:
@@ -404,9 +254,6 @@ class LoRALinear(AdapterLayer):
     fold_a = True
     #: the compute dtypes it is folded in (16-bit: no measured gain, same Note)
     fold_dtypes: tuple = (torch.float32,)
-    #: where not folded, compute h with the other LoRA linears of the same input (See Note:
-    #: one GEMM for the A's of a shared input)
-    share_input = True
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False):
@@ -463,24 +310,8 @@ class LoRALinear(AdapterLayer):
             fold = self.folded(dtype, w, a)
         else:  # Conv1D: (d_in, d_out) storage, never folded
             w, fold = w.T, None
-        h = None
-        if fold is None and torch.is_grad_enabled():
-            group = self.__dict__.get("_shared")
-            if group is not None and self.share_input:
-                h = group.h(self, x, dtype, a)
-        if h is not None:
-            return lora_linear_node(x, w, bp.get("bias") if bias else None, None,
-                                    lp["lora_B"], self.scaling, dtype, grad_b_fn, None, h)
         return lora_linear_node(x, w, bp.get("bias") if bias else None, a, lp["lora_B"],
                                 self.scaling, dtype, grad_b_fn, fold)
-
-    def folds(self, dtype: torch.dtype) -> bool:
-        """Whether a training forward in ``dtype`` runs folded (See Note: A folded into the
-        frozen GEMM)."""
-        w = self._modules["base_layer"]._parameters.get("weight")
-        return (self.fold_a and dtype in self.fold_dtypes
-                and type(self._modules["base_layer"]) is nn.Linear
-                and type(w) is nn.Parameter and w.dtype == dtype)
 
     def folded(self, dtype: torch.dtype, w: Optional[torch.Tensor] = None,
                a: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
@@ -491,7 +322,8 @@ class LoRALinear(AdapterLayer):
         base = self._modules["base_layer"]
         if w is None:
             w, a = base._parameters["weight"], self._parameters["lora_A"]
-        if not (torch.is_grad_enabled() and self.folds(dtype)):
+        if not (self.fold_a and torch.is_grad_enabled()) or dtype not in self.fold_dtypes or (
+                type(base) is not nn.Linear or type(w) is not nn.Parameter or w.dtype != dtype):
             if "_fold" in self.__dict__ and w.data_ptr() != self.__dict__["_fold"][3]:
                 # W0 was given another storage (e.g. cast to bf16) and this layer no longer
                 # folds: do not keep the old weight-sized buffer alive
