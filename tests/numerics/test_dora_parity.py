@@ -170,6 +170,19 @@ def test_norm_formula_matches_direct_norm_including_cancelling_rows():
         assert torch.allclose(layer.weight_norm(), direct(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+def test_norm_under_autocast_is_computed_as_without(w_dtype):
+    """bf16 autocast does not reach the norm's fp32 products (B·AAᵀ, the bracket, the row
+    sums): the same bits as outside autocast, for an fp32 and a bf16 base."""
+    layer = DoRALinear(torch.nn.Linear(64, 48).to(w_dtype), 4, 8.0)
+    with torch.no_grad():
+        torch.nn.init.normal_(layer.lora_B, std=0.5)
+        outside = layer.weight_norm()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = layer.weight_norm()
+    assert inside.dtype == torch.float32 and torch.equal(inside, outside)
+
+
 def test_nf4_base_equals_dequantized_base():
     """DoRA over a bitsandbytes Linear4bit computes what it computes over the dequantized W0."""
     pytest.importorskip("bitsandbytes")

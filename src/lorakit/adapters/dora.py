@@ -89,8 +89,17 @@ class DoRALinear(LoRALinear):
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
         """||W0 + s·BA||_row in fp32, detached (See Note: row norms without a weight-sized
-        temporary): ||W0||² + rowsum(B ⊙ (2s·W0Aᵀ + s²·B·AAᵀ)), the bracket one addmm."""
+        temporary): ||W0||² + rowsum(B ⊙ (2s·W0Aᵀ + s²·B·AAᵀ)), the bracket one addmm. Outside
+        autocast: under it, the r-sized products and the bracket would run in bf16 (eight
+        casts per call, and the bracket rounded to 8 bits)."""
         w0 = self.base_weight_matrix()
+        device = w0.device.type
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return self._weight_norm(w0)
+        return self._weight_norm(w0)
+
+    def _weight_norm(self, w0: torch.Tensor) -> torch.Tensor:
         lp = self._parameters
         a, b = _as(lp["lora_A"], torch.float32), _as(lp["lora_B"], torch.float32)
         s = self.scaling
