@@ -6,6 +6,9 @@ Shapes: SmolLM2-135M (hidden 576, q 576, k/v 192, gate/up 1536, down 576), 512 t
 (benchmarks/run.py's batch 2 x 256), r 16. Variants:
 
 - ``frozen``: the seven ``F.linear`` with frozen weights (gradient to the input only);
+- ``gemms``: ``frozen`` plus LoRA's six GEMMs per linear (x Aᵀ, h Bᵀ, g B, gᵀ h, dhᵀ x, dh A)
+  as bare ``torch.mm`` calls, no autograd, casts or adds: the floor of any implementation
+  that computes them one linear at a time;
 - ``node``: lorakit's LoRA linear, one autograd node per linear (adapters/lora.py);
 - ``shared``: the A's of the linears that read the same input (q/k/v; gate/up) stacked, so x
   is read once for them: h = x [A_q; A_k; A_v]ᵀ forward, one dA GEMM and one dh·A GEMM
@@ -100,6 +103,7 @@ class Folded(torch.autograd.Function):
 
 
 DTYPE = torch.float32  # --dtype: every tensor's (the node's GEMMs run in it)
+_ONES: dict = {}  # the output gradients of ``gemms`` (the other variants backward ones too)
 
 
 def make(tokens: int):
@@ -124,6 +128,19 @@ def layer(variant: str, w, a, b, x, xi, wa):
     outs = []
     if variant == "frozen":
         outs = [F.linear(inp(k), w[k]) for k in DIMS]
+    elif variant == "gemms":  # the floor: frozen + LoRA's six GEMMs per linear, nothing else
+        outs = [F.linear(inp(k), w[k]) for k in DIMS]
+        with torch.no_grad():
+            for k in DIMS:
+                xx, aa, bb = inp(k), a[k], b[k]
+                g = _ONES.setdefault((k, xx.dtype), torch.ones(xx.shape[0], bb.shape[0],
+                                                             dtype=xx.dtype))
+                h = torch.mm(xx, aa.t())
+                torch.mm(h, bb.t())  # y += s·h Bᵀ
+                dh = torch.mm(g, bb)
+                torch.mm(g.t(), h)  # dB
+                torch.mm(dh.t(), xx)  # dA
+                torch.mm(dh, aa)  # dx through A
     elif variant in ("node", "bf16-adapter"):
         dt = torch.bfloat16 if variant == "bf16-adapter" else DTYPE
         for k in DIMS:
@@ -172,12 +189,12 @@ def main() -> None:
     global DTYPE
     DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     torch.manual_seed(0)
-    variants = ["frozen", "node", "shared", "folded", "folded+bwd"] + (
+    variants = ["frozen", "gemms", "node", "shared", "folded", "folded+bwd"] + (
         ["bf16-adapter"] if a.bf16 else [])
     tensors = make(a.tokens)
     if a.check:
         ref = None
-        for v in variants[1:5]:
+        for v in variants[2:6]:
             outs = layer(v, *tensors)
             torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
             grads = ([tensors[3].grad.clone()] + [tensors[2][k].grad.clone() for k in DIMS]
