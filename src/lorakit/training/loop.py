@@ -344,10 +344,12 @@ def _optimizer_step(run: Run, ddp_model: nn.Module, optimizer, scheduler, exampl
             # DDP: accelerate's wrapper runs forward under autocast; FSDP: done here
             with acc.autocast() if fsdp else contextlib.nullcontext():
                 s, _ = loss_sum(ddp_model, batch, model)
-                loss = s * world / max(1, n_tokens)
-                reg = run.hooks.regularizer(model)
-                if reg is not None:
-                    loss = loss + reg / len(micro)
+            loss = s * world / max(1, n_tokens)
+            # outside autocast under every strategy (AdaLoRA's ||AAᵀ - I|| in fp32: in bf16
+            # its diagonal 1 - 1 would keep 8 bits)
+            reg = run.hooks.regularizer(model)
+            if reg is not None:
+                loss = loss + reg / len(micro)
             acc.backward(loss)
         step_loss += s.detach()
     if fsdp:

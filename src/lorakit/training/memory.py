@@ -167,9 +167,9 @@ def run_exact_memory(run) -> dict:
     def loss_fn() -> torch.Tensor:
         with autocast_for(model, run.dtype):
             s, n = loss_sum(model, batch)
-            loss = s / max(1, n)
-            reg = run.hooks.regularizer(model)
-            return loss if reg is None else loss + reg
+        loss = s / max(1, n)
+        reg = run.hooks.regularizer(model)  # outside autocast, as the training loop's
+        return loss if reg is None else loss + reg
 
     with activation_checkpointing(model, tc.gradient_checkpointing):
         out = exact_memory(model, loss_fn,
