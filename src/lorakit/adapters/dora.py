@@ -116,7 +116,9 @@ class DoRALinear(LoRALinear):
         sq = torch.linalg.vecdot(b, c).add_(w0_sq)
         # cancellation: W0 ≈ -s·BA in these rows (usually none); compute them directly. In a
         # compiled graph without a branch on their number (a dynamic-size index); eagerly
-        # only when there are any (the check costs one comparison, the fix five operators)
+        # only when there are any (the check costs one comparison, the fix five operators;
+        # on a GPU the check is a device-to-host read, so one synchronization per layer and
+        # forward: not yet measured there)
         low = sq < self._w0_cache[2]  # CANCEL·||W0||², cached with it
         if torch.compiler.is_compiling() or bool(low.any()):
             bad = low.nonzero().flatten()
