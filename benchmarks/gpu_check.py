@@ -5,6 +5,8 @@ class GPU, the multi-GPU rows only with 2+ GPUs):
 
 - LoRA and DoRA training step in bf16 against PEFT's and the frozen model's (tokens/s, ratios)
   on the embedded model;
+- how many operators of one LoRA and one DoRA training step read a device value on the host
+  (each a GPU synchronization; DoRA's cancellation check reads one per layer and forward);
 - peak memory after loading and after 3 training steps for LoRA and QLoRA on the embedded
   model and on a ~1B Llama config built from random weights (no Hub);
 - NF4 dequantization of one 4096x4096 layer on CUDA against the CPU (time, and equal values);
@@ -20,6 +22,7 @@ runs it so that the script itself is known to work before a GPU is lent.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -121,6 +124,57 @@ def check_step_speed(dry: bool) -> None:
         row(f"{method} step, bf16", f"{results[method]:.0f} tok/s; {r:.2f}x frozen, PEFT "
             f"{rp:.2f}x frozen",
             None if dry else results[method] >= results[f"peft-{method}"] * 0.95)
+
+
+#: operators that read a device value on the host: on a GPU each waits for the GPU to finish
+#: the work queued so far (a synchronization)
+HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select",
+              "aten.equal", "aten.unique")
+
+
+def host_reads_per_step(model, dev, batch: int, seq: int) -> int:
+    """How many operators of one bf16 forward and backward read a device value on the host
+    (:data:`HOST_READS`, or a copy to the CPU), counted at the dispatcher, so on any device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            to_host = (func.overloadpacket is torch.ops.aten._to_copy
+                       and args[0].device.type != "cpu"
+                       and (kwargs or {}).get("device") == torch.device("cpu"))
+            if to_host or str(func.overloadpacket) in HOST_READS:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev)
+    model.train()
+    for counted in (False, True):  # the first step warms up (lazy state, caches)
+        with Count() if counted else contextlib.nullcontext():
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        # AdamW outside the count: its step counts are host tensors it reads by design
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return Count.n
+
+
+def check_host_reads(dry: bool) -> None:
+    """Synchronizations per training step: DoRA's cancellation check reads one value per
+    layer and forward (adapters/dora.py); the others should read none."""
+    dev = device(dry)
+    counts = {}
+    for method in ("lora", "dora"):
+        model = lk.apply(base_model(dry), method=method, r=16, alpha=32,
+                         target_modules="all-linear")
+        counts[method] = host_reads_per_step(model, dev, 2, 32 if dry else 256)
+        del model
+    row("host reads per bf16 step (GPU syncs)",
+        ", ".join(f"{m} {n}" for m, n in counts.items()), None)
 
 
 def peak_mb(dev) -> float:
@@ -266,8 +320,8 @@ def check_fsdp_two(dry: bool) -> None:
                 "equal" if same else str(summaries[1])[:120], same)
 
 
-CHECKS = [check_step_speed, check_memory, check_nf4, check_flash_s2, check_compile,
-          check_fsdp_two]
+CHECKS = [check_step_speed, check_host_reads, check_memory, check_nf4, check_flash_s2,
+          check_compile, check_fsdp_two]
 
 
 def main() -> int:

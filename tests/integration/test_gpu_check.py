@@ -20,7 +20,8 @@ def test_gpu_check_dry_run_prints_its_table():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")][1:]  # rows
     checks = [line.split(" | ")[0][2:] for line in table]
-    for want in ("lora step, bf16", "dora step, bf16", "memory embedded qlora",
+    for want in ("lora step, bf16", "dora step, bf16", "host reads per bf16 step",
+                 "memory embedded qlora",
                  "NF4 dequantize", "S2-Attn on the flash kernel", "train.compile DoRA 3 steps",
                  "FSDP2 adalora", "FSDP2 lora-drop"):
         assert any(c.startswith(want) for c in checks), (want, checks)
