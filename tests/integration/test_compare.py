@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lorakit.cli import main
@@ -103,8 +104,13 @@ def test_exact_memory_columns_equal_a_direct_count(compared):
         inject.apply(model, cfg.adapter)
         params = {id(p): p for p in model.parameters()}.values()  # the tied head once
         trainable = [p for p in params if p.requires_grad]
-        assert rows[m]["params_mib"] * 2**20 == pytest.approx(
-            sum(p.numel() * 4 for p in params) + sum(b.nbytes for b in model.buffers()))
+        # a training forward, as the run's: an fp32 LoRA layer then keeps W0 in a [W0; A]
+        # storage (adapters/lora.py, Note: A folded into the frozen GEMM), r·d_in more bytes
+        model.train()(input_ids=torch.tensor([[1, 5, 9]]))
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in [*params, *model.buffers()]}  # each storage once
+        assert all(p.dtype == torch.float32 for p in params)
+        assert rows[m]["params_mib"] * 2**20 == pytest.approx(sum(storages.values()))
         assert rows[m]["grads_mib"] * 2**20 == pytest.approx(4 * sum(p.numel() for p in trainable))
         assert rows[m]["optimizer_mib"] * 2**20 == pytest.approx(  # 2 moments + a step count
             sum(8 * p.numel() + 4 for p in trainable))
