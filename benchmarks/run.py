@@ -63,6 +63,7 @@ def build(variant: str, dtype: torch.dtype, batch: int = BATCH, seq: int = SEQ):
     from lorakit.training.loop import cast_frozen
     from lorakit.training.runtime import compiled_layers
 
+    check_variant(variant)
     torch.manual_seed(0)
     model, _ = lk.load_model("smollm2-135m")
     model.config.use_cache = False
@@ -334,6 +335,22 @@ def print_memory_table(mem: dict[str, dict[str, float]]) -> None:
         print(f"| {target} | {measured} | {'yes' if met else 'NO'} |", flush=True)
 
 
+OPTIONS = ("fusedloss", "compile", "unfolded")
+METHODS = {"lorakit": ("lora", "dora", "lora-fa", "adalora", "qlora"),
+           "peft": ("lora", "dora", "adalora", "qlora")}
+
+
+def check_variant(variant: str) -> None:
+    """Exit with one line on a variant :func:`build` would not run as named (an unknown
+    option was silently ignored before: the plain variant timed under another name)."""
+    name, *extras = variant.split("+")
+    kind, _, method = name.partition("-")
+    bad = [e for e in extras if e not in OPTIONS]
+    if bad or not (name == "frozen" or method in METHODS.get(kind, ())):
+        raise SystemExit(f"run.py: unknown variant {variant!r} (frozen or "
+                         f"lorakit-/peft-<method>, options +{', +'.join(OPTIONS)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtypes", default="fp32,bf16")
@@ -353,6 +370,8 @@ def main() -> None:
         _memory_one(a.memory_one, dtypes[a.dtypes])
         return
     variants = [v for v in a.variants.split(",") if v]
+    for v in [*variants, *(m for m in a.memory_variants.split(",") if m)]:
+        check_variant(v)
     alloc = "allocator: defaults" if a.default_allocator else steady_allocator()
     results: dict = {"machine": machine(), "batch": BATCH, "seq": SEQ, "r": R, "rounds": a.rounds,
                      "allocator": alloc}
