@@ -48,8 +48,11 @@ def steady_allocator() -> str:
         ok = libc.mallopt(-1, 2**31 - 1) == 1 and libc.mallopt(-2, 256 << 20) == 1
     except (OSError, AttributeError):
         ok = False
-    return ("allocator: glibc trim threshold 2 GiB, top pad 256 MiB (freed memory kept between "
-            "steps)" if ok else "allocator: defaults (no glibc mallopt)")
+    return (
+        "allocator: glibc trim threshold 2 GiB, top pad 256 MiB (freed memory kept between steps)"
+        if ok
+        else "allocator: defaults (no glibc mallopt)"
+    )
 
 
 def machine() -> str:
@@ -69,8 +72,10 @@ def machine() -> str:
     isa = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
     cpu += f" ({', '.join(isa) or 'no AVX2'})"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, Python "
-            f"{platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, Python "
+        f"{platform.python_version()}"
+    )
 
 
 # Bytes autograd keeps for backward: the library's count (training/memory.py), which a

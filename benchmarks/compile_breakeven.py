@@ -33,16 +33,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(out: Path, steps: int, precision: str, compile_: bool, cache: Path) -> list[float]:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache),
-           "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "lorakit", "train", f"output_dir={out}",
-           f"train.max_steps={steps}", f"train.precision={precision}",
-           f"train.compile={'true' if compile_ else 'false'}", "train.save_every=0",
-           "eval.compare_base=false", "eval.limit=1"]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT / "src")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorakit",
+        "train",
+        f"output_dir={out}",
+        f"train.max_steps={steps}",
+        f"train.precision={precision}",
+        f"train.compile={'true' if compile_ else 'false'}",
+        "train.save_every=0",
+        "eval.compare_base=false",
+        "eval.limit=1",
+    ]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["step_time_s"] for r in rows if r.get("phase", "train") == "train"
-            and "step_time_s" in r]
+    return [
+        r["step_time_s"] for r in rows if r.get("phase", "train") == "train" and "step_time_s" in r
+    ]
 
 
 def main() -> None:
@@ -60,8 +69,10 @@ def main() -> None:
     saved = 1 - c / e
     print(f"machine: {machine()}")
     print(f"{args.precision}, {args.steps} steps, LoRA r=16 all-linear, batch 8 (the demo's)")
-    print("| eager step (s) | compiled step (s) | saved | compile cost (s, cold cache) "
-          "| break-even steps |")
+    print(
+        "| eager step (s) | compiled step (s) | saved | compile cost (s, cold cache) "
+        "| break-even steps |"
+    )
     print("|---|---|---|---|---|")
     even = f"{cost / (e - c):.0f}" if e > c else "never"
     print(f"| {e:.3f} | {c:.3f} | {saved:.1%} | {cost:.1f} | {even} |")

@@ -39,8 +39,7 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 def child(mode: str, setting: str, n: int, steps: int) -> dict:
     threshold = SETTINGS[setting]
-    if threshold is not None and ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD,
-                                                                  threshold) != 1:
+    if threshold is not None and ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold) != 1:
         raise SystemExit("mallopt(M_MMAP_THRESHOLD) failed: not glibc?")
     import torch
 
@@ -70,9 +69,13 @@ def child(mode: str, setting: str, n: int, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
-    return {"peak": status_kib("VmHWM") / 1024, "after": status_kib("VmRSS") / 1024,
-            "step": statistics.median(times[1:] or times), "faults": faults / steps,
-            "dtype": str(dtype).removeprefix("torch.")}
+    return {
+        "peak": status_kib("VmHWM") / 1024,
+        "after": status_kib("VmRSS") / 1024,
+        "step": statistics.median(times[1:] or times),
+        "faults": faults / steps,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 def main() -> None:
@@ -89,28 +92,50 @@ def main() -> None:
     runs = {c: [] for c in cells}
     for _ in range(a.rounds):  # one process at a time, cells interleaved
         for mode, setting in cells:
-            out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
-                                  mode, setting, "--len", str(a.len), "--steps", str(a.steps)],
-                                 check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--child",
+                    mode,
+                    setting,
+                    "--len",
+                    str(a.len),
+                    "--steps",
+                    str(a.steps),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             runs[mode, setting].append(json.loads(out.splitlines()[-1]))
-    med = {c: {k: statistics.median(r[k] for r in rs) for k in ("peak", "after", "step",
-                                                                 "faults")}
-           for c, rs in runs.items()}
+    med = {
+        c: {k: statistics.median(r[k] for r in rs) for k in ("peak", "after", "step", "faults")}
+        for c, rs in runs.items()
+    }
     dtype = runs[cells[0]][0]["dtype"]
-    print(f"# LongLoRA step of SmolLM2-135M, {a.len} tokens, batch 1, {dtype}, {a.steps} steps "
-          f"per process, median of {a.rounds}; {machine()}")
-    print("| attention | allocator | peak RSS MiB | RSS after MiB | step s | faults/step | "
-          "S2/full peak |")
+    print(
+        f"# LongLoRA step of SmolLM2-135M, {a.len} tokens, batch 1, {dtype}, {a.steps} steps "
+        f"per process, median of {a.rounds}; {machine()}"
+    )
+    print(
+        "| attention | allocator | peak RSS MiB | RSS after MiB | step s | faults/step | "
+        "S2/full peak |"
+    )
     print("|---|---|---|---|---|---|---|")
     for mode, setting in cells:
         r = med[mode, setting]
         ratio = f"{r['peak'] / med['full', setting]['peak']:.3f}" if mode == "s2" else "-"
-        print(f"| {mode} | {setting} | {r['peak']:.0f} | {r['after']:.0f} | {r['step']:.2f} | "
-              f"{r['faults'] / 1e6:.2f}M | {ratio} |")
+        print(
+            f"| {mode} | {setting} | {r['peak']:.0f} | {r['after']:.0f} | {r['step']:.2f} | "
+            f"{r['faults'] / 1e6:.2f}M | {ratio} |"
+        )
     for mode in ("full", "s2"):
         d, m = med[mode, "default"], med[mode, "mmap-1MiB"]
-        print(f"{mode}: mmap-1MiB / default: peak {m['peak'] / d['peak']:.3f}x, step "
-              f"{m['step'] / d['step']:.3f}x")
+        print(
+            f"{mode}: mmap-1MiB / default: peak {m['peak'] / d['peak']:.3f}x, step "
+            f"{m['step'] / d['step']:.3f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -48,10 +48,19 @@ def cpu_model() -> str:
 
 def run(n: int, steps: int, root: Path) -> dict:
     out = root / f"p{n}"
-    args = ["train", "model=smollm2-135m", f"output_dir={out}", "train.precision=auto",
-            f"train.max_steps={steps}", f"train.batch_size={GLOBAL_BATCH // n}",
-            "train.save_every=0", "eval.compare_base=false", "eval.metric=null",
-            "data.max_seq_len=256", "data.limit=100"]
+    args = [
+        "train",
+        "model=smollm2-135m",
+        f"output_dir={out}",
+        "train.precision=auto",
+        f"train.max_steps={steps}",
+        f"train.batch_size={GLOBAL_BATCH // n}",
+        "train.save_every=0",
+        "eval.compare_base=false",
+        "eval.metric=null",
+        "data.max_seq_len=256",
+        "data.limit=100",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
     if n == 1:
         cmd = [sys.executable, "-m", "lorakit", *args]
@@ -59,8 +68,15 @@ def run(n: int, steps: int, root: Path) -> dict:
     else:
         cfg = root / f"fsdp{n}.yaml"
         cfg.write_text(CONFIG.format(n=n))
-        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-               str(cfg), "-m", "lorakit", *args]
+        cmd = [
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--config_file",
+            str(cfg),
+            "-m",
+            "lorakit",
+            *args,
+        ]
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if r.returncode != 0:
@@ -73,26 +89,35 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
     a = ap.parse_args()
-    mib = 2 ** 20
+    mib = 2**20
     ref = None
-    print(f"# FSDP2 scaling, SmolLM2-135M LoRA r=16 all-linear, precision auto, global batch "
-          f"{GLOBAL_BATCH} x <=256 tokens, {a.steps} steps; {cpu_model()}, {os.cpu_count()} "
-          "cores", flush=True)
-    print("| processes | strategy | precision | frozen MiB/proc | trainable MiB/proc | "
-          "grad MiB/proc | optimizer MiB/proc | frozen vs 1 proc | median step s | "
-          "train peak RSS MiB/proc |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print(
+        f"# FSDP2 scaling, SmolLM2-135M LoRA r=16 all-linear, precision auto, global batch "
+        f"{GLOBAL_BATCH} x <=256 tokens, {a.steps} steps; {cpu_model()}, {os.cpu_count()} "
+        "cores",
+        flush=True,
+    )
+    print(
+        "| processes | strategy | precision | frozen MiB/proc | trainable MiB/proc | "
+        "grad MiB/proc | optimizer MiB/proc | frozen vs 1 proc | median step s | "
+        "train peak RSS MiB/proc |\n|---|---|---|---|---|---|---|---|---|---|",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for n in a.procs:  # each row as soon as its run is done
             s = run(n, a.steps, Path(tmp))
             p = s["process_bytes"][0]
             ref = ref or p
             peak = s.get("peak_memory_phases_mb", {}).get("train")
-            print(f"| {n} | {s['distributed']['strategy']} | {s['precision']} | "
-                  f"{p['frozen_param_bytes'] / mib:.1f} | {p['trainable_param_bytes'] / mib:.2f} | "
-                  f"{p['grad_bytes'] / mib:.2f} | {p['optimizer_bytes'] / mib:.2f} | "
-                  f"{p['frozen_param_bytes'] / ref['frozen_param_bytes']:.3f}x | "
-                  f"{s['median_step_time_s']:.3f} | "
-                  f"{peak if peak is not None else float('nan'):.0f} |", flush=True)
+            print(
+                f"| {n} | {s['distributed']['strategy']} | {s['precision']} | "
+                f"{p['frozen_param_bytes'] / mib:.1f} | {p['trainable_param_bytes'] / mib:.2f} | "
+                f"{p['grad_bytes'] / mib:.2f} | {p['optimizer_bytes'] / mib:.2f} | "
+                f"{p['frozen_param_bytes'] / ref['frozen_param_bytes']:.3f}x | "
+                f"{s['median_step_time_s']:.3f} | "
+                f"{peak if peak is not None else float('nan'):.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -32,11 +32,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-import lorakit as lk  # noqa: E402
+import lorakit as lk
+from common import machine
 
 ROWS: list[tuple[str, str, str]] = []  # (check, figure, verdict)
 
@@ -53,11 +52,23 @@ def tiny_llama(dry: bool, big: bool = False):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     if dry:
-        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        cfg = LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
     elif big:  # ~1.1B parameters (TinyLlama-1.1B's shape), random weights
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                          num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4)
+        cfg = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+        )
     else:
         return None
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -110,26 +121,34 @@ def check_step_speed(dry: bool) -> None:
     results["frozen"] = step_tokens_per_s(frozen, dev, steps, batch, seq)
     del frozen
     for method in ("lora", "dora"):
-        ours = lk.apply(base_model(dry), method=method, r=16, alpha=32,
-                        target_modules="all-linear")
+        ours = lk.apply(base_model(dry), method=method, r=16, alpha=32, target_modules="all-linear")
         results[method] = step_tokens_per_s(ours, dev, steps, batch, seq)
         del ours
-        theirs = get_peft_model(base_model(dry), LoraConfig(
-            r=16, lora_alpha=32, target_modules="all-linear", use_dora=method == "dora"))
+        theirs = get_peft_model(
+            base_model(dry),
+            LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=method == "dora"),
+        )
         results[f"peft-{method}"] = step_tokens_per_s(theirs, dev, steps, batch, seq)
         del theirs
     for method in ("lora", "dora"):
         r = results["frozen"] / results[method]
         rp = results["frozen"] / results[f"peft-{method}"]
-        row(f"{method} step, bf16", f"{results[method]:.0f} tok/s; {r:.2f}x frozen, PEFT "
-            f"{rp:.2f}x frozen",
-            None if dry else results[method] >= results[f"peft-{method}"] * 0.95)
+        row(
+            f"{method} step, bf16",
+            f"{results[method]:.0f} tok/s; {r:.2f}x frozen, PEFT {rp:.2f}x frozen",
+            None if dry else results[method] >= results[f"peft-{method}"] * 0.95,
+        )
 
 
 #: operators that read a device value on the host: on a GPU each waits for the GPU to finish
 #: the work queued so far (a synchronization)
-HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select",
-              "aten.equal", "aten.unique")
+HOST_READS = (
+    "aten._local_scalar_dense",
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten.equal",
+    "aten.unique",
+)
 
 
 def host_reads_per_step(model, dev, batch: int, seq: int) -> int:
@@ -141,9 +160,11 @@ def host_reads_per_step(model, dev, batch: int, seq: int) -> int:
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            to_host = (func.overloadpacket is torch.ops.aten._to_copy
-                       and args[0].device.type != "cpu"
-                       and (kwargs or {}).get("device") == torch.device("cpu"))
+            to_host = (
+                func.overloadpacket is torch.ops.aten._to_copy
+                and args[0].device.type != "cpu"
+                and (kwargs or {}).get("device") == torch.device("cpu")
+            )
             if to_host or str(func.overloadpacket) in HOST_READS:
                 Count.n += 1
             return func(*args, **(kwargs or {}))
@@ -169,12 +190,16 @@ def check_host_reads(dry: bool) -> None:
     dev = device(dry)
     counts = {}
     for method in ("lora", "dora"):
-        model = lk.apply(base_model(dry), method=method, r=16, alpha=32,
-                         target_modules="all-linear")
+        model = lk.apply(
+            base_model(dry), method=method, r=16, alpha=32, target_modules="all-linear"
+        )
         counts[method] = host_reads_per_step(model, dev, 2, 32 if dry else 256)
         del model
-    row("host reads per bf16 step (GPU syncs)",
-        ", ".join(f"{m} {n}" for m, n in counts.items()), None)
+    row(
+        "host reads per bf16 step (GPU syncs)",
+        ", ".join(f"{m} {n}" for m, n in counts.items()),
+        None,
+    )
 
 
 def peak_mb(dev) -> float:
@@ -208,8 +233,11 @@ def check_memory(dry: bool) -> None:
             loaded = peak_mb(dev)
             step_tokens_per_s(model, dev, 3, 2 if dry else 4, 32 if dry else 512)
             trained = peak_mb(dev)
-            row(f"memory {name} {'qlora' if quant else 'lora'}",
-                f"after load {loaded:.0f} MiB, after 3 steps {trained:.0f} MiB", None)
+            row(
+                f"memory {name} {'qlora' if quant else 'lora'}",
+                f"after load {loaded:.0f} MiB, after 3 steps {trained:.0f} MiB",
+                None,
+            )
             del model
 
 
@@ -220,8 +248,9 @@ def check_nf4(dry: bool) -> None:
     w = torch.randn(n, n, dtype=torch.bfloat16)
     out = {}
     for dev in ["cpu"] + ([] if dry or not torch.cuda.is_available() else ["cuda"]):
-        q, state = bnbf.quantize_4bit(w.to(dev), quant_type="nf4", blocksize=64,
-                                      compress_statistics=True)
+        q, state = bnbf.quantize_4bit(
+            w.to(dev), quant_type="nf4", blocksize=64, compress_statistics=True
+        )
         sync(torch.device(dev))
         t0 = time.perf_counter()
         for _ in range(10):
@@ -237,8 +266,9 @@ def check_flash_s2(dry: bool) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dev = device(dry)
-    model = lk.apply(base_model(dry), method="lora", r=8, target_modules=["q_proj", "v_proj"],
-                     s2_attn=True)
+    model = lk.apply(
+        base_model(dry), method="lora", r=8, target_modules=["q_proj", "v_proj"], s2_attn=True
+    )
     ids = torch.randint(0, model.config.vocab_size, (1, 64 if dry else 4096), device=dev)
     model.train()
     backend = SDPBackend.MATH if dev.type == "cpu" else SDPBackend.FLASH_ATTENTION
@@ -256,16 +286,35 @@ def check_compile(dry: bool) -> None:
         for compiled in (False, True):
             out = Path(tmp) / f"c{compiled}"
             model = _tiny_dir(Path(tmp)) if dry else "smollm2-135m"
-            r = _lorakit(["train", f"model={model}", f"output_dir={out}",
-                          "adapter.method=dora", "train.max_steps=3", "train.batch_size=2",
-                          "eval.compare_base=false", "eval.metric=null", "data.limit=32",
-                          f"train.compile={str(compiled).lower()}", "train.save_every=0",
-                          "train.precision=fp32" if dry else "train.precision=bf16"])
-            curves[compiled] = [json.loads(x)["loss"] for x in
-                                (out / "metrics.jsonl").read_text().splitlines()
-                                if '"loss"' in x] if r.returncode == 0 else None
-        ok = None not in curves.values() and max(
-            abs(a - b) for a, b in zip(curves[False], curves[True])) <= 1e-2
+            r = _lorakit(
+                [
+                    "train",
+                    f"model={model}",
+                    f"output_dir={out}",
+                    "adapter.method=dora",
+                    "train.max_steps=3",
+                    "train.batch_size=2",
+                    "eval.compare_base=false",
+                    "eval.metric=null",
+                    "data.limit=32",
+                    f"train.compile={str(compiled).lower()}",
+                    "train.save_every=0",
+                    "train.precision=fp32" if dry else "train.precision=bf16",
+                ]
+            )
+            curves[compiled] = (
+                [
+                    json.loads(x)["loss"]
+                    for x in (out / "metrics.jsonl").read_text().splitlines()
+                    if '"loss"' in x
+                ]
+                if r.returncode == 0
+                else None
+            )
+        ok = (
+            None not in curves.values()
+            and max(abs(a - b) for a, b in zip(curves[False], curves[True])) <= 1e-2
+        )
         row("train.compile DoRA 3 steps", f"eager {curves[False]}, compiled {curves[True]}", ok)
 
 
@@ -275,9 +324,15 @@ def _tiny_dir(root: Path) -> Path:
         _, tok = lk.load_model("smollm2-135m")
         from transformers import AutoModelForCausalLM, LlamaConfig
 
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          tie_word_embeddings=True)
+        cfg = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
         AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
         tok.save_pretrained(d)
     return d
@@ -296,38 +351,81 @@ def check_fsdp_two(dry: bool) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "fsdp.yaml"
-        cfg.write_text("distributed_type: FSDP\nfsdp_config: {fsdp_version: 2}\n"
-                       f"num_machines: 1\nnum_processes: 2\nuse_cpu: {str(dry).lower()}\n"
-                       "mixed_precision: 'no'\n")
-        launcher = [str(Path(sys.executable).parent / "accelerate"), "launch",
-                    "--config_file", str(cfg)]
+        cfg.write_text(
+            "distributed_type: FSDP\nfsdp_config: {fsdp_version: 2}\n"
+            f"num_machines: 1\nnum_processes: 2\nuse_cpu: {str(dry).lower()}\n"
+            "mixed_precision: 'no'\n"
+        )
+        launcher = [
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--config_file",
+            str(cfg),
+        ]
         model = str(_tiny_dir(Path(tmp))) if dry else "smollm2-135m"
-        for method, extra in (("adalora", ["adapter.adalora.tinit=0", "adapter.adalora.tfinal=0",
-                                           "adapter.adalora.delta_t=1"]), ("lora-drop", [])):
+        for method, extra in (
+            (
+                "adalora",
+                [
+                    "adapter.adalora.tinit=0",
+                    "adapter.adalora.tfinal=0",
+                    "adapter.adalora.delta_t=1",
+                ],
+            ),
+            ("lora-drop", []),
+        ):
             summaries = []
             for n, (launch, bs) in enumerate(((None, 4), (launcher, 2))):
                 out = Path(tmp) / f"{method}{n}"
-                r = _lorakit(["train", f"model={model}", f"output_dir={out}",
-                              f"adapter.method={method}", *extra, "train.max_steps=4",
-                              f"train.batch_size={bs}", "eval.compare_base=false",
-                              "eval.metric=null", "data.limit=64", "train.save_every=0",
-                              "train.precision=fp32"], launch)
-                summaries.append(json.loads((out / "summary.json").read_text())["method_summary"]
-                                 if r.returncode == 0 else {"error": r.stderr[-300:]})
+                r = _lorakit(
+                    [
+                        "train",
+                        f"model={model}",
+                        f"output_dir={out}",
+                        f"adapter.method={method}",
+                        *extra,
+                        "train.max_steps=4",
+                        f"train.batch_size={bs}",
+                        "eval.compare_base=false",
+                        "eval.metric=null",
+                        "data.limit=64",
+                        "train.save_every=0",
+                        "train.precision=fp32",
+                    ],
+                    launch,
+                )
+                summaries.append(
+                    json.loads((out / "summary.json").read_text())["method_summary"]
+                    if r.returncode == 0
+                    else {"error": r.stderr[-300:]}
+                )
             key = "ranks" if method == "adalora" else "kept"
             same = summaries[0].get(key) == summaries[1].get(key) and key in summaries[0]
-            row(f"FSDP2 {method}: {key} equal to one process's",
-                "equal" if same else str(summaries[1])[:120], same)
+            row(
+                f"FSDP2 {method}: {key} equal to one process's",
+                "equal" if same else str(summaries[1])[:120],
+                same,
+            )
 
 
-CHECKS = [check_step_speed, check_host_reads, check_memory, check_nf4, check_flash_s2,
-          check_compile, check_fsdp_two]
+CHECKS = [
+    check_step_speed,
+    check_host_reads,
+    check_memory,
+    check_nf4,
+    check_flash_s2,
+    check_compile,
+    check_fsdp_two,
+]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dry-run", action="store_true",
-                    help="every check on the CPU at toy sizes (what the test suite runs)")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="every check on the CPU at toy sizes (what the test suite runs)",
+    )
     args = ap.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; use --dry-run to check the script on the CPU")
@@ -337,10 +435,12 @@ def main() -> int:
     for check in CHECKS:
         try:
             check(args.dry_run)
-        except Exception as e:  # noqa: BLE001 - a check that breaks is a row, not the end
+        except Exception as e:
             row(check.__name__, f"{type(e).__name__}: {str(e)[:100]}", False)
-    print(f"# gpu_check{' --dry-run' if args.dry_run else ''}: {machine()}, "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(
+        f"# gpu_check{' --dry-run' if args.dry_run else ''}: {machine()}, "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     print("| check | figure | verdict |\n|---|---|---|")
     for r in ROWS:
         print(f"| {r[0]} | {r[1]} | {r[2]} |")

@@ -43,8 +43,10 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"# {machine()}; 1 thread, {LAYERS} linears of {D}x{D}, {N} tokens, r {R}")
     frozen = [nn.Linear(D, D, bias=False).requires_grad_(False) for _ in range(LAYERS)]
-    lora = [LoRALinear(nn.Linear(D, D, bias=False).requires_grad_(False), R, 2 * R)
-            for _ in range(LAYERS)]
+    lora = [
+        LoRALinear(nn.Linear(D, D, bias=False).requires_grad_(False), R, 2 * R)
+        for _ in range(LAYERS)
+    ]
     for m in lora:
         nn.init.normal_(m.lora_B)
     x = torch.randn(N, D, requires_grad=True)
@@ -60,8 +62,10 @@ def main() -> None:
     print("| variant | step (ms) | per linear (us) | over frozen per linear (us) |")
     print("|---|---|---|---|")
     for k, v in med.items():
-        print(f"| {k} | {v * 1e3:.2f} | {v / LAYERS * 1e6:.1f} | "
-              f"{(v - med['frozen']) / LAYERS * 1e6:.1f} |")
+        print(
+            f"| {k} | {v * 1e3:.2f} | {v / LAYERS * 1e6:.1f} | "
+            f"{(v - med['frozen']) / LAYERS * 1e6:.1f} |"
+        )
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()

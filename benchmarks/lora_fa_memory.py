@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from common import SavedBytes, status_kib  # noqa: E402  (benchmarks/common.py)
+from common import SavedBytes, status_kib
 
 CONFIGS = [  # (label, library, method, dropout)
     ("lorakit LoRA", "lorakit", "lora", 0.0),
@@ -46,13 +46,16 @@ def one(library: str, method: str, dropout: float, seq: int, r: int) -> dict:
     torch.manual_seed(0)
     model, _ = lk.load_model("smollm2-135m")
     if library == "lorakit":
-        lk.apply(model, method=method, r=r, alpha=2 * r, dropout=dropout,
-                 target_modules="all-linear")
+        lk.apply(
+            model, method=method, r=r, alpha=2 * r, dropout=dropout, target_modules="all-linear"
+        )
     else:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
-                                                 target_modules="all-linear"))
+        model = get_peft_model(
+            model,
+            LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules="all-linear"),
+        )
         for n, p in model.named_parameters():
             if "lora_A" in n:
                 p.requires_grad_(False)
@@ -70,10 +73,13 @@ def one(library: str, method: str, dropout: float, seq: int, r: int) -> dict:
     loss.backward()
     opt.step()
     secs = time.perf_counter() - t0
-    return {"saved_mib": saved.mib,
-            "step_peak_mib": (status_kib("VmHWM") - rss0) / 1024,
-            "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "trainable": sum(p.numel() for p in params), "step_s": secs}
+    return {
+        "saved_mib": saved.mib,
+        "step_peak_mib": (status_kib("VmHWM") - rss0) / 1024,
+        "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainable": sum(p.numel() for p in params),
+        "step_s": secs,
+    }
 
 
 def main() -> None:
@@ -88,24 +94,46 @@ def main() -> None:
         return
     rows = []
     for label, lib, method, dropout in CONFIGS:
-        out = subprocess.run([sys.executable, __file__, "--seq", str(args.seq), "--r",
-                              str(args.r), "--child", lib, method, str(dropout)],
-                             capture_output=True, text=True, check=True,
-                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--seq",
+                str(args.seq),
+                "--r",
+                str(args.r),
+                "--child",
+                lib,
+                method,
+                str(dropout),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
         rows.append((label, json.loads(out.stdout.strip().splitlines()[-1])))
-    print(f"SmolLM2-135M fp32, batch 1, seq {args.seq}, r={args.r} all-linear, one AdamW step, "
-          f"{os.cpu_count()} CPU cores")
-    print(f"| configuration | trainable | saved for backward (MiB) | step peak RSS (MiB) "
-          f"| ru_maxrss (MiB) | step (s) |")
+    print(
+        f"SmolLM2-135M fp32, batch 1, seq {args.seq}, r={args.r} all-linear, one AdamW step, "
+        f"{os.cpu_count()} CPU cores"
+    )
+    print(
+        "| configuration | trainable | saved for backward (MiB) | step peak RSS (MiB) "
+        "| ru_maxrss (MiB) | step (s) |"
+    )
     print("|---|---|---|---|---|---|")
     for label, m in rows:
-        print(f"| {label} | {m['trainable']:,} | {m['saved_mib']:.1f} | {m['step_peak_mib']:.0f} "
-              f"| {m['ru_maxrss_mib']:.0f} | {m['step_s']:.1f} |")
+        print(
+            f"| {label} | {m['trainable']:,} | {m['saved_mib']:.1f} | {m['step_peak_mib']:.0f} "
+            f"| {m['ru_maxrss_mib']:.0f} | {m['step_s']:.1f} |"
+        )
     base = {lbl: m for lbl, m in rows}
     for d in ("", ", dropout 0.1"):
         lo, fa = base[f"lorakit LoRA{d}"], base[f"lorakit LoRA-FA{d}"]
-        print(f"LoRA / LoRA-FA{d or ', no dropout'}: saved {lo['saved_mib'] / fa['saved_mib']:.2f}x, "
-              f"step peak {lo['step_peak_mib'] / fa['step_peak_mib']:.2f}x")
+        print(
+            f"LoRA / LoRA-FA{d or ', no dropout'}: saved {lo['saved_mib'] / fa['saved_mib']:.2f}x, "
+            f"step peak {lo['step_peak_mib'] / fa['step_peak_mib']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

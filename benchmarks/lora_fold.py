@@ -36,19 +36,22 @@ def main() -> None:
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     torch.manual_seed(0)
-    print(f"# {machine()}; {args.dtype}, {TOKENS} tokens, r {R}, median of {args.rounds} "
-          "interleaved rounds, forward + backward of one linear")
+    print(
+        f"# {machine()}; {args.dtype}, {TOKENS} tokens, r {R}, median of {args.rounds} "
+        "interleaved rounds, forward + backward of one linear"
+    )
     print("| d_in -> d_out | frozen (us) | folded (us) | unfolded (us) | folded / unfolded |")
     print("|---|---|---|---|---|")
     for d_in, d_out in SHAPES:
         frozen = nn.Linear(d_in, d_out, bias=False).to(dtype).requires_grad_(False)
-        lora = LoRALinear(nn.Linear(d_in, d_out, bias=False).to(dtype).requires_grad_(False),
-                          R, 2 * R)
+        lora = LoRALinear(
+            nn.Linear(d_in, d_out, bias=False).to(dtype).requires_grad_(False), R, 2 * R
+        )
         nn.init.normal_(lora.lora_B, std=0.01)
         x = torch.randn(2, TOKENS // 2, d_in, dtype=dtype, requires_grad=True)
         times: dict[str, list[float]] = {"frozen": [], "folded": [], "unfolded": []}
         for i in range(args.rounds + 5):
-            for name in (list(times) if i % 2 else list(times)[::-1]):
+            for name in list(times) if i % 2 else list(times)[::-1]:
                 lora.fold_a = name == "folded"
                 lora.fold_dtypes = (dtype,)  # the default folds fp32 only: fold this dtype
                 layer = frozen if name == "frozen" else lora
@@ -57,8 +60,10 @@ def main() -> None:
                     layer(x).sum().backward()
                     times[name].append(time.perf_counter() - t)
         med = {k: statistics.median(v[5:]) * 1e6 for k, v in times.items()}  # 5 warm-up rounds
-        print(f"| {d_in} -> {d_out} | {med['frozen']:.0f} | {med['folded']:.0f} | "
-              f"{med['unfolded']:.0f} | {med['folded'] / med['unfolded']:.3f} |")
+        print(
+            f"| {d_in} -> {d_out} | {med['frozen']:.0f} | {med['folded']:.0f} | "
+            f"{med['unfolded']:.0f} | {med['folded'] / med['unfolded']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,15 @@ from lorakit.adapters.lora import LoRALinearFunction
 
 HIDDEN, INTER, KV = 576, 1536, 192
 GROUPS = [("q", "k", "v"), ("o",), ("gate", "up"), ("down",)]
-DIMS = {"q": (HIDDEN, HIDDEN), "k": (KV, HIDDEN), "v": (KV, HIDDEN), "o": (HIDDEN, HIDDEN),
-        "gate": (INTER, HIDDEN), "up": (INTER, HIDDEN), "down": (HIDDEN, INTER)}
+DIMS = {
+    "q": (HIDDEN, HIDDEN),
+    "k": (KV, HIDDEN),
+    "v": (KV, HIDDEN),
+    "o": (HIDDEN, HIDDEN),
+    "gate": (INTER, HIDDEN),
+    "up": (INTER, HIDDEN),
+    "down": (HIDDEN, INTER),
+}
 R, S = 16, 2.0
 
 
@@ -47,7 +54,7 @@ class SharedA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, s, *wab):
         n = len(wab) // 3
-        ws, a_s, bs = wab[:n], wab[n:2 * n], wab[2 * n:]
+        ws, a_s, bs = wab[:n], wab[n : 2 * n], wab[2 * n :]
         a_cat = torch.cat(a_s)
         h = torch.mm(x, a_cat.t())
         hs = h.split(R, dim=1)
@@ -111,6 +118,7 @@ def make(tokens: int):
 
     def rnd(*shape, scale=1.0, grad=False):
         return (torch.randn(*shape, generator=g) * scale).to(DTYPE).requires_grad_(grad)
+
     w = {k: rnd(o, i, scale=0.02) for k, (o, i) in DIMS.items()}
     a = {k: rnd(R, i, scale=0.02, grad=True) for k, (o, i) in DIMS.items()}
     b = {k: rnd(o, R, scale=0.02, grad=True) for k, (o, i) in DIMS.items()}
@@ -123,8 +131,10 @@ def make(tokens: int):
 
 def layer(variant: str, w, a, b, x, xi, wa):
     """The seven linears' outputs summed into one loss (each output's gradient is ones)."""
+
     def inp(k):
         return xi if k == "down" else x
+
     outs = []
     if variant == "frozen":
         outs = [F.linear(inp(k), w[k]) for k in DIMS]
@@ -133,8 +143,9 @@ def layer(variant: str, w, a, b, x, xi, wa):
         with torch.no_grad():
             for k in DIMS:
                 xx, aa, bb = inp(k), a[k], b[k]
-                g = _ONES.setdefault((k, xx.dtype), torch.ones(xx.shape[0], bb.shape[0],
-                                                             dtype=xx.dtype))
+                g = _ONES.setdefault(
+                    (k, xx.dtype), torch.ones(xx.shape[0], bb.shape[0], dtype=xx.dtype)
+                )
                 h = torch.mm(xx, aa.t())
                 torch.mm(h, bb.t())  # y += s·h Bᵀ
                 dh = torch.mm(g, bb)
@@ -145,20 +156,23 @@ def layer(variant: str, w, a, b, x, xi, wa):
         dt = torch.bfloat16 if variant == "bf16-adapter" else DTYPE
         for k in DIMS:
             if dt == DTYPE:
-                outs.append(LoRALinearFunction.apply(inp(k), w[k], None, a[k], b[k], S,
-                                                     DTYPE, None))
+                outs.append(
+                    LoRALinearFunction.apply(inp(k), w[k], None, a[k], b[k], S, DTYPE, None)
+                )
             else:  # base fp32, adapter GEMMs bf16
                 h = F.linear(inp(k).to(dt), a[k].to(dt))
                 outs.append(F.linear(inp(k), w[k]) + S * F.linear(h, b[k].to(dt)).float())
     elif variant == "shared":
         for grp in GROUPS:
             xx = inp(grp[0])
-            outs += SharedA.apply(xx, S, *[w[k] for k in grp], *[a[k] for k in grp],
-                                  *[b[k] for k in grp])
+            outs += SharedA.apply(
+                xx, S, *[w[k] for k in grp], *[a[k] for k in grp], *[b[k] for k in grp]
+            )
     elif variant.startswith("folded"):
         for k in DIMS:
-            outs.append(Folded.apply(inp(k), wa[k], a[k], b[k], S, w[k].shape[0],
-                                     variant == "folded+bwd"))
+            outs.append(
+                Folded.apply(inp(k), wa[k], a[k], b[k], S, w[k].shape[0], variant == "folded+bwd")
+            )
     return outs
 
 
@@ -178,8 +192,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--reps", type=int, default=5, help="layer passes per timed sample")
     ap.add_argument("--bf16", action="store_true", help="add the bf16-adapter variant")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                    help="every tensor's dtype (bf16: the layer as a bf16 run computes it)")
+    ap.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="every tensor's dtype (bf16: the layer as a bf16 run computes it)",
+    )
     ap.add_argument("--check", action="store_true", help="compare gradients with node's")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = ap.parse_args()
@@ -190,15 +208,19 @@ def main() -> None:
     DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     torch.manual_seed(0)
     variants = ["frozen", "gemms", "node", "shared", "folded", "folded+bwd"] + (
-        ["bf16-adapter"] if a.bf16 else [])
+        ["bf16-adapter"] if a.bf16 else []
+    )
     tensors = make(a.tokens)
     if a.check:
         ref = None
         for v in variants[2:6]:
             outs = layer(v, *tensors)
             torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-            grads = ([tensors[3].grad.clone()] + [tensors[2][k].grad.clone() for k in DIMS]
-                     + [tensors[1][k].grad.clone() for k in DIMS])
+            grads = (
+                [tensors[3].grad.clone()]
+                + [tensors[2][k].grad.clone() for k in DIMS]
+                + [tensors[1][k].grad.clone() for k in DIMS]
+            )
             timed("frozen", tensors)
             if ref is None:
                 ref = grads
@@ -212,9 +234,11 @@ def main() -> None:
         for v in variants:
             times[v].append(sum(timed(v, tensors) for _ in range(a.reps)) / a.reps)
     print(f"# {machine()}, {torch.get_num_threads()} threads\n# {alloc}")
-    print(f"# one decoder layer's 7 linears, {a.tokens} tokens, r {R}, {a.dtype}, forward + "
-          "backward,"
-          f" median of {a.rounds} rounds x {a.reps} passes\n")
+    print(
+        f"# one decoder layer's 7 linears, {a.tokens} tokens, r {R}, {a.dtype}, forward + "
+        "backward,"
+        f" median of {a.rounds} rounds x {a.reps} passes\n"
+    )
     fz = statistics.median(times["frozen"])
     nd = statistics.median(times["node"])
     print("| variant | ms | x frozen | LoRA overhead vs node |\n|---|---|---|---|")

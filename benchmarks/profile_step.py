@@ -14,20 +14,22 @@ import argparse
 import collections
 
 import torch
-from run import build
 
 from common import machine, steady_allocator
+from run import build
 
 
-def profile(variant: str, dtype: torch.dtype, steps: int, counts: bool = False,
-            stacks: str = "") -> dict[str, float]:
+def profile(
+    variant: str, dtype: torch.dtype, steps: int, counts: bool = False, stacks: str = ""
+) -> dict[str, float]:
     """{operator: self CPU ms per step}, median-free: the sum over ``steps`` steps / steps
     (``counts``: {operator: calls per step}; ``stacks``: print where OP is called from)."""
     _, step, _ = build(variant, dtype)
     step()
     step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                with_stack=bool(stacks)) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], with_stack=bool(stacks)
+    ) as prof:
         for _ in range(steps):
             step()
     if stacks:
@@ -56,11 +58,13 @@ def main() -> None:
     unit = "calls" if a.counts else "ms"
     what = "operator calls" if a.counts else "self CPU ms"
     print(f"# {machine()}\n# {alloc}\n# {a.dtype}, {what} per step, {a.steps} steps profiled\n")
-    print(f"total: {a.variants[0]} {sum(ref.values()):.0f} {unit}, {a.variants[1]} "
-          f"{sum(var.values()):.0f} {unit} (+{sum(var.values()) - sum(ref.values()):.0f})\n")
+    print(
+        f"total: {a.variants[0]} {sum(ref.values()):.0f} {unit}, {a.variants[1]} "
+        f"{sum(var.values()):.0f} {unit} (+{sum(var.values()) - sum(ref.values()):.0f})\n"
+    )
     print(f"| operator | {a.variants[0]} | {a.variants[1]} | difference |\n|---|---|---|---|")
     keys = sorted(set(ref) | set(var), key=lambda k: -abs(var.get(k, 0) - ref.get(k, 0)))
-    for k in keys[:a.top]:
+    for k in keys[: a.top]:
         r, v = ref.get(k, 0.0), var.get(k, 0.0)
         print(f"| {k} | {r:.1f} | {v:.1f} | {v - r:+.1f} |")
 

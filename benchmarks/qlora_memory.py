@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 
-from common import status_kib  # noqa: E402  (benchmarks/common.py)
+from common import status_kib
 
 CONFIGS = [  # (label, load dtype, quantize)
     ("fp32 base + LoRA", None, None),
@@ -78,10 +78,12 @@ def one(dtype, quantize, batch: int, seq: int, r: int) -> dict:
     torch.manual_seed(0)
     model, _ = lk.load_model("smollm2-135m", dtype=dtype)
     out = model.get_output_embeddings()
-    bf16_linear = sum(m.in_features * m.out_features * 2 for m in model.modules()
-                      if isinstance(m, nn.Linear) and m is not out)
-    lk.apply(model, method="lora", r=r, alpha=2 * r, target_modules="all-linear",
-             quantize=quantize)
+    bf16_linear = sum(
+        m.in_features * m.out_features * 2
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and m is not out
+    )
+    lk.apply(model, method="lora", r=r, alpha=2 * r, target_modules="all-linear", quantize=quantize)
     params = list(lk.trainable_parameters(model).values())
     opt = torch.optim.AdamW(params, lr=2e-4)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
@@ -123,29 +125,46 @@ def main() -> None:
 
     rows = []
     for label, dtype, quantize in CONFIGS:
-        cmd = [sys.executable, __file__, "--one", json.dumps([dtype, quantize]),
-               "--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r)]
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ},
-                             check=False)
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            json.dumps([dtype, quantize]),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--r",
+            str(args.r),
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, check=False)
         if res.returncode != 0:
             sys.exit(f"{label} failed:\n{res.stderr[-3000:]}")
         rows.append((label, json.loads(res.stdout.strip().splitlines()[-1])))
 
     import torch
 
-    mib = 1024 ** 2
-    print(f"SmolLM2-135M, LoRA r={args.r} all-linear, batch {args.batch} x seq {args.seq}, "
-          f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print("| base | linear weights (MiB) | vs bf16 linear | whole model (MiB) | "
-          "step peak (MiB) | step time (s) |")
+    mib = 1024**2
+    print(
+        f"SmolLM2-135M, LoRA r={args.r} all-linear, batch {args.batch} x seq {args.seq}, "
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
+    print(
+        "| base | linear weights (MiB) | vs bf16 linear | whole model (MiB) | "
+        "step peak (MiB) | step time (s) |"
+    )
     print("|---|---|---|---|---|---|")
     for label, m in rows:
-        print(f"| {label} | {m['linear_bytes'] / mib:.1f} | "
-              f"{m['linear_bytes'] / m['bf16_linear_bytes']:.3f}x | "
-              f"{m['model_bytes'] / mib:.1f} | {m['step_peak_mib']:.0f} | {m['step_s']:.2f} |")
-    print(f"bf16 linear weights: {rows[0][1]['bf16_linear_bytes'] / mib:.1f} MiB; "
-          f"trainable parameters: {rows[0][1]['trainable']:,}")
+        print(
+            f"| {label} | {m['linear_bytes'] / mib:.1f} | "
+            f"{m['linear_bytes'] / m['bf16_linear_bytes']:.3f}x | "
+            f"{m['model_bytes'] / mib:.1f} | {m['step_peak_mib']:.0f} | {m['step_s']:.2f} |"
+        )
+    print(
+        f"bf16 linear weights: {rows[0][1]['bf16_linear_bytes'] / mib:.1f} MiB; "
+        f"trainable parameters: {rows[0][1]['trainable']:,}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,20 +35,46 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine, peak_since_mib, reset_peak, steady_allocator
-from lorakit.training.memory import state_bytes  # noqa: E402  (common puts src/ on the path)
-
 import torch
 
-VARIANTS = ["frozen", "frozen+fusedloss", "frozen+compile", "frozen+fusedloss+compile",
-            "lorakit-lora", "lorakit-lora+fusedloss", "lorakit-lora+fusedloss+compile",
-            "peft-lora", "lorakit-dora", "lorakit-dora+fusedloss+compile", "peft-dora",
-            "lorakit-lora-fa", "lorakit-lora-fa+fusedloss+compile", "lorakit-adalora",
-            "peft-adalora", "lorakit-qlora", "peft-qlora"]
+from common import machine, peak_since_mib, reset_peak, steady_allocator
+from lorakit.training.memory import state_bytes
+
+VARIANTS = [
+    "frozen",
+    "frozen+fusedloss",
+    "frozen+compile",
+    "frozen+fusedloss+compile",
+    "lorakit-lora",
+    "lorakit-lora+fusedloss",
+    "lorakit-lora+fusedloss+compile",
+    "peft-lora",
+    "lorakit-dora",
+    "lorakit-dora+fusedloss+compile",
+    "peft-dora",
+    "lorakit-lora-fa",
+    "lorakit-lora-fa+fusedloss+compile",
+    "lorakit-adalora",
+    "peft-adalora",
+    "lorakit-qlora",
+    "peft-qlora",
+]
 #: the memory table's rows (eager; each the library's own loss, and lorakit's with its loop's)
-MEMORY_VARIANTS = ["frozen", "frozen+fusedloss", "lorakit-lora", "lorakit-lora+fusedloss",
-                   "peft-lora", "lorakit-lora-fa", "lorakit-lora-fa+fusedloss", "lorakit-dora",
-                   "peft-dora", "lorakit-adalora", "peft-adalora", "lorakit-qlora", "peft-qlora"]
+MEMORY_VARIANTS = [
+    "frozen",
+    "frozen+fusedloss",
+    "lorakit-lora",
+    "lorakit-lora+fusedloss",
+    "peft-lora",
+    "lorakit-lora-fa",
+    "lorakit-lora-fa+fusedloss",
+    "lorakit-dora",
+    "peft-dora",
+    "lorakit-adalora",
+    "peft-adalora",
+    "lorakit-qlora",
+    "peft-qlora",
+]
 BATCH, SEQ, R, ALPHA = 2, 256, 16, 32
 MEM_BATCH, MEM_SEQ = 1, 1024  # the memory targets' shape
 GIB = 2**30
@@ -97,12 +123,20 @@ def build(variant: str, dtype: torch.dtype, batch: int = BATCH, seq: int = SEQ):
 
             quantize_model(model, AdapterConfig(quantize="nf4"))
         if method == "adalora":
-            cfg = AdaLoraConfig(init_r=R, target_r=R // 2, lora_alpha=ALPHA, tinit=10,
-                                tfinal=10, total_step=TOTAL_STEPS, target_modules="all-linear")
+            cfg = AdaLoraConfig(
+                init_r=R,
+                target_r=R // 2,
+                lora_alpha=ALPHA,
+                tinit=10,
+                tfinal=10,
+                total_step=TOTAL_STEPS,
+                target_modules="all-linear",
+            )
             peft_adalora = True
         else:
-            cfg = LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear",
-                             use_dora=(method == "dora"))
+            cfg = LoraConfig(
+                r=R, lora_alpha=ALPHA, target_modules="all-linear", use_dora=(method == "dora")
+            )
         model = get_peft_model(model, cfg)
     cast_frozen(model, dtype)
     model.train()
@@ -140,6 +174,7 @@ def build(variant: str, dtype: torch.dtype, batch: int = BATCH, seq: int = SEQ):
                 model.base_model.update_and_allocate(state["step"])
             if not keep_grads:
                 opt.zero_grad(set_to_none=True)
+
     return model, step, opt
 
 
@@ -162,8 +197,12 @@ def time_steps(variants: list[str], dtype: torch.dtype, rounds: int) -> dict[str
 def memory_of(variant: str, dtype: str) -> float:
     """Peak resident MiB of a training step after a warm-up step (which allocates the
     optimizer state and compiles), in a fresh subprocess."""
-    out = subprocess.run([sys.executable, __file__, "--memory-one", variant, "--dtypes", dtype],
-                         capture_output=True, text=True, cwd=Path(__file__).parent)
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-one", variant, "--dtypes", dtype],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    )
     if out.returncode != 0:
         return float("nan")
     return float(out.stdout.strip().splitlines()[-1])
@@ -198,22 +237,31 @@ def memory_table(variants: list[str], dtype: torch.dtype) -> dict[str, dict[str,
 
 def memory_targets(mem: dict[str, dict[str, float]]) -> list[tuple[str, str, bool]]:
     """(target, measured, met) for the memory targets, from the exact figures."""
+
     def total(v):
         return mem[v]["saved_mib"] + mem[v]["state_mib"]
 
     rows = []
     if {"lorakit-lora", "peft-lora"} <= mem.keys():
         a, b = total("lorakit-lora"), total("peft-lora")
-        rows.append(("LoRA <= PEFT LoRA (saved + state, both with transformers' loss)",
-                     f"{a:.0f} vs {b:.0f} MiB ({a / b:.2f}x)", a <= b))
-    for v, frozen, limit in (("lorakit-lora+fusedloss", "frozen+fusedloss", 0.5),
-                             ("lorakit-lora", "frozen", 0.5),
-                             ("lorakit-lora-fa+fusedloss", "frozen+fusedloss", 0.25),
-                             ("lorakit-lora-fa", "frozen", 0.25)):
+        rows.append(
+            (
+                "LoRA <= PEFT LoRA (saved + state, both with transformers' loss)",
+                f"{a:.0f} vs {b:.0f} MiB ({a / b:.2f}x)",
+                a <= b,
+            )
+        )
+    for v, frozen, limit in (
+        ("lorakit-lora+fusedloss", "frozen+fusedloss", 0.5),
+        ("lorakit-lora", "frozen", 0.5),
+        ("lorakit-lora-fa+fusedloss", "frozen+fusedloss", 0.25),
+        ("lorakit-lora-fa", "frozen", 0.25),
+    ):
         if {v, frozen} <= mem.keys():
             d = total(v) - total(frozen)
-            rows.append((f"{v} <= {frozen} + {limit} GiB", f"+{d / 1024:.3f} GiB",
-                         d <= limit * 1024))
+            rows.append(
+                (f"{v} <= {frozen} + {limit} GiB", f"+{d / 1024:.3f} GiB", d <= limit * 1024)
+            )
     return rows
 
 
@@ -224,8 +272,12 @@ def eval_throughput(n: int = 64) -> dict[str, float]:
     in file order, same model (bf16 autocast, as lorakit's evaluation), same stops and cap."""
     import lorakit as lk
     from lorakit.training.data import read_rows
-    from lorakit.training.evaluation import (autocast_for, default_max_new_tokens,
-                                             generate_answers, stop_token_ids)
+    from lorakit.training.evaluation import (
+        autocast_for,
+        default_max_new_tokens,
+        generate_answers,
+        stop_token_ids,
+    )
     from lorakit.training.formats import detect_format, prompt_and_answer
 
     model, tok = lk.load_model("smollm2-135m")
@@ -245,12 +297,21 @@ def eval_throughput(n: int = 64) -> dict[str, float]:
         side, tok.padding_side = tok.padding_side, "left"
         texts, n_tok, t0 = [], 0, time.perf_counter()
         for s in range(0, len(prompts), batch_size):
-            enc = tok(prompts[s:s + batch_size], return_tensors="pt", padding=True,
-                      add_special_tokens=False)
+            enc = tok(
+                prompts[s : s + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            )
             with torch.no_grad(), autocast_for(model, dtype):
-                gen = model.generate(**enc, max_new_tokens=cap, do_sample=False,
-                                     eos_token_id=stops, pad_token_id=tok.pad_token_id)
-            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=cap,
+                    do_sample=False,
+                    eos_token_id=stops,
+                    pad_token_id=tok.pad_token_id,
+                )
+            for row in gen[:, enc["input_ids"].shape[1] :].tolist():
                 body = answer_tokens(row)
                 n_tok += len(body)
                 texts.append(tok.decode(body, skip_special_tokens=True))
@@ -265,10 +326,18 @@ def eval_throughput(n: int = 64) -> dict[str, float]:
     one_tok, one_s, one_txt = plain(1)
     b_tok, b_s, b_txt = plain(32)
     same = sum(a.text == t for a, t in zip(answers, one_txt))
-    return {"prompts": len(prompts), "cap": cap, "lorakit_tok_s": lk_tok / lk_s,
-            "generate_b1_tok_s": one_tok / one_s, "generate_b32_tok_s": b_tok / b_s,
-            "lorakit_s": lk_s, "generate_b1_s": one_s, "generate_b32_s": b_s,
-            "same_answers_as_b1": same, "tokens": lk_tok}
+    return {
+        "prompts": len(prompts),
+        "cap": cap,
+        "lorakit_tok_s": lk_tok / lk_s,
+        "generate_b1_tok_s": one_tok / one_s,
+        "generate_b32_tok_s": b_tok / b_s,
+        "lorakit_s": lk_s,
+        "generate_b1_s": one_s,
+        "generate_b32_s": b_s,
+        "same_answers_as_b1": same,
+        "tokens": lk_tok,
+    }
 
 
 def generation(rounds: int) -> dict[str, float]:
@@ -290,8 +359,13 @@ def generation(rounds: int) -> dict[str, float]:
         for name, m in (("base", base), ("merged", merged)):
             t = time.perf_counter()
             with torch.no_grad():
-                out = m.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
+                out = m.generate(
+                    ids,
+                    max_new_tokens=64,
+                    min_new_tokens=64,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )
             res[name].append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - t))
     return {k: statistics.median(v) for k, v in res.items()}
 
@@ -328,16 +402,20 @@ def print_memory_table(mem: dict[str, dict[str, float]]) -> None:
     print("| variant | saved for backward (MiB) | params + grads + AdamW (MiB) | total (MiB) |")
     print("|---|---|---|---|")
     for v, m in mem.items():
-        print(f"| {v} | {m['saved_mib']:.1f} | {m['state_mib']:.1f} | "
-              f"{m['saved_mib'] + m['state_mib']:.1f} |")
+        print(
+            f"| {v} | {m['saved_mib']:.1f} | {m['state_mib']:.1f} | "
+            f"{m['saved_mib'] + m['state_mib']:.1f} |"
+        )
     print("\n| memory target | measured | met |\n|---|---|---|")
     for target, measured, met in memory_targets(mem):
         print(f"| {target} | {measured} | {'yes' if met else 'NO'} |", flush=True)
 
 
 OPTIONS = ("fusedloss", "compile", "unfolded")
-METHODS = {"lorakit": ("lora", "dora", "lora-fa", "adalora", "qlora"),
-           "peft": ("lora", "dora", "adalora", "qlora")}
+METHODS = {
+    "lorakit": ("lora", "dora", "lora-fa", "adalora", "qlora"),
+    "peft": ("lora", "dora", "adalora", "qlora"),
+}
 
 
 def check_variant(variant: str) -> None:
@@ -347,8 +425,10 @@ def check_variant(variant: str) -> None:
     kind, _, method = name.partition("-")
     bad = [e for e in extras if e not in OPTIONS]
     if bad or not (name == "frozen" or method in METHODS.get(kind, ())):
-        raise SystemExit(f"run.py: unknown variant {variant!r} (frozen or "
-                         f"lorakit-/peft-<method>, options +{', +'.join(OPTIONS)})")
+        raise SystemExit(
+            f"run.py: unknown variant {variant!r} (frozen or "
+            f"lorakit-/peft-<method>, options +{', +'.join(OPTIONS)})"
+        )
 
 
 def main() -> None:
@@ -360,8 +440,11 @@ def main() -> None:
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--no-memory", action="store_true", help="skip the exact memory table")
     ap.add_argument("--no-generation", action="store_true")
-    ap.add_argument("--default-allocator", action="store_true",
-                    help="time with glibc's default trimming (see common.steady_allocator)")
+    ap.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="time with glibc's default trimming (see common.steady_allocator)",
+    )
     ap.add_argument("--memory-one", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
@@ -373,21 +456,32 @@ def main() -> None:
     for v in [*variants, *(m for m in a.memory_variants.split(",") if m)]:
         check_variant(v)
     alloc = "allocator: defaults" if a.default_allocator else steady_allocator()
-    results: dict = {"machine": machine(), "batch": BATCH, "seq": SEQ, "r": R, "rounds": a.rounds,
-                     "allocator": alloc}
-    print(f"# {results['machine']}\n# {alloc}\n# batch {BATCH}x{SEQ}, r={R}, median of "
-          f"{a.rounds} interleaved rounds\n", flush=True)
+    results: dict = {
+        "machine": machine(),
+        "batch": BATCH,
+        "seq": SEQ,
+        "r": R,
+        "rounds": a.rounds,
+        "allocator": alloc,
+    }
+    print(
+        f"# {results['machine']}\n# {alloc}\n# batch {BATCH}x{SEQ}, r={R}, median of "
+        f"{a.rounds} interleaved rounds\n",
+        flush=True,
+    )
     for dname in a.dtypes.split(","):
         med = time_steps(variants, dtypes[dname], a.rounds) if variants else {}
         rss = {} if a.no_rss else {v: memory_of(v, dname) for v in variants}
-        results[dname] = {"step_s": med, "peak_mib": rss,
-                          "rounds_s": ROUND_TIMES.get(str(dtypes[dname]), {})}
+        results[dname] = {
+            "step_s": med,
+            "peak_mib": rss,
+            "rounds_s": ROUND_TIMES.get(str(dtypes[dname]), {}),
+        }
         if variants:
             print(f"## {dname}: training step")
             print_step_table(variants, med, rss)
         if med.get("frozen"):
-            print(f"\ncollation: {100 * collation_share(med['frozen']):.2f}% of the frozen "
-                  "step\n")
+            print(f"\ncollation: {100 * collation_share(med['frozen']):.2f}% of the frozen step\n")
         if not a.no_memory:
             mem = memory_table(a.memory_variants.split(","), dtypes[dname])
             results[dname]["memory"] = mem
@@ -397,19 +491,24 @@ def main() -> None:
     if not a.no_generation:
         ev = eval_throughput()
         results["eval_generation"] = ev
-        print(f"## evaluation generation ({ev['prompts']} prompts of task:arithmetic, cap "
-              f"{ev['cap']} tokens, {ev['tokens']} answer tokens, bf16)\n"
-              f"lorakit generate_answers {ev['lorakit_tok_s']:.1f} tok/s "
-              f"({ev['lorakit_s']:.1f} s); transformers generate, batch 1: "
-              f"{ev['generate_b1_tok_s']:.1f} tok/s ({ev['generate_b1_s']:.1f} s), batch 32 in "
-              f"file order: {ev['generate_b32_tok_s']:.1f} tok/s ({ev['generate_b32_s']:.1f} s);"
-              f" speed-up vs batch 1 {ev['lorakit_tok_s'] / ev['generate_b1_tok_s']:.2f}x, vs "
-              f"batch 32 {ev['lorakit_tok_s'] / ev['generate_b32_tok_s']:.2f}x; answers equal "
-              f"to batch 1's: {ev['same_answers_as_b1']}/{ev['prompts']}", flush=True)
+        print(
+            f"## evaluation generation ({ev['prompts']} prompts of task:arithmetic, cap "
+            f"{ev['cap']} tokens, {ev['tokens']} answer tokens, bf16)\n"
+            f"lorakit generate_answers {ev['lorakit_tok_s']:.1f} tok/s "
+            f"({ev['lorakit_s']:.1f} s); transformers generate, batch 1: "
+            f"{ev['generate_b1_tok_s']:.1f} tok/s ({ev['generate_b1_s']:.1f} s), batch 32 in "
+            f"file order: {ev['generate_b32_tok_s']:.1f} tok/s ({ev['generate_b32_s']:.1f} s);"
+            f" speed-up vs batch 1 {ev['lorakit_tok_s'] / ev['generate_b1_tok_s']:.2f}x, vs "
+            f"batch 32 {ev['lorakit_tok_s'] / ev['generate_b32_tok_s']:.2f}x; answers equal "
+            f"to batch 1's: {ev['same_answers_as_b1']}/{ev['prompts']}",
+            flush=True,
+        )
         gen = generation(a.rounds)
         results["generation_tok_s"] = gen
-        print(f"merged generation: base {gen['base']:.1f} tok/s, merged {gen['merged']:.1f} "
-              f"tok/s, ratio {gen['merged'] / gen['base']:.3f}")
+        print(
+            f"merged generation: base {gen['base']:.1f} tok/s, merged {gen['merged']:.1f} "
+            f"tok/s, ratio {gen['merged'] / gen['base']:.3f}"
+        )
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
 

@@ -51,8 +51,7 @@ METHODS = {"full": full_causal, "s2": s2}
 def inputs(n, device, dtype):
     g = torch.Generator(device="cpu").manual_seed(0)
     # the layout transformers passes: (b, heads, n, d) views of (b, n, heads, d) projections
-    make = lambda h: (torch.randn(1, n, h, HEAD_DIM, generator=g).to(device, dtype)  # noqa: E731
-                      .requires_grad_())
+    make = lambda h: torch.randn(1, n, h, HEAD_DIM, generator=g).to(device, dtype).requires_grad_()
     return [make(h).transpose(1, 2) for h in (HEADS, KV_HEADS, KV_HEADS)]
 
 
@@ -108,8 +107,10 @@ def peak_bytes(fn, n, device, dtype) -> int | None:
 def machine(device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-            f"threads (torch {torch.__version__})")
+    return (
+        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"threads (torch {torch.__version__})"
+    )
 
 
 def model_step(s2: bool, n: int, device, dtype):
@@ -158,14 +159,18 @@ def model_main(lengths, reps, device, dtype) -> None:
                 times[m].append(time.perf_counter() - t0)
         rows.append((n, {m: statistics.median(t) for m, t in times.items()}, saved))
         del built
-    print(f"# S2-Attn vs full attention, whole LoRA training step of SmolLM2-135M (r=16, all "
-          f"linear layers), batch 1, G = N/4; {machine(device)}, "
-          f"{str(dtype).removeprefix('torch.')}, median of {reps}")
+    print(
+        f"# S2-Attn vs full attention, whole LoRA training step of SmolLM2-135M (r=16, all "
+        f"linear layers), batch 1, G = N/4; {machine(device)}, "
+        f"{str(dtype).removeprefix('torch.')}, median of {reps}"
+    )
     print("| tokens | full s | S2 s | S2/full time | full saved MiB | S2 saved MiB |")
     print("|---|---|---|---|---|---|")
     for n, med, saved in rows:
-        print(f"| {n} | {med['full']:.2f} | {med['s2']:.2f} | {med['s2'] / med['full']:.2f} | "
-              f"{saved['full'] / 2**20:.1f} | {saved['s2'] / 2**20:.1f} |")
+        print(
+            f"| {n} | {med['full']:.2f} | {med['s2']:.2f} | {med['s2'] / med['full']:.2f} | "
+            f"{saved['full'] / 2**20:.1f} | {saved['s2'] / 2**20:.1f} |"
+        )
 
 
 def main() -> None:
@@ -174,8 +179,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on cuda)")
-    ap.add_argument("--model", action="store_true", help="whole training steps of the "
-                    "embedded model instead of the attention function alone")
+    ap.add_argument(
+        "--model",
+        action="store_true",
+        help="whole training steps of the embedded model instead of the attention function alone",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -192,11 +200,15 @@ def main() -> None:
             for m, fn in METHODS.items():
                 times[(n, m)].append(time_once(fn, n, device, dtype))
 
-    print(f"# S2-Attn vs full causal attention, fwd+bwd of attention alone; {machine(device)}, "
-          f"{str(dtype).removeprefix('torch.')}, {HEADS} q heads / {KV_HEADS} kv heads / dim "
-          f"{HEAD_DIM}, batch 1, G = N/4, median of {args.reps}")
-    print("| tokens | full ms | S2 ms | S2/full time | full saved MiB | S2 saved MiB | "
-          "full peak MiB | S2 peak MiB |")
+    print(
+        f"# S2-Attn vs full causal attention, fwd+bwd of attention alone; {machine(device)}, "
+        f"{str(dtype).removeprefix('torch.')}, {HEADS} q heads / {KV_HEADS} kv heads / dim "
+        f"{HEAD_DIM}, batch 1, G = N/4, median of {args.reps}"
+    )
+    print(
+        "| tokens | full ms | S2 ms | S2/full time | full saved MiB | S2 saved MiB | "
+        "full peak MiB | S2 peak MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
     first = {}
@@ -206,15 +218,19 @@ def main() -> None:
         first.setdefault("s2", med["s2"])
         saved = {m: saved_bytes(fn, n, device, dtype) for m, fn in METHODS.items()}
         peak = {m: peak_bytes(fn, n, device, dtype) for m, fn in METHODS.items()}
-        print(f"| {n} | {med['full'] * 1e3:.1f} | {med['s2'] * 1e3:.1f} | "
-              f"{med['s2'] / med['full']:.2f} | {mib(saved['full'])} | {mib(saved['s2'])} | "
-              f"{mib(peak['full'])} | {mib(peak['s2'])} |")
+        print(
+            f"| {n} | {med['full'] * 1e3:.1f} | {med['s2'] * 1e3:.1f} | "
+            f"{med['s2'] / med['full']:.2f} | {mib(saved['full'])} | {mib(saved['s2'])} | "
+            f"{mib(peak['full'])} | {mib(peak['s2'])} |"
+        )
     n0, n1 = lengths[0], lengths[-1]
-    print(f"\ngrowth {n0} -> {n1} tokens: "
-          f"full x{statistics.median(times[(n1, 'full')]) / first['full']:.1f}, "
-          f"S2 x{statistics.median(times[(n1, 's2')]) / first['s2']:.1f} "
-          f"(quadratic: x{(n1 / n0) ** 2:.0f}; S2 at {n1} vs full at {n0}: "
-          f"x{statistics.median(times[(n1, 's2')]) / first['full']:.1f}, ideal x{n1 / n0:.0f})")
+    print(
+        f"\ngrowth {n0} -> {n1} tokens: "
+        f"full x{statistics.median(times[(n1, 'full')]) / first['full']:.1f}, "
+        f"S2 x{statistics.median(times[(n1, 's2')]) / first['s2']:.1f} "
+        f"(quadratic: x{(n1 / n0) ** 2:.0f}; S2 at {n1} vs full at {n0}: "
+        f"x{statistics.median(times[(n1, 's2')]) / first['full']:.1f}, ideal x{n1 / n0:.0f})"
+    )
 
 
 if __name__ == "__main__":

@@ -16,13 +16,27 @@ def tiny_config(arch: str):
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     if arch == "llama":
-        return LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=256, tie_word_embeddings=True)
+        return LlamaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+        )
     if arch == "qwen2":
-        return Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=256, tie_word_embeddings=False)
+        return Qwen2Config(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
     if arch == "gpt2":
         return GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=256)
     raise ValueError(arch)
@@ -92,11 +106,19 @@ def tiny_model_dir(tmp_path_factory, _smollm2_once):
     _, tok = _smollm2_once
     d = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
@@ -104,6 +126,16 @@ def tiny_model_dir(tmp_path_factory, _smollm2_once):
 
 def tiny_run_args(model_dir, out, *extra):
     """CLI overrides for a fast, deterministic run of the built-in task on the tiny model."""
-    return [f"model={model_dir}", f"output_dir={out}", "train.precision=fp32",
-            "train.batch_size=4", "train.max_steps=6", "train.lr=1e-3", "data.limit=64",
-            "eval.limit=8", "eval.max_new_tokens=4", "adapter.r=4", *extra]
+    return [
+        f"model={model_dir}",
+        f"output_dir={out}",
+        "train.precision=fp32",
+        "train.batch_size=4",
+        "train.max_steps=6",
+        "train.lr=1e-3",
+        "data.limit=64",
+        "eval.limit=8",
+        "eval.max_new_tokens=4",
+        "adapter.r=4",
+        *extra,
+    ]

@@ -21,15 +21,21 @@ Saved as PEFT saves VeRA: ``vera_lambda_b`` / ``vera_lambda_d`` per layer and
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from lorakit.adapters.base import (AdapterLayer, Method, copy_into, layers_of, linear_dims,
-                                   make_dropout, state_of)
+from lorakit.adapters.base import (
+    AdapterLayer,
+    Method,
+    copy_into,
+    layers_of,
+    linear_dims,
+    make_dropout,
+    state_of,
+)
 from lorakit.options import MethodOptions
 
 #: model-level keys of the shared projections in adapter_model.safetensors (PEFT's)
@@ -46,10 +52,17 @@ class VeRAOptions(MethodOptions):
     """``adapter.toy_vera``: VeRA's own options (PEFT's VeraConfig names and defaults)."""
 
     projection_prng_key: int = Field(0, description="seed of the shared random A and B")
-    d_initial: float = Field(0.1, gt=0, description="initial value of every entry of d "
-                             "(Kopiczko et al. 2024, Table 6c: small values)")
-    save_projection: bool = Field(True, description="write A and B into the adapter file; "
-                                  "false: they are drawn again from projection_prng_key")
+    d_initial: float = Field(
+        0.1,
+        gt=0,
+        description="initial value of every entry of d "
+        "(Kopiczko et al. 2024, Table 6c: small values)",
+    )
+    save_projection: bool = Field(
+        True,
+        description="write A and B into the adapter file; "
+        "false: they are drawn again from projection_prng_key",
+    )
 
 
 class VeRALinear(AdapterLayer):
@@ -59,8 +72,14 @@ class VeRALinear(AdapterLayer):
     adapter_param_names = ("vera_lambda_b", "vera_lambda_d")
     peft_names = {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"}
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-                 d_initial: float = 0.1):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        d_initial: float = 0.1,
+    ):
         super().__init__(base_layer, r, alpha)
         self.in_features, self.out_features = linear_dims(base_layer)
         self.dropout = make_dropout(dropout)
@@ -70,18 +89,21 @@ class VeRALinear(AdapterLayer):
 
     def new_adapter_parameters(self) -> dict[str, nn.Parameter]:
         dev = self.base_layer.weight.device
-        return {"vera_lambda_b": nn.Parameter(torch.zeros(self.out_features, device=dev)),
-                "vera_lambda_d": nn.Parameter(torch.full((self.r,), self.d_initial,
-                                                         device=dev))}
+        return {
+            "vera_lambda_b": nn.Parameter(torch.zeros(self.out_features, device=dev)),
+            "vera_lambda_d": nn.Parameter(torch.full((self.r,), self.d_initial, device=dev)),
+        }
 
     def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's blocks of the shared A and B."""
-        return self.vera_A[:, :self.in_features], self.vera_B[:self.out_features, :]
+        return self.vera_A[:, : self.in_features], self.vera_B[: self.out_features, :]
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.projections()
-        return ((self.vera_lambda_b.float()[:, None] * b.float())
-                @ (self.vera_lambda_d.float()[:, None] * a.float())) * self.scaling
+        return (
+            (self.vera_lambda_b.float()[:, None] * b.float())
+            @ (self.vera_lambda_d.float()[:, None] * a.float())
+        ) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -104,9 +126,11 @@ class VeRA(Method):
 
     def check(self, cfg) -> None:
         if cfg.rank_pattern or cfg.alpha_pattern or cfg.use_rslora:
-            raise ValueError("rank_pattern, alpha_pattern and use_rslora do not apply to "
-                             "toy-vera: every layer shares one A and B of rank r, and no "
-                             "alpha scales them")
+            raise ValueError(
+                "rank_pattern, alpha_pattern and use_rslora do not apply to "
+                "toy-vera: every layer shares one A and B of rank r, and no "
+                "alpha scales them"
+            )
 
     def layer_kwargs(self, cls: type, cfg) -> dict:
         return {"dropout": cfg.dropout, "d_initial": cfg.options.d_initial}
@@ -133,24 +157,35 @@ class VeRA(Method):
     # ---- the PEFT codec: VeraConfig's fields and the model-level projections --------------
     def peft_fields(self, cfg, model: nn.Module) -> dict:
         o = cfg.options
-        return {**super().peft_fields(cfg, model), "vera_dropout": cfg.dropout,
-                "projection_prng_key": o.projection_prng_key, "d_initial": o.d_initial,
-                "save_projection": o.save_projection, "init_weights": True}
+        return {
+            **super().peft_fields(cfg, model),
+            "vera_dropout": cfg.dropout,
+            "projection_prng_key": o.projection_prng_key,
+            "d_initial": o.d_initial,
+            "save_projection": o.save_projection,
+            "init_weights": True,
+        }
 
     def reads_peft(self, pc: dict) -> bool:
         return pc.get("peft_type") == "VERA"
 
     def options_from_peft(self, pc: dict) -> dict:
         own = ("projection_prng_key", "d_initial", "save_projection")
-        return {**super().options_from_peft(pc), "dropout": pc.get("vera_dropout") or 0.0,
-                self.options_key: {k: pc[k] for k in own if pc.get(k) is not None}}
+        return {
+            **super().options_from_peft(pc),
+            "dropout": pc.get("vera_dropout") or 0.0,
+            self.options_key: {k: pc[k] for k in own if pc.get(k) is not None},
+        }
 
     def peft_recorded(self, cfg) -> dict:
         o = cfg.options
-        return {**super().peft_recorded(cfg), "projection_prng_key": o.projection_prng_key,
-                "save_projection": o.save_projection}
+        return {
+            **super().peft_recorded(cfg),
+            "projection_prng_key": o.projection_prng_key,
+            "save_projection": o.save_projection,
+        }
 
-    def check_tensors(self, cfg, tensors: dict[str, torch.Tensor]) -> Optional[str]:
+    def check_tensors(self, cfg, tensors: dict[str, torch.Tensor]) -> str | None:
         for key, t in tensors.items():
             if key.endswith(".vera_lambda_d") and tuple(t.shape) != (cfg.r,):
                 return f"{key} has {t.numel()} values but the config gives rank {cfg.r}"
@@ -162,8 +197,7 @@ class VeRA(Method):
             return {}
         return dict(zip(SHARED_KEYS, (layers[0].vera_A, layers[0].vera_B)))
 
-    def load_peft_model_tensors(self, model: nn.Module,
-                                tensors: dict[str, torch.Tensor]) -> None:
+    def load_peft_model_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         layers = list(layers_of(model, VeRALinear).values())
         for key, attr in zip(SHARED_KEYS, ("vera_A", "vera_B")):
             if key in tensors:

@@ -1,23 +1,33 @@
 """lorakit: fine-tune causal LMs with the LoRA family of methods.
 
-    import lorakit as lk
-    model, tok = lk.load_model("smollm2-135m")
-    model = lk.apply(model, lk.AdapterConfig(method="lora", r=16, alpha=32))
-    lk.save_adapter(model, "out/adapter")      # a PEFT adapter folder
+import lorakit as lk
+model, tok = lk.load_model("smollm2-135m")
+model = lk.apply(model, lk.AdapterConfig(method="lora", r=16, alpha=32))
+lk.save_adapter(model, "out/adapter")      # a PEFT adapter folder
 """
 
-from .version import __version__
 from .config import AdapterConfig
 from .errors import LorakitError
-from .inject import (apply, count_parameters, disabled, merge, trainable_parameters, unload,
-                     unmerge)
-from .peft_format import load_adapter, save_adapter, save_merged
-from .models import load_model
 from .export import export
+from .inject import apply, count_parameters, disabled, merge, trainable_parameters, unload, unmerge
+from .models import load_model
+from .peft_format import load_adapter, save_adapter, save_merged
+from .version import __version__
 
 __all__ = [
-    "AdapterConfig", "LorakitError", "apply", "count_parameters", "disabled", "export",
+    "AdapterConfig",
+    "LorakitError",
+    "apply",
+    "count_parameters",
+    "disabled",
+    "export",
     "load_adapter",
-    "load_model", "merge", "save_adapter", "save_merged", "trainable_parameters", "unload",
-    "unmerge", "__version__",
+    "load_model",
+    "merge",
+    "save_adapter",
+    "save_merged",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+    "__version__",
 ]

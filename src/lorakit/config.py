@@ -9,26 +9,33 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Callable, Literal, Optional, Union
+from collections.abc import Callable
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_serializer, model_validator
 
 from .errors import LorakitError
-from .options import MethodOptions, Strict as _Strict
-from .registry import (DEFAULT_METHOD, METHODS, PRESETS, all_methods, get_method,
-                       preset_options)
+from .options import MethodOptions
+from .options import Strict as _Strict
+from .registry import DEFAULT_METHOD, METHODS, PRESETS, all_methods, get_method, preset_options
 
 #: Options that cannot work together: (test on (config, method), the one-sentence reason).
 #: A method's own restrictions on common options are its ``Method.check``.
 COMBINATIONS: list[tuple[Callable[[Any, Any], bool], str]] = [
-    (lambda c, m: not m.wraps_layers and c.quantize is not None,
-     "quantize: nf4 needs an adapter to train: a method that trains every weight cannot "
-     "train 4-bit weights (use it without quantize, or an adapter method)"),
-    (lambda c, m: not m.wraps_layers and bool(c.trainable_modules),
-     "trainable_modules adds modules to an adapter; this method already trains every weight"),
-    (lambda c, m: not m.wraps_layers and (bool(c.rank_pattern) or bool(c.alpha_pattern)),
-     "rank_pattern/alpha_pattern set adapter ranks; this method has no adapter"),
+    (
+        lambda c, m: not m.wraps_layers and c.quantize is not None,
+        "quantize: nf4 needs an adapter to train: a method that trains every weight cannot "
+        "train 4-bit weights (use it without quantize, or an adapter method)",
+    ),
+    (
+        lambda c, m: not m.wraps_layers and bool(c.trainable_modules),
+        "trainable_modules adds modules to an adapter; this method already trains every weight",
+    ),
+    (
+        lambda c, m: not m.wraps_layers and (bool(c.rank_pattern) or bool(c.alpha_pattern)),
+        "rank_pattern/alpha_pattern set adapter ranks; this method has no adapter",
+    ),
 ]
 
 
@@ -37,36 +44,48 @@ class AdapterConfig(_Strict):
     options under ``adapter.<method>`` (``adapter.adalora.target_r``; the method's module
     declares them). Defaults follow each method's paper (docs/methods/)."""
 
-    method: str = Field(DEFAULT_METHOD, description="a registered method (lorakit methods lists them), "
-                        "or a preset: qlora | lora+ | longlora")
+    method: str = Field(
+        DEFAULT_METHOD,
+        description="a registered method (lorakit methods lists them), "
+        "or a preset: qlora | lora+ | longlora",
+    )
     r: int = Field(16, gt=0, description="LoRA rank (AdaLoRA: see adalora.init_r/target_r)")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; scale = alpha / r")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA branch input")
-    target_modules: Union[str, list[str]] = Field(
-        "all-linear", description="list: module name or '.'-suffix; string: full regex; "
-        "'all-linear': every linear layer except the output head")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="list: module name or '.'-suffix; string: full regex; "
+        "'all-linear': every linear layer except the output head",
+    )
     trainable_modules: list[str] = Field(
-        default_factory=list, description="modules trained whole and saved with the adapter "
+        default_factory=list,
+        description="modules trained whole and saved with the adapter "
         "(PEFT modules_to_save); 'embeddings' and 'norms' select the input embeddings and "
-        "every normalization layer")
-    rank_pattern: dict[str, int] = Field(default_factory=dict,
-                                         description="per-module rank: regex -> r")
-    alpha_pattern: dict[str, float] = Field(default_factory=dict,
-                                            description="per-module alpha: regex -> alpha")
+        "every normalization layer",
+    )
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="per-module rank: regex -> r"
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="per-module alpha: regex -> alpha"
+    )
     use_rslora: bool = Field(False, description="scale = alpha / sqrt(r) (rsLoRA)")
-    quantize: Optional[Literal["nf4"]] = Field(None, description="'nf4': 4-bit base (QLoRA)")
+    quantize: Literal["nf4"] | None = Field(None, description="'nf4': 4-bit base (QLoRA)")
     quant_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="dtype the NF4 weights are dequantized to for each matmul "
-        "(auto: bfloat16 where bf16 is native, else float32)")
-    loraplus_ratio: Optional[float] = Field(None, gt=0, description="LoRA+: lr_B / lr_A")
-    loraplus_lr_embedding: float = Field(1e-6, gt=0,
-                                         description="LoRA+: lr of LoRA on embeddings")
+        "auto",
+        description="dtype the NF4 weights are dequantized to for each matmul "
+        "(auto: bfloat16 where bf16 is native, else float32)",
+    )
+    loraplus_ratio: float | None = Field(None, gt=0, description="LoRA+: lr_B / lr_A")
+    loraplus_lr_embedding: float = Field(1e-6, gt=0, description="LoRA+: lr of LoRA on embeddings")
     s2_attn: bool = Field(False, description="LongLoRA shifted sparse attention in training")
     s2_group_ratio: float = Field(0.25, gt=0, le=1, description="S2-Attn group size / length")
-    context_length: Optional[int] = Field(None, gt=0,
-                                          description="RoPE linear interpolation target length")
-    options: Optional[Any] = Field(None, exclude=True, description="the method's own options "
-                                   "(written adapter.<method>: {...})")
+    context_length: int | None = Field(
+        None, gt=0, description="RoPE linear interpolation target length"
+    )
+    options: Any | None = Field(
+        None, exclude=True, description="the method's own options (written adapter.<method>: {...})"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -77,28 +96,35 @@ class AdapterConfig(_Strict):
             return data
         if data.get("method") in PRESETS:
             preset = preset_options(data["method"])
-            data = {**preset, **{k: v for k, v in data.items() if k != "method"},
-                    "method": preset["method"]}
+            data = {
+                **preset,
+                **{k: v for k, v in data.items() if k != "method"},
+                "method": preset["method"],
+            }
         data = dict(data)
         name = data.get("method", DEFAULT_METHOD)
         if name not in METHODS:
-            raise ValueError(f"method must be one of {', '.join([*METHODS, *PRESETS])}, "
-                             f"not {name!r}")
+            raise ValueError(
+                f"method must be one of {', '.join([*METHODS, *PRESETS])}, not {name!r}"
+            )
         method = get_method(name)
         raw = data.pop("options", None)
         owners = {m.options_key: m for m in all_methods() if m.options is not None}
         for key in [k for k in data if k not in cls.model_fields]:
             if key in owners:
                 if key != method.options_key:
-                    raise LorakitError(f"invalid config: adapter.{key} holds options of method "
-                                       f"{owners[key].name!r}, but adapter.method is {name!r}")
+                    raise LorakitError(
+                        f"invalid config: adapter.{key} holds options of method "
+                        f"{owners[key].name!r}, but adapter.method is {name!r}"
+                    )
                 raw = data.pop(key)
                 continue
             for m in owners.values():
                 new = m.options.RENAMED.get(key, key if key in m.options.model_fields else None)
                 if new is not None:
-                    raise LorakitError(f"invalid config: adapter.{key} is now "
-                                       f"adapter.{m.options_key}.{new}")
+                    raise LorakitError(
+                        f"invalid config: adapter.{key} is now adapter.{m.options_key}.{new}"
+                    )
         if isinstance(raw, MethodOptions) and not isinstance(raw, method.options or ()):
             raw = None  # another method's parsed options: the method was just changed
         if method.options is None:
@@ -110,28 +136,39 @@ class AdapterConfig(_Strict):
             data["options"] = raw
             return data
         if raw is not None and not isinstance(raw, dict):
-            raise LorakitError(f"invalid config: adapter.{method.options_key} must be a mapping "
-                               "of options")
+            raise LorakitError(
+                f"invalid config: adapter.{method.options_key} must be a mapping of options"
+            )
         raw = dict(raw or {})
         for old, new in method.options.RENAMED.items():
             if old in raw:
-                raise LorakitError(f"invalid config: adapter.{method.options_key}.{old} is now "
-                                   f"adapter.{method.options_key}.{new}")
+                raise LorakitError(
+                    f"invalid config: adapter.{method.options_key}.{old} is now "
+                    f"adapter.{method.options_key}.{new}"
+                )
         try:
             data["options"] = method.options.model_validate(raw)
         except ValidationError as e:
-            raise LorakitError("invalid config: " + validation_message(
-                e, f"adapter.{method.options_key}", method.options)) from None
+            raise LorakitError(
+                "invalid config: "
+                + validation_message(e, f"adapter.{method.options_key}", method.options)
+            ) from None
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "AdapterConfig":
+    def _check(self) -> AdapterConfig:
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules must not be empty")
-        regexes = [("target_modules", self.target_modules)] if isinstance(
-            self.target_modules, str) and self.target_modules != "all-linear" else []
-        regexes += [(f"{field}[{k!r}]", k) for field in ("rank_pattern", "alpha_pattern")
-                    for k in getattr(self, field)]
+        regexes = (
+            [("target_modules", self.target_modules)]
+            if isinstance(self.target_modules, str) and self.target_modules != "all-linear"
+            else []
+        )
+        regexes += [
+            (f"{field}[{k!r}]", k)
+            for field in ("rank_pattern", "alpha_pattern")
+            for k in getattr(self, field)
+        ]
         for where, pattern in regexes:
             try:
                 re.compile(pattern)
@@ -174,8 +211,11 @@ def upgrade_recorded(adapter: dict) -> dict:
             continue
         flat = {old: new for old, new in m.options.RENAMED.items()}
         flat.update({f: f for f in m.options.model_fields})
-        moved = {flat[k]: data.pop(k) for k in list(data)
-                 if k in flat and k not in AdapterConfig.model_fields}
+        moved = {
+            flat[k]: data.pop(k)
+            for k in list(data)
+            if k in flat and k not in AdapterConfig.model_fields
+        }
         if m is own and moved:
             data[m.options_key] = {**moved, **(data.get(m.options_key) or {})}
     return data
@@ -183,25 +223,40 @@ def upgrade_recorded(adapter: dict) -> dict:
 
 #: Keys of LLaMA-Factory, TRL/transformers and axolotl configs -> what lorakit calls them
 PEER_KEYS = {
-    "num_train_epochs": "train.epochs", "learning_rate": "train.lr",
-    "lr_scheduler_type": "train.schedule", "per_device_train_batch_size": "train.batch_size",
-    "micro_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
-    "warmup_ratio": "train.warmup_ratio", "max_grad_norm": "train.max_grad_norm",
-    "gradient_checkpointing": "train.gradient_checkpointing", "bf16": "train.precision",
-    "fp16": "train.precision", "lora_rank": "adapter.r", "lora_r": "adapter.r",
-    "lora_alpha": "adapter.alpha", "lora_dropout": "adapter.dropout",
-    "lora_target": "adapter.target_modules", "lora_target_modules": "adapter.target_modules",
-    "finetuning_type": "adapter.method", "use_dora": "adapter.method (dora)",
-    "quantization_bit": "adapter.quantize (nf4)", "load_in_4bit": "adapter.quantize (nf4)",
-    "model_name_or_path": "model", "base_model": "model", "dataset": "data.train",
-    "datasets": "data.train", "cutoff_len": "data.max_seq_len",
-    "sequence_len": "data.max_seq_len", "max_seq_length": "data.max_seq_len",
+    "num_train_epochs": "train.epochs",
+    "learning_rate": "train.lr",
+    "lr_scheduler_type": "train.schedule",
+    "per_device_train_batch_size": "train.batch_size",
+    "micro_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "warmup_ratio": "train.warmup_ratio",
+    "max_grad_norm": "train.max_grad_norm",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "lora_rank": "adapter.r",
+    "lora_r": "adapter.r",
+    "lora_alpha": "adapter.alpha",
+    "lora_dropout": "adapter.dropout",
+    "lora_target": "adapter.target_modules",
+    "lora_target_modules": "adapter.target_modules",
+    "finetuning_type": "adapter.method",
+    "use_dora": "adapter.method (dora)",
+    "quantization_bit": "adapter.quantize (nf4)",
+    "load_in_4bit": "adapter.quantize (nf4)",
+    "model_name_or_path": "model",
+    "base_model": "model",
+    "dataset": "data.train",
+    "datasets": "data.train",
+    "cutoff_len": "data.max_seq_len",
+    "sequence_len": "data.max_seq_len",
+    "max_seq_length": "data.max_seq_len",
     "report_to": "metrics.jsonl in the run folder (trackers are not supported yet)",
 }
 
 
-def _unknown_key_hint(model_cls: Optional[type], loc: tuple) -> str:
-    """"; lorakit calls it X" for a peer's key, "; did you mean X?" for a near miss."""
+def _unknown_key_hint(model_cls: type | None, loc: tuple) -> str:
+    """ "; lorakit calls it X" for a peer's key, "; did you mean X?" for a near miss."""
     key = str(loc[-1])
     if key in PEER_KEYS:
         return f"; lorakit calls it {PEER_KEYS[key]}"
@@ -213,8 +268,9 @@ def _unknown_key_hint(model_cls: Optional[type], loc: tuple) -> str:
     return f"; did you mean {near[0]!r}?" if near else ""
 
 
-def validation_message(err: ValidationError, prefix: str = "",
-                       model_cls: Optional[type] = None) -> str:
+def validation_message(
+    err: ValidationError, prefix: str = "", model_cls: type | None = None
+) -> str:
     """Turn pydantic's multi-line report into one sentence naming the first bad field."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
@@ -223,7 +279,7 @@ def validation_message(err: ValidationError, prefix: str = "",
     if first["type"] == "extra_forbidden":
         msg = "unknown key" + _unknown_key_hint(model_cls, tuple(first["loc"]))
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     return f"{where}: {msg}" if where else msg
 
 
@@ -232,8 +288,7 @@ def parse(model_cls: type[BaseModel], data: dict, prefix: str = "") -> Any:
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
-        raise LorakitError(f"invalid config: {validation_message(e, prefix, model_cls)}") \
-            from None
+        raise LorakitError(f"invalid config: {validation_message(e, prefix, model_cls)}") from None
 
 
 def adapter_config(cfg: AdapterConfig | dict | None = None, **kwargs) -> AdapterConfig:
@@ -245,45 +300,64 @@ def adapter_config(cfg: AdapterConfig | dict | None = None, **kwargs) -> Adapter
 
 # ---- the run configuration (lorakit train) ---------------------------------------------------
 
+
 class DataConfig(_Strict):
     """Where the examples come from and how they become token sequences."""
 
-    train: Union[str, list[str]] = Field(
-        "task:arithmetic", description="a .jsonl/.json/.csv/.parquet/.txt file, task:NAME for a "
-        "built-in task, or a list of files (in one format) trained together")
-    weights: Optional[list[float]] = Field(
-        None, description="with several train files: how many times each file's examples are "
-        "used (2: twice; 0.5: a random half); default 1 each")
-    valid: Optional[str] = Field(None, description="validation file; default: the task's "
-                                 "validation split, or valid_ratio of the training file")
-    valid_ratio: float = Field(0.05, ge=0, lt=1, description="held out of train when valid is "
-                               "not given")
+    train: str | list[str] = Field(
+        "task:arithmetic",
+        description="a .jsonl/.json/.csv/.parquet/.txt file, task:NAME for a "
+        "built-in task, or a list of files (in one format) trained together",
+    )
+    weights: list[float] | None = Field(
+        None,
+        description="with several train files: how many times each file's examples are "
+        "used (2: twice; 0.5: a random half); default 1 each",
+    )
+    valid: str | None = Field(
+        None,
+        description="validation file; default: the task's "
+        "validation split, or valid_ratio of the training file",
+    )
+    valid_ratio: float = Field(
+        0.05, ge=0, lt=1, description="held out of train when valid is not given"
+    )
     format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
-        "auto", description="row format; auto detects messages / conversations / instruction "
-        "/ prompt / text")
-    columns: dict[str, Union[str, list[str]]] = Field(
-        default_factory=dict, description="lorakit's field name -> the file's (as "
+        "auto",
+        description="row format; auto detects messages / conversations / instruction "
+        "/ prompt / text",
+    )
+    columns: dict[str, str | list[str]] = Field(
+        default_factory=dict,
+        description="lorakit's field name -> the file's (as "
         "LLaMA-Factory's dataset_info): {messages: dialog, role: speaker, content: text}, "
         "{instruction: question, output: answer}; a list: the first field a row has; a row "
-        "field may be a template of the file's fields: {prompt: 'Question: {query}'}")
+        "field may be a template of the file's fields: {prompt: 'Question: {query}'}",
+    )
     roles: dict[str, str] = Field(
-        default_factory=dict, description="the file's role names -> user, assistant, system "
-        "or tool: {Q: user, A: assistant}")
+        default_factory=dict,
+        description="the file's role names -> user, assistant, system "
+        "or tool: {Q: user, A: assistant}",
+    )
     max_seq_len: int = Field(512, gt=0, description="longer examples are truncated")
     truncation: Literal["right", "left"] = Field(
-        "right", description="which end of a longer example is cut: right keeps its start; "
-        "left keeps its end (the answer and the end of a long prompt)")
+        "right",
+        description="which end of a longer example is cut: right keeps its start; "
+        "left keeps its end (the answer and the end of a long prompt)",
+    )
     packing: bool = Field(False, description="concatenate examples into max_seq_len blocks")
     train_on: Literal["all_assistant", "last_assistant", "all"] = Field(
-        "all_assistant", description="conversations: the loss on every assistant turn, on "
-        "the last one, or on every token")
-    train_on_prompt: bool = Field(False, description="also compute the loss on prompt tokens "
-                                  "(the same as train_on: all)")
-    limit: Optional[int] = Field(None, gt=0, description="use only the first N training rows")
-
+        "all_assistant",
+        description="conversations: the loss on every assistant turn, on "
+        "the last one, or on every token",
+    )
+    train_on_prompt: bool = Field(
+        False, description="also compute the loss on prompt tokens (the same as train_on: all)"
+    )
+    limit: int | None = Field(None, gt=0, description="use only the first N training rows")
 
     @model_validator(mode="after")
-    def _sources(self) -> "DataConfig":
+    def _sources(self) -> DataConfig:
         files = [self.train] if isinstance(self.train, str) else self.train
         if not files:
             raise ValueError("data.train names no file")
@@ -291,8 +365,9 @@ class DataConfig(_Strict):
             raise ValueError("data.train: a built-in task cannot be listed with other sources")
         if self.weights is not None:
             if len(self.weights) != len(files):
-                raise ValueError(f"data.weights has {len(self.weights)} values for "
-                                 f"{len(files)} train file(s)")
+                raise ValueError(
+                    f"data.weights has {len(self.weights)} values for {len(files)} train file(s)"
+                )
             if any(w <= 0 for w in self.weights):
                 raise ValueError("data.weights must be positive")
         return self
@@ -311,49 +386,65 @@ class TrainConfig(_Strict):
     """The optimization loop."""
 
     lr: float = Field(2e-4, gt=0, description="peak learning rate")
-    schedule: Literal["constant", "linear", "cosine"] = Field("cosine",
-                                                              description="lr decay after warm-up")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="lr decay after warm-up"
+    )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps warming up")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only)")
-    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="gradient clipping; null: off")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null: off")
     epochs: float = Field(1.0, gt=0, description="passes over the data (when max_steps is null)")
-    max_steps: Optional[int] = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
     batch_size: int = Field(8, gt=0, description="examples per micro-batch per process")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 where the hardware runs it fast, else fp32")
+        "auto", description="auto: bf16 where the hardware runs it fast, else fp32"
+    )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
     distributed: Literal["auto", "ddp", "fsdp"] = Field(
-        "auto", description="how several processes share the model: ddp (a whole copy each), "
+        "auto",
+        description="how several processes share the model: ddp (a whole copy each), "
         "fsdp (FSDP2: each holds a shard of every weight), auto (what the launcher asked for: "
-        "fsdp under an accelerate FSDP config, else ddp)")
-    compile: Union[Literal["auto"], bool] = Field(
-        "auto", description="torch.compile each decoder layer for training (inductor: needs a "
+        "fsdp under an accelerate FSDP config, else ddp)",
+    )
+    compile: Literal["auto"] | bool = Field(
+        "auto",
+        description="torch.compile each decoder layer for training (inductor: needs a "
         "C++ compiler on CPU); falls back to eager with a warning where compiling fails. auto: "
         "eager for the first steps, then compiled where the measured gain pays back the "
-        "compile time over the steps left (CPU, one process); the log says which and why")
+        "compile time over the steps left (CPU, one process); the log says which and why",
+    )
     seed: int = Field(0, description="seed for init, data order and dropout")
     eval_every: int = Field(0, ge=0, description="validation loss every N steps (0: at the end)")
     save_every: int = Field(50, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="how many recent checkpoints to keep")
     log_every: int = Field(1, gt=0, description="metrics.jsonl line every N steps")
     resume: bool = Field(False, description="continue from the last checkpoint in output_dir")
-    early_stopping_patience: Optional[int] = Field(
-        None, gt=0, description="stop after this many evaluations (every eval_every steps) "
-        "without a lower validation loss")
-    keep_best: bool = Field(False, description="end with the weights of the lowest validation "
-                            "loss (evaluated every eval_every steps), not the last step's")
+    early_stopping_patience: int | None = Field(
+        None,
+        gt=0,
+        description="stop after this many evaluations (every eval_every steps) "
+        "without a lower validation loss",
+    )
+    keep_best: bool = Field(
+        False,
+        description="end with the weights of the lowest validation "
+        "loss (evaluated every eval_every steps), not the last step's",
+    )
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
-        default_factory=list, description="experiment trackers, through accelerate: "
+        default_factory=list,
+        description="experiment trackers, through accelerate: "
         "tensorboard (events in <output_dir>/tensorboard; pip install 'lorakit[tensorboard]') "
-        "and/or wandb; metrics.jsonl is always written")
+        "and/or wandb; metrics.jsonl is always written",
+    )
 
     @model_validator(mode="after")
-    def _validation_every(self) -> "TrainConfig":
+    def _validation_every(self) -> TrainConfig:
         for key in ("early_stopping_patience", "keep_best"):
             if getattr(self, key) and not self.eval_every:
-                raise ValueError(f"train.{key} needs train.eval_every > 0 (how often the "
-                                 "validation loss is measured)")
+                raise ValueError(
+                    f"train.{key} needs train.eval_every > 0 (how often the "
+                    "validation loss is measured)"
+                )
         return self
 
 
@@ -365,28 +456,37 @@ class EvalConfig(_Strict):
     """Evaluation after training (and by lorakit eval). Answers are generated greedily until
     the model ends them (EOS / end-of-turn); every metric is computed and reported."""
 
-    metric: Optional[Literal[METRIC_NAMES]] = Field(
-        "exact_match", description="headline generation metric on the held-out rows with "
+    metric: Literal[METRIC_NAMES] | None = Field(
+        "exact_match",
+        description="headline generation metric on the held-out rows with "
         "references (a task's test split, or the validation rows); all of them are computed "
-        "and reported; null: loss only")
+        "and reported; null: loss only",
+    )
     limit: int = Field(200, gt=0, description="examples for the generation metric")
     batch_size: int = Field(32, gt=0, description="examples per generation batch")
-    max_new_tokens: Optional[int] = Field(
-        None, gt=0, description="cap on generated tokens per answer; null: the longest "
-        "reference answer in tokens + 16 (at most 1024). Answers cut by the cap are reported")
+    max_new_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="cap on generated tokens per answer; null: the longest "
+        "reference answer in tokens + 16 (at most 1024). Answers cut by the cap are reported",
+    )
     compare_base: bool = Field(True, description="also evaluate the base model (before/after)")
     precision: Literal["fp32", "train"] = Field(
-        "fp32", description="fp32: every evaluation figure in fp32 (the frozen weights upcast "
+        "fp32",
+        description="fp32: every evaluation figure in fp32 (the frozen weights upcast "
         "for it), so answers do not depend on batch_size or the CPU's bf16 kernels; train: "
-        "the run's precision")
+        "the run's precision",
+    )
 
 
 class RunConfig(_Strict):
     """A whole run: ``lorakit train CONFIG.yaml key=value ...``."""
 
     model: str = Field("smollm2-135m", description="embedded name, HF id or local folder")
-    trust_remote_code: bool = Field(False, description="let transformers run the model "
-                                    "repository's code (only for models you trust)")
+    trust_remote_code: bool = Field(
+        False,
+        description="let transformers run the model repository's code (only for models you trust)",
+    )
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -425,13 +525,15 @@ def parse_overrides(overrides: list[str]) -> dict:
 def _deep_merge(base: dict, upd: dict) -> dict:
     out = dict(base)
     for k, v in upd.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k),
-                                                                              dict) else v
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 
-def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
-                    recorded: bool = False) -> RunConfig:
+def load_run_config(
+    path: str | None = None, overrides: list[str] | None = None, recorded: bool = False
+) -> RunConfig:
     """Read a YAML run config (optional) and apply ``key=value`` overrides, validated.
 
     ``recorded``: the file is a run's own config.yaml, possibly written by an older lorakit
@@ -453,14 +555,15 @@ def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] =
     return parse(RunConfig, data)
 
 
-def split_config_args(items: list[str]) -> tuple[Optional[str], list[str]]:
+def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
     """``[CONFIG.yaml] key=value ...`` (the command line of train and compare) -> (path, overrides)."""
     path, overrides = None, []
     for i, item in enumerate(items):
         if "=" not in item:
             if i != 0:
-                raise LorakitError(f"{item!r} is not a key=value override (a config file must "
-                                   "come first)")
+                raise LorakitError(
+                    f"{item!r} is not a key=value override (a config file must come first)"
+                )
             path = item
         else:
             overrides.append(item)
@@ -471,6 +574,7 @@ def config_reference() -> str:
     """Every run-config key with its default and description, from the pydantic models (the
     single source of truth for YAML files, overrides and ``lorakit train --help``), each
     method's own options included."""
+
     def field_lines(prefix: str, fields: dict) -> list[str]:
         out = []
         for k, f in fields.items():

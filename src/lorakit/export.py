@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,9 +48,14 @@ from .config import AdapterConfig
 from .errors import LorakitError
 from .files import check_output
 from .inject import adapter_layers, apply, state_of, trained_modules, unload
-from .peft_format import (adapter_folder, is_whole_model, open_adapter, peft_config_dict,
-                          save_adapter)
 from .llamacpp import gguf_plan, gguf_rounding, merge_hint, write_gguf
+from .peft_format import (
+    adapter_folder,
+    is_whole_model,
+    open_adapter,
+    peft_config_dict,
+    save_adapter,
+)
 from .registry import EXPORT_METHOD
 
 #: plain LoRA, the method every export is written as: the name of the target that writes its
@@ -63,11 +69,16 @@ VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 #: fp32 rounding of the product is ~1e-7
 EXACT_TOL = 1e-4
 #: prompts the largest |Δlogit| is measured on
-PROMPTS = ("The capital of France is", "def fibonacci(n):",
-           "Question: what is 12 plus 30?\nAnswer:", "Once upon a time, in a small village,")
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Question: what is 12 plus 30?\nAnswer:",
+    "Once upon a time, in a small village,",
+)
 
 
 # ---- the report -------------------------------------------------------------------------
+
 
 @dataclass
 class LayerExport:
@@ -87,12 +98,12 @@ class ExportReport:
     method: str
     rank: int
     alpha: float
-    outtype: Optional[str]
+    outtype: str | None
     layers: list[LayerExport]
-    max_abs_dlogit: Optional[float] = None
+    max_abs_dlogit: float | None = None
     prompts: int = 0
-    max_lora_rank: Optional[int] = None  # vLLM's --max-lora-rank to serve it with
-    heldout: Optional[dict] = None  # {"original": {...}, "export": {...}} given a run folder
+    max_lora_rank: int | None = None  # vLLM's --max-lora-rank to serve it with
+    heldout: dict | None = None  # {"original": {...}, "export": {...}} given a run folder
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -105,6 +116,7 @@ class ExportReport:
 
 # ---- ΔW as B·A ------------------------------------------------------------------------------
 
+
 def rel_error(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
     """``||ΔW − B A||_F / ||ΔW||_F`` in fp32 (0 when both are zero)."""
     num = torch.linalg.matrix_norm(delta - b.float() @ a.float()).item()
@@ -114,8 +126,9 @@ def rel_error(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
     return num / den if den > 0 else float("inf")
 
 
-def svd_factors(delta: torch.Tensor, rank: Optional[int] = None,
-                energy: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_factors(
+    delta: torch.Tensor, rank: int | None = None, energy: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, A) of the truncated SVD of ``delta`` (fp32): rank ``rank``, or the smallest rank
     whose singular values keep ``energy`` of Σσ² (then the relative error is at most
     √(1 − energy)). B = U√Σ, A = √Σ Vᵀ share the singular values evenly, so neither factor
@@ -149,10 +162,13 @@ class Conversion:
     layers: list[LayerExport]
 
 
-def convert(model: nn.Module, rank: Optional[int] = None, energy: Optional[float] = None,
-            rounding: Optional[Callable[[str, torch.Tensor, torch.Tensor],
-                                        tuple[torch.Tensor, torch.Tensor]]] = None
-            ) -> Conversion:
+def convert(
+    model: nn.Module,
+    rank: int | None = None,
+    energy: float | None = None,
+    rounding: Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    | None = None,
+) -> Conversion:
     """Plain LoRA factors for every adapter layer of ``model`` (see the module docstring).
 
     ``rank``: the SVD rank, which also caps an exact layer (one of a higher rank is factored
@@ -202,13 +218,23 @@ def install(model: nn.Module, conv: Conversion) -> nn.Module:
     in place; modules trained whole keep their trained values."""
     st = state_of(model)
     cfg = st.config
-    trained = {name: {pn: p.detach().clone() for pn, p in w.module.named_parameters()}
-               for name, w in trained_modules(model)}
+    trained = {
+        name: {pn: p.detach().clone() for pn, p in w.module.named_parameters()}
+        for name, w in trained_modules(model)
+    }
     targets, whole = list(st.targets), list(st.modules_to_save)
     unload(model, merge_adapters=False)
-    apply(model, AdapterConfig(method=EXPORT_METHOD, r=conv.rank, alpha=conv.alpha,
-                               dropout=cfg.dropout, target_modules=targets,
-                               trainable_modules=whole))
+    apply(
+        model,
+        AdapterConfig(
+            method=EXPORT_METHOD,
+            r=conv.rank,
+            alpha=conv.alpha,
+            dropout=cfg.dropout,
+            target_modules=targets,
+            trainable_modules=whole,
+        ),
+    )
     for name, layer in adapter_layers(model):
         layer.set_lora_factors(*conv.factors[name])
     for name, w in trained_modules(model):
@@ -220,42 +246,53 @@ def install(model: nn.Module, conv: Conversion) -> nn.Module:
 
 # ---- what each target accepts ----------------------------------------------------------
 
-def vllm_max_lora_rank(r: int) -> Optional[int]:
+
+def vllm_max_lora_rank(r: int) -> int | None:
     """The smallest ``--max-lora-rank`` vLLM accepts that holds rank ``r`` (None: none does)."""
     return next((m for m in VLLM_MAX_LORA_RANKS if m >= r), None)
 
 
-def _whole_modules_refusal(modules: Sequence[str], server: str) -> Optional[str]:
+def _whole_modules_refusal(modules: Sequence[str], server: str) -> str | None:
     if not modules:
         return None
-    return merge_hint(f"{server} does not load modules trained whole (modules_to_save: "
-                       f"{', '.join(modules[:3])}{', ...' if len(modules) > 3 else ''})")
+    return merge_hint(
+        f"{server} does not load modules trained whole (modules_to_save: "
+        f"{', '.join(modules[:3])}{', ...' if len(modules) > 3 else ''})"
+    )
 
 
-def vllm_problem(pc: dict) -> Optional[str]:
+def vllm_problem(pc: dict) -> str | None:
     """Why vLLM would refuse (or misread) the PEFT adapter_config.json ``pc``, in one
     sentence, or None. vLLM (``PEFTHelper``) loads LoRA only, no DoRA, no bias, no
     modules_to_save, reads one ``lora_alpha / r`` (rsLoRA honoured, rank and alpha patterns
     ignored) and needs r within its largest ``--max-lora-rank``."""
     if pc.get("peft_type", "LORA") != "LORA":
-        return (f"vLLM loads LoRA adapters only, not peft_type {pc.get('peft_type')!r}; "
-                "`lorakit export ADAPTER --to vllm` writes one")
+        return (
+            f"vLLM loads LoRA adapters only, not peft_type {pc.get('peft_type')!r}; "
+            "`lorakit export ADAPTER --to vllm` writes one"
+        )
     if pc.get("use_dora"):
-        return ("vLLM does not load DoRA adapters (use_dora); `lorakit export ADAPTER --to "
-                "vllm` writes its update as plain LoRA")
+        return (
+            "vLLM does not load DoRA adapters (use_dora); `lorakit export ADAPTER --to "
+            "vllm` writes its update as plain LoRA"
+        )
     if pc.get("bias", "none") != "none":
         return f"vLLM does not load adapters with trained biases (bias={pc['bias']!r})"
     whole = _whole_modules_refusal(list(pc.get("modules_to_save") or []), "vLLM")
     if whole:
         return whole
     if pc.get("rank_pattern") or pc.get("alpha_pattern"):
-        return ("vLLM ignores rank_pattern and alpha_pattern and would scale those modules "
-                "wrongly; `lorakit export ADAPTER --to vllm` folds them into B")
+        return (
+            "vLLM ignores rank_pattern and alpha_pattern and would scale those modules "
+            "wrongly; `lorakit export ADAPTER --to vllm` folds them into B"
+        )
     r = int(pc.get("r", 8))
     if vllm_max_lora_rank(r) is None:
-        return (f"rank {r} exceeds vLLM's largest --max-lora-rank "
-                f"({VLLM_MAX_LORA_RANKS[-1]}); export with --rank {VLLM_MAX_LORA_RANKS[-1]} "
-                "or lower")
+        return (
+            f"rank {r} exceeds vLLM's largest --max-lora-rank "
+            f"({VLLM_MAX_LORA_RANKS[-1]}); export with --rank {VLLM_MAX_LORA_RANKS[-1]} "
+            "or lower"
+        )
     return None
 
 
@@ -263,9 +300,13 @@ def _refuse_unservable(model: nn.Module, to: str) -> None:
     """What no adapter file of target ``to`` can carry, refused before any work."""
     cfg = state_of(model).config
     if cfg.context_length:
-        raise LorakitError(merge_hint(f"this adapter was trained with RoPE interpolation to "
-                                       f"context_length {cfg.context_length}, which an adapter "
-                                       "file cannot carry"))
+        raise LorakitError(
+            merge_hint(
+                f"this adapter was trained with RoPE interpolation to "
+                f"context_length {cfg.context_length}, which an adapter "
+                "file cannot carry"
+            )
+        )
     server = {"vllm": "vLLM", "gguf": "llama.cpp"}.get(to)
     if server:
         why = _whole_modules_refusal(state_of(model).modules_to_save, server)
@@ -274,6 +315,7 @@ def _refuse_unservable(model: nn.Module, to: str) -> None:
 
 
 # ---- the whole export -------------------------------------------------------------------
+
 
 def _prompt_ids(tokenizer, prompts) -> list[torch.Tensor]:
     if isinstance(prompts, torch.Tensor):
@@ -288,12 +330,18 @@ def _logits(model: nn.Module, ids: list[torch.Tensor]) -> list[torch.Tensor]:
     return [model(input_ids=x.to(dev)).logits.float().cpu() for x in ids]
 
 
-def export_model(model: nn.Module, out: Union[str, os.PathLike], to: str = PLAIN,
-                 rank: Optional[int] = None, energy: Optional[float] = None,
-                 outtype: str = "f32", tokenizer=None,
-                 prompts: Union[Sequence[str], torch.Tensor, None] = None,
-                 evaluate: Optional[Callable[[nn.Module, Any], dict]] = None,
-                 base_model_name_or_path: Optional[str] = None) -> ExportReport:
+def export_model(
+    model: nn.Module,
+    out: str | os.PathLike,
+    to: str = PLAIN,
+    rank: int | None = None,
+    energy: float | None = None,
+    outtype: str = "f32",
+    tokenizer=None,
+    prompts: Sequence[str] | torch.Tensor | None = None,
+    evaluate: Callable[[nn.Module, Any], dict] | None = None,
+    base_model_name_or_path: str | None = None,
+) -> ExportReport:
     """Export the adapter ``model`` carries (any method) to ``out`` as ``to``: ``lora`` (a PEFT
     LoRA adapter folder), ``vllm`` (the same, checked against vLLM's rules first) or ``gguf``
     (a llama.cpp adapter file in ``outtype``). ``model`` ends up carrying the export (plain
@@ -323,11 +371,21 @@ def export_model(model: nn.Module, out: Union[str, os.PathLike], to: str = PLAIN
     conv = convert(model, rank, energy, gguf_rounding(plan, outtype) if plan else None)
     install(model, conv)
     pc = peft_config_dict(model, base_name)
-    report = ExportReport(to, str(out), method, conv.rank, conv.alpha,
-                          outtype if to == "gguf" else None, conv.layers, prompts=len(ids))
+    report = ExportReport(
+        to,
+        str(out),
+        method,
+        conv.rank,
+        conv.alpha,
+        outtype if to == "gguf" else None,
+        conv.layers,
+        prompts=len(ids),
+    )
     if st.modules_to_save:  # only --to lora gets here with them
-        report.notes.append("modules trained whole are kept (modules_to_save): PEFT and lorakit "
-                            "load them, vLLM and llama.cpp do not (`lorakit merge` for those)")
+        report.notes.append(
+            "modules trained whole are kept (modules_to_save): PEFT and lorakit "
+            "load them, vLLM and llama.cpp do not (`lorakit merge` for those)"
+        )
     if to == "vllm":
         why = vllm_problem(pc)
         if why:
@@ -340,62 +398,96 @@ def export_model(model: nn.Module, out: Union[str, os.PathLike], to: str = PLAIN
         heldout["export"] = evaluate(model, tokenizer)
         report.heldout = heldout
     if to == "gguf":
-        write_gguf(conv.factors, conv.alpha, plan, out, outtype,
-                   name=f"{method} adapter of {Path(str(base_name)).name}")
+        write_gguf(
+            conv.factors,
+            conv.alpha,
+            plan,
+            out,
+            outtype,
+            name=f"{method} adapter of {Path(str(base_name)).name}",
+        )
     else:
         save_adapter(model, out, base_name, summary={"export": report.to_dict()})
     return report
 
 
-def export(adapter: Union[str, os.PathLike], out: Union[str, os.PathLike], to: str = PLAIN,
-           rank: Optional[int] = None, energy: Optional[float] = None, outtype: str = "f32",
-           model: Optional[str] = None, prompts: Optional[Sequence[str]] = None,
-           evaluate: Optional[Callable[[nn.Module, Any], dict]] = None,
-           trust_remote_code: bool = False) -> ExportReport:
+def export(
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    to: str = PLAIN,
+    rank: int | None = None,
+    energy: float | None = None,
+    outtype: str = "f32",
+    model: str | None = None,
+    prompts: Sequence[str] | None = None,
+    evaluate: Callable[[nn.Module, Any], dict] | None = None,
+    trust_remote_code: bool = False,
+) -> ExportReport:
     """``lorakit export``: the adapter folder (or run folder) ``adapter``, of any method, as a
     plain LoRA adapter (``to="lora"``), a vLLM-checked one (``"vllm"``) or a llama.cpp GGUF
     adapter file (``"gguf"``) at ``out``. ``model``: the base (default: the one the adapter
     records). See :func:`export_model` and docs/export.md."""
     path = Path(adapter_folder(adapter))
     if is_whole_model(path):
-        raise LorakitError(f"{adapter} is a whole fine-tuned model, not an adapter: serve the "
-                           "folder itself (vLLM) or convert it with llama.cpp's "
-                           "convert_hf_to_gguf.py")
+        raise LorakitError(
+            f"{adapter} is a whole fine-tuned model, not an adapter: serve the "
+            "folder itself (vLLM) or convert it with llama.cpp's "
+            "convert_hf_to_gguf.py"
+        )
     if to not in TARGETS:  # before loading anything
         raise LorakitError(f"--to must be one of {', '.join(TARGETS)}, not {to!r}")
     loaded, tok = open_adapter(path, model, "fp32", trust_remote_code)
-    return export_model(loaded, out, to, rank, energy, outtype, tok, prompts, evaluate,
-                        base_model_name_or_path=model)
+    return export_model(
+        loaded,
+        out,
+        to,
+        rank,
+        energy,
+        outtype,
+        tok,
+        prompts,
+        evaluate,
+        base_model_name_or_path=model,
+    )
 
 
 def describe(report: ExportReport) -> list[str]:
     """The lines ``lorakit export`` prints."""
     conv = Counter(lay.conversion for lay in report.layers)
     ranks = sorted({lay.rank for lay in report.layers})
-    lines = [f"{report.target} export of a {report.method} adapter: {report.out}",
-             f"rank {report.rank}, lora_alpha {report.alpha:g} "
-             f"(scale {report.alpha / report.rank:g})"
-             + (f", {report.outtype} tensors" if report.outtype else ""),
-             f"layers: {len(report.layers)} ({', '.join(f'{n} {k}' for k, n in conv.items())}); "
-             f"ranks {ranks[0]}..{ranks[-1]}" if ranks else "layers: 0"]
+    lines = [
+        f"{report.target} export of a {report.method} adapter: {report.out}",
+        f"rank {report.rank}, lora_alpha {report.alpha:g} "
+        f"(scale {report.alpha / report.rank:g})"
+        + (f", {report.outtype} tensors" if report.outtype else ""),
+        f"layers: {len(report.layers)} ({', '.join(f'{n} {k}' for k, n in conv.items())}); "
+        f"ranks {ranks[0]}..{ranks[-1]}"
+        if ranks
+        else "layers: 0",
+    ]
     lines.append(f"{'layer':<48}{'conversion':>11}{'rank':>6}{'rel. error':>12}")
     for lay in report.layers:
         lines.append(f"{lay.name:<48}{lay.conversion:>11}{lay.rank:>6}{lay.rel_error:>12.3e}")
     lines.append(f"largest relative error ||ΔW-BA||/||ΔW||: {report.max_rel_error:.3e}")
     if report.max_abs_dlogit is not None:
-        lines.append(f"largest |Δlogit| vs the original on {report.prompts} prompts: "
-                     f"{report.max_abs_dlogit:.3e}")
+        lines.append(
+            f"largest |Δlogit| vs the original on {report.prompts} prompts: "
+            f"{report.max_abs_dlogit:.3e}"
+        )
     if report.heldout:
         o, e = report.heldout["original"], report.heldout["export"]
         metric = o.get("metric")
         if metric and metric in o and metric in e:
             lines.append(f"held-out {metric}: original {o[metric]:.4f}, export {e[metric]:.4f}")
         if "valid_loss" in o and "valid_loss" in e:
-            lines.append(f"held-out loss: original {o['valid_loss']:.4f}, export "
-                         f"{e['valid_loss']:.4f}")
+            lines.append(
+                f"held-out loss: original {o['valid_loss']:.4f}, export {e['valid_loss']:.4f}"
+            )
     if report.max_lora_rank is not None:
-        lines.append(f"serve: vllm serve BASE --enable-lora --lora-modules NAME={report.out} "
-                     f"--max-lora-rank {report.max_lora_rank}")
+        lines.append(
+            f"serve: vllm serve BASE --enable-lora --lora-modules NAME={report.out} "
+            f"--max-lora-rank {report.max_lora_rank}"
+        )
     elif report.target == "gguf":
         lines.append(f"serve: llama-cli -m BASE.gguf --lora {report.out}")
     lines.extend(report.notes)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Optional
 
 ENV = "LORAKIT_TEST_KILL_AT"
 
 
-def kill_point(point: str, step: Optional[int] = None) -> None:
+def kill_point(point: str, step: int | None = None) -> None:
     """SIGKILL this process if ``LORAKIT_TEST_KILL_AT`` names ``point`` (and ``step``)."""
     spec = os.environ.get(ENV)
     if not spec:

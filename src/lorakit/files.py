@@ -14,8 +14,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from .errors import LorakitError
 
@@ -23,8 +24,10 @@ from .errors import LorakitError
 _WRITE = {
     errno.ENOSPC: ("no space left on the disk", "free some disk space"),
     errno.EDQUOT: ("the disk quota is used up", "free some space"),
-    errno.EFBIG: ("the file is larger than the disk or the process's file-size limit allows",
-                  "free space or raise the limit"),
+    errno.EFBIG: (
+        "the file is larger than the disk or the process's file-size limit allows",
+        "free space or raise the limit",
+    ),
     errno.EACCES: ("permission denied", "choose a place you may write to"),
     errno.EPERM: ("permission denied", "choose a place you may write to"),
     errno.EROFS: ("the disk is read-only", "choose a place on a writable disk"),
@@ -37,16 +40,18 @@ _WRITE = {
 }
 #: errors only a write meets
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
-_READ = {errno.ENOENT: ("it does not exist", "check the path"),
-         errno.EACCES: ("permission denied", "make it readable"),
-         errno.EPERM: ("permission denied", "make it readable"),
-         errno.EISDIR: ("it is a folder", "name a file, not a folder")}
+_READ = {
+    errno.ENOENT: ("it does not exist", "check the path"),
+    errno.EACCES: ("permission denied", "make it readable"),
+    errno.EPERM: ("permission denied", "make it readable"),
+    errno.EISDIR: ("it is a folder", "name a file, not a folder"),
+}
 
 
 class FileError(LorakitError):
     """A file-system error as one sentence; ``errno`` and ``path`` say which and where."""
 
-    def __init__(self, verb: str, path, err: OSError, fix: Optional[str] = None):
+    def __init__(self, verb: str, path, err: OSError, fix: str | None = None):
         self.path, self.errno = path, err.errno
         writing = verb in ("write", "create")
         table = {} if writing else _READ
@@ -61,7 +66,7 @@ class FileError(LorakitError):
 _OS_CODE = re.compile(r"os error (\d+)|code: (\d+)")
 
 
-def as_os_error(e: BaseException) -> Optional[OSError]:
+def as_os_error(e: BaseException) -> OSError | None:
     """``e`` as an OSError: itself, or the I/O error inside a safetensors error (its writer is
     Rust code, which reports ``... I/O error: ... (os error 28)``); None for any other."""
     if isinstance(e, OSError):
@@ -75,8 +80,9 @@ def as_os_error(e: BaseException) -> Optional[OSError]:
     return None
 
 
-def file_error(e: BaseException, verb: str = "write", path=None,
-               fix: Optional[str] = None) -> Optional[FileError]:
+def file_error(
+    e: BaseException, verb: str = "write", path=None, fix: str | None = None
+) -> FileError | None:
     """The :class:`FileError` of an exception (``e`` itself if it is one), or None when ``e``
     is no file-system error. ``path`` defaults to the file the error names."""
     if isinstance(e, FileError):
@@ -88,7 +94,7 @@ def file_error(e: BaseException, verb: str = "write", path=None,
 
 
 @contextlib.contextmanager
-def file_errors(verb: str, path, fix: Optional[str] = None):
+def file_errors(verb: str, path, fix: str | None = None):
     """Turn a file-system error inside the block into a :class:`FileError` about ``path``."""
     try:
         yield
@@ -101,7 +107,7 @@ def file_errors(verb: str, path, fix: Optional[str] = None):
         raise err from None
 
 
-def check_output(path, what: str, folder: bool = True, fix: Optional[str] = None) -> None:
+def check_output(path, what: str, folder: bool = True, fix: str | None = None) -> None:
     """Refuse, before anything is written, an output ``path`` (a folder, or a file when
     ``folder`` is False) that cannot be written: an existing file where a folder goes (or a
     folder where a file goes), a parent path that runs through a file, a place this process
@@ -116,15 +122,18 @@ def check_output(path, what: str, folder: bool = True, fix: Optional[str] = None
     while not nearest.exists() and nearest != nearest.parent:
         nearest = nearest.parent
     if not nearest.is_dir():
-        raise LorakitError(f"{what} {p} cannot be created: {nearest} is a file, not a folder; "
-                           f"{fix}")
+        raise LorakitError(
+            f"{what} {p} cannot be created: {nearest} is a file, not a folder; {fix}"
+        )
     if not os.access(nearest, os.W_OK | os.X_OK):
-        raise LorakitError(f"{what} {p} cannot be written: {nearest} is not writable "
-                           f"(permissions or a read-only disk); {fix}")
+        raise LorakitError(
+            f"{what} {p} cannot be written: {nearest} is not writable "
+            f"(permissions or a read-only disk); {fix}"
+        )
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, fix: Optional[str] = None):
+def atomic_dir(path: str | os.PathLike, fix: str | None = None):
     """Write a folder atomically: yield a temporary sibling, rename it into place on success.
 
     A crash leaves either the old folder or the new one, never a half-written one; a
@@ -198,8 +207,9 @@ def read_json(path: str | os.PathLike) -> dict:
     except OSError as e:
         raise FileError("read", path, e) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LorakitError(f"cannot read {path}: it is not valid JSON ({e}); it may be cut "
-                           "short or damaged") from None
+        raise LorakitError(
+            f"cannot read {path}: it is not valid JSON ({e}); it may be cut short or damaged"
+        ) from None
     if not isinstance(obj, dict):
         raise LorakitError(f"{path} does not hold a JSON object")
     return obj

@@ -11,18 +11,22 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-from typing import Iterator, Optional, Union
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .adapters.base import (AdapterLayer, LorakitState, adapter_layers,  # noqa: F401
-                            pattern_value, state_of)  # re-exported: part of inject's API
+from .adapters.base import (  # noqa: F401
+    AdapterLayer,
+    LorakitState,
+    adapter_layers,
+    pattern_value,  # re-exported: part of inject's API
+    state_of,
+)
 from .attention.s2 import configure_long_context, disable_s2_attention
 from .config import AdapterConfig, adapter_config
 from .errors import LorakitError
-from .module_tree import (input_embeddings, is_linear, module_name, output_layer,
-                          set_submodule)
+from .module_tree import input_embeddings, is_linear, module_name, output_layer, set_submodule
 from .quant import quantize_model
 from .registry import get_method
 
@@ -50,7 +54,7 @@ class TrainedModule(nn.Module):
             return getattr(super().__getattr__("module"), name)
 
 
-def _kind(module: nn.Module) -> Optional[str]:
+def _kind(module: nn.Module) -> str | None:
     if is_linear(module):
         return "linear"
     if isinstance(module, nn.Embedding):
@@ -58,7 +62,7 @@ def _kind(module: nn.Module) -> Optional[str]:
     return None
 
 
-def name_matches(name: str, targets: Union[str, list[str]]) -> bool:
+def name_matches(name: str, targets: str | list[str]) -> bool:
     """PEFT's rule: a list matches a name equal to an entry or ending in '.' + entry;
     a string is a full regex match."""
     if isinstance(targets, str):
@@ -66,7 +70,7 @@ def name_matches(name: str, targets: Union[str, list[str]]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def find_targets(model: nn.Module, target_modules: Union[str, list[str]]) -> list[str]:
+def find_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
     """Names of the modules ``target_modules`` selects (PEFT semantics, "all-linear")."""
     modules = dict(model.named_modules())
     if target_modules == "all-linear":
@@ -78,11 +82,14 @@ def find_targets(model: nn.Module, target_modules: Union[str, list[str]]) -> lis
         if bad:
             raise LorakitError(
                 f"adapter.target_modules selects {bad[0]!r}, a {type(modules[bad[0]]).__name__}; "
-                "only linear, Conv1D and embedding layers can be adapted")
+                "only linear, Conv1D and embedding layers can be adapted"
+            )
     if not names:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if _kind(m)})
-        raise LorakitError(f"adapter.target_modules {target_modules!r} matches no module of this "
-                           f"model; its linear/embedding layers are named: {', '.join(leaves)}")
+        raise LorakitError(
+            f"adapter.target_modules {target_modules!r} matches no module of this "
+            f"model; its linear/embedding layers are named: {', '.join(leaves)}"
+        )
     return names
 
 
@@ -93,20 +100,23 @@ def _find_trainable(model: nn.Module, entries: list[str]) -> list[str]:
         if entry == "embeddings":
             hits = [emb] if emb else []
         elif entry == "norms":
-            hits = [n for n, m in model.named_modules()
-                    if n and "norm" in type(m).__name__.lower() and any(True for _ in
-                                                                       m.parameters())]
+            hits = [
+                n
+                for n, m in model.named_modules()
+                if n and "norm" in type(m).__name__.lower() and any(True for _ in m.parameters())
+            ]
         else:
             hits = [n for n, _ in model.named_modules() if n and name_matches(n, [entry])]
         if not hits:
-            raise LorakitError(f"adapter.trainable_modules entry {entry!r} matches no module "
-                               "of this model")
+            raise LorakitError(
+                f"adapter.trainable_modules entry {entry!r} matches no module of this model"
+            )
         found += [h for h in hits if h not in found]
     # a module inside another selected one is covered by its parent
     return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
 
 
-def apply(model: nn.Module, cfg: Union[AdapterConfig, dict, None] = None, **kwargs) -> nn.Module:
+def apply(model: nn.Module, cfg: AdapterConfig | dict | None = None, **kwargs) -> nn.Module:
     """Wrap ``model``'s target layers in place with the configured adapter, freeze the rest.
 
     Returns the same model object, now carrying ``model.lorakit_state``. Accepts an
@@ -147,11 +157,17 @@ def _wrap(model: nn.Module, method, cfg: AdapterConfig, state: LorakitState) -> 
         trainable = _find_trainable(model, cfg.trainable_modules)
         clash = sorted(set(targets) & set(trainable))
         if clash:
-            raise LorakitError(f"module {clash[0]!r} is both an adapter target and in "
-                               "adapter.trainable_modules; choose one")
+            raise LorakitError(
+                f"module {clash[0]!r} is both an adapter target and in "
+                "adapter.trainable_modules; choose one"
+            )
         target_ids = {id(model.get_submodule(n)) for n in targets}
-        outside = {id(p) for m in model.modules() if id(m) not in target_ids
-                   for p in m.parameters(recurse=False)}
+        outside = {
+            id(p)
+            for m in model.modules()
+            if id(m) not in target_ids
+            for p in m.parameters(recurse=False)
+        }
         for name in targets:
             module = model.get_submodule(name)
             layer = method.make_layer(module, _kind(module), name, cfg)

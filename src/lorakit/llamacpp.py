@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -27,17 +26,24 @@ from .registry import EXPORT_METHOD
 #: HF ``model_type`` -> (llama.cpp architecture, whether llama.cpp's converter permutes the
 #: rows of q_proj/k_proj for its RoPE layout: ``LlamaModel.permute`` in convert_hf_to_gguf).
 #: Only architectures whose converter changes nothing else about a linear layer are listed.
-GGUF_ARCHS = {"llama": ("llama", True), "mistral": ("llama", True),
-              "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+GGUF_ARCHS = {
+    "llama": ("llama", True),
+    "mistral": ("llama", True),
+    "qwen2": ("qwen2", False),
+    "qwen3": ("qwen3", False),
+}
 
 
 def merge_hint(what: str) -> str:
     """``what`` cannot be served as an adapter, and the way that works."""
-    return (f"{what}; merge the adapter into its base with `lorakit merge ADAPTER --out DIR` "
-            "and serve that folder (llama.cpp: convert it with convert_hf_to_gguf.py)")
+    return (
+        f"{what}; merge the adapter into its base with `lorakit merge ADAPTER --out DIR` "
+        "and serve that folder (llama.cpp: convert it with convert_hf_to_gguf.py)"
+    )
 
 
 # ---- GGUF (llama.cpp) -----------------------------------------------------------------------
+
 
 def _gguf():
     try:
@@ -49,9 +55,12 @@ def _gguf():
 
 def _qtype(outtype: str):
     gguf = _gguf()
-    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-            "bf16": gguf.GGMLQuantizationType.BF16,
-            "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+    return {
+        "f32": gguf.GGMLQuantizationType.F32,
+        "f16": gguf.GGMLQuantizationType.F16,
+        "bf16": gguf.GGMLQuantizationType.BF16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    }[outtype]
 
 
 def gguf_encode(x: torch.Tensor, outtype: str):
@@ -88,9 +97,12 @@ def gguf_plan(model: nn.Module) -> GGUFPlan:
     config = model.config
     mtype = getattr(config, "model_type", None)
     if mtype not in GGUF_ARCHS:
-        raise LorakitError(merge_hint(
-            f"lorakit writes llama.cpp adapters for {', '.join(sorted(GGUF_ARCHS))} bases, "
-            f"not {mtype!r}"))
+        raise LorakitError(
+            merge_hint(
+                f"lorakit writes llama.cpp adapters for {', '.join(sorted(GGUF_ARCHS))} bases, "
+                f"not {mtype!r}"
+            )
+        )
     arch_name, permutes = GGUF_ARCHS[mtype]
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
     tmap = gguf.get_tensor_name_map(arch, int(config.num_hidden_layers))
@@ -100,16 +112,27 @@ def gguf_plan(model: nn.Module) -> GGUFPlan:
     names, emb, perm = {}, set(), {}
     for name, layer in adapter_layers(model):
         if layer.fan_in_fan_out:
-            raise LorakitError(merge_hint(f"{name!r} is a transposed (Conv1D) layer, which "
-                                           "lorakit does not write to GGUF"))
+            raise LorakitError(
+                merge_hint(
+                    f"{name!r} is a transposed (Conv1D) layer, which lorakit does not write to GGUF"
+                )
+            )
         out = tmap.get_name(name + ".weight", try_suffixes=(".weight",))
         if out is None:
-            raise LorakitError(merge_hint(f"llama.cpp has no tensor for the adapted module "
-                                           f"{name!r} of this {arch_name} model"))
+            raise LorakitError(
+                merge_hint(
+                    f"llama.cpp has no tensor for the adapted module "
+                    f"{name!r} of this {arch_name} model"
+                )
+            )
         if out == "output.weight" and tied:
-            raise LorakitError(merge_hint(f"{name!r} is tied to the input embeddings, and "
-                                           "llama.cpp's base file has no separate output "
-                                           "layer for its adapter"))
+            raise LorakitError(
+                merge_hint(
+                    f"{name!r} is tied to the input embeddings, and "
+                    "llama.cpp's base file has no separate output "
+                    "layer for its adapter"
+                )
+            )
         names[name] = out
         if isinstance(layer.base_layer, nn.Embedding):
             emb.add(name)
@@ -123,8 +146,9 @@ def gguf_plan(model: nn.Module) -> GGUFPlan:
 def rope_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     """Rows of a q/k projection from HF's rotate-half order to llama.cpp's interleaved one,
     per head (``LlamaModel.permute`` in llama.cpp's convert_hf_to_gguf)."""
-    return (w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2)
-            .reshape(w.shape))
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
 def _file_pair(plan: GGUFPlan, name: str, b: torch.Tensor, a: torch.Tensor):
@@ -136,14 +160,22 @@ def _file_pair(plan: GGUFPlan, name: str, b: torch.Tensor, a: torch.Tensor):
 
 def gguf_rounding(plan: GGUFPlan, outtype: str):
     """The ``rounding`` for :func:`lorakit.export.convert`: factors as the file holds them, read back."""
+
     def rounding(name: str, b: torch.Tensor, a: torch.Tensor):
         la, lb = (_gguf_decode(*gguf_encode(t, outtype)) for t in _file_pair(plan, name, b, a))
         return (la, lb.T) if name in plan.embedding else (lb, la)
+
     return rounding
 
 
-def write_gguf(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float,
-               plan: GGUFPlan, out: Path, outtype: str, name: Optional[str] = None) -> Path:
+def write_gguf(
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    alpha: float,
+    plan: GGUFPlan,
+    out: Path,
+    outtype: str,
+    name: str | None = None,
+) -> Path:
     """A llama.cpp LoRA adapter file as its converter writes one: ``general.type = adapter``,
     ``adapter.type = lora``, ``adapter.lora.alpha``, tensors ``<base name>.lora_a`` /
     ``.lora_b``. Written to a temporary name, renamed into place when complete."""
@@ -155,8 +187,16 @@ def write_gguf(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: flo
     return out
 
 
-def _write(gguf, factors, alpha: float, plan: GGUFPlan, tmp: Path, out: Path, outtype: str,
-           name: Optional[str]) -> None:
+def _write(
+    gguf,
+    factors,
+    alpha: float,
+    plan: GGUFPlan,
+    tmp: Path,
+    out: Path,
+    outtype: str,
+    name: str | None,
+) -> None:
     writer = gguf.GGUFWriter(str(tmp), plan.arch)
     try:
         writer.add_type(gguf.GGUFType.ADAPTER)

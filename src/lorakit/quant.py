@@ -23,8 +23,24 @@ from .module_tree import is_conv1d, output_layer, set_submodule
 
 #: NF4's 16 code values (Dettmers et al. 2023, Appendix E; bitsandbytes ``get_4bit_type("nf4")``,
 #: rounded to 4 decimals): asymmetric, with exact -1, 0 and +1.
-NF4_CODE = (-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
-            0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0)
+NF4_CODE = (
+    -1.0,
+    -0.6962,
+    -0.5251,
+    -0.3949,
+    -0.2844,
+    -0.1848,
+    -0.0911,
+    0.0,
+    0.0796,
+    0.1609,
+    0.2461,
+    0.3379,
+    0.4407,
+    0.5626,
+    0.7230,
+    1.0,
+)
 
 BLOCKSIZE = 64  # values per absmax (bitsandbytes' default for 4-bit, as in QLoRA)
 
@@ -37,14 +53,17 @@ BLOCKSIZE = 64  # values per absmax (bitsandbytes' default for 4-bit, as in QLoR
 # in_features a multiple of 64 (SmolLM2: 576, 1536); for the others on CPU (tiny test models)
 # lorakit uses blocks of 32 when in_features allows it, and refuses otherwise.
 
+
 def native_bf16() -> bool:
     """Whether bf16 matmuls run natively here: a GPU of compute capability 8.0 or later
     (A100, H100, RTX 30xx; not the emulated bf16 of a T4 or V100), or a CPU with AVX-512 BF16
     or AMX. Elsewhere bf16 is emulated, slower than fp32."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    return getattr(torch.backends.mkldnn, "is_available", lambda: False)() and getattr(
-        torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return (
+        getattr(torch.backends.mkldnn, "is_available", lambda: False)()
+        and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    )
 
 
 def compute_dtype_of(cfg) -> torch.dtype:
@@ -63,15 +82,18 @@ def blocksize_for(d_in: int, device: torch.device) -> int:
         return BLOCKSIZE
     if d_in % 32 == 0:
         return 32
-    raise LorakitError(f"a linear layer with in_features={d_in} cannot be stored in NF4 on CPU "
-                       "(bitsandbytes' CPU kernel needs a multiple of 32); quantize on CUDA or "
-                       "leave quantize unset")
+    raise LorakitError(
+        f"a linear layer with in_features={d_in} cannot be stored in NF4 on CPU "
+        "(bitsandbytes' CPU kernel needs a multiple of 32); quantize on CUDA or "
+        "leave quantize unset"
+    )
 
 
 def is_quantized(module: nn.Module) -> bool:
     """True for a bitsandbytes 4-bit linear layer."""
     return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(
-        module.weight, "quant_state")
+        module.weight, "quant_state"
+    )
 
 
 def _unpack_cpu_inference_layout(module: nn.Module) -> None:
@@ -82,7 +104,8 @@ def _unpack_cpu_inference_layout(module: nn.Module) -> None:
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-            module.weight.data, state)
+            module.weight.data, state
+        )
         module.quant_state = module.weight.quant_state
 
 
@@ -104,8 +127,10 @@ def require_bitsandbytes():
     try:
         import bitsandbytes  # optional dependency (4-bit runs only)
     except ImportError:
-        raise LorakitError("quantize: nf4 needs the bitsandbytes package; install it with "
-                           "`pip install bitsandbytes` or remove the quantize option") from None
+        raise LorakitError(
+            "quantize: nf4 needs the bitsandbytes package; install it with "
+            "`pip install bitsandbytes` or remove the quantize option"
+        ) from None
     return bitsandbytes
 
 
@@ -116,6 +141,7 @@ def require_bitsandbytes():
 # forward, ``dequantize_4bit`` on the weight returns garbage, and the stats use more memory.
 # lorakit switches that path off on the layers it creates, so one layer computes one function
 # in train and eval; ``dequantized_weight`` still undoes the repacking on layers made elsewhere.
+
 
 def nf4_linear(module: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     """A bitsandbytes ``Linear4bit`` (NF4, double quantization) computing what ``module`` does.
@@ -130,11 +156,24 @@ def nf4_linear(module: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     d_out, d_in = weight.shape
     bias = getattr(module, "bias", None)
     # Built on the meta device: no throw-away random init of a d_out x d_in fp32 weight.
-    new = bnb.nn.Linear4bit(d_in, d_out, bias=bias is not None, compute_dtype=compute_dtype,
-                            compress_statistics=True, quant_type="nf4", device="meta")
+    new = bnb.nn.Linear4bit(
+        d_in,
+        d_out,
+        bias=bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=True,
+        quant_type="nf4",
+        device="meta",
+    )
     blocksize = blocksize_for(d_in, weight.device)  # See Note: CPU block size
-    param = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, blocksize=blocksize,
-                              compress_statistics=True, quant_type="nf4", module=new)
+    param = bnb.nn.Params4bit(
+        weight.contiguous(),
+        requires_grad=False,
+        blocksize=blocksize,
+        compress_statistics=True,
+        quant_type="nf4",
+        module=new,
+    )
     new.weight = param.to(weight.device)  # .to() on a not-yet-quantized Params4bit quantizes
     if bias is not None:
         # bitsandbytes casts the bias to the compute dtype in its first forward; do it now so
@@ -175,13 +214,17 @@ def quantize_model(model: nn.Module, cfg) -> nn.Module:
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             continue
         if type(module) is not nn.Linear and not is_conv1d(module):
-            raise LorakitError(f"layer {name!r} is a {type(module).__name__}, which NF4 "
-                               "quantization cannot take; load the model with plain 16/32-bit "
-                               "nn.Linear layers before using quantize: nf4")
+            raise LorakitError(
+                f"layer {name!r} is a {type(module).__name__}, which NF4 "
+                "quantization cannot take; load the model with plain 16/32-bit "
+                "nn.Linear layers before using quantize: nf4"
+            )
         if not module.weight.is_floating_point() or module.weight.is_meta:
-            raise LorakitError(f"layer {name!r} holds {module.weight.dtype} weights on "
-                               f"{module.weight.device}; load the model's real 16/32-bit "
-                               "weights before using quantize: nf4")
+            raise LorakitError(
+                f"layer {name!r} holds {module.weight.dtype} weights on "
+                f"{module.weight.device}; load the model's real 16/32-bit "
+                "weights before using quantize: nf4"
+            )
         d_in = module.weight.shape[0] if is_conv1d(module) else module.in_features
         blocksize_for(d_in, module.weight.device)  # refuse before changing anything
         chosen.append(name)
@@ -191,8 +234,10 @@ def quantize_model(model: nn.Module, cfg) -> nn.Module:
         _share_code_tables(new.weight.quant_state, tables)
         set_submodule(model, name, new)
     if not chosen and not any(is_quantized(m) for m in model.modules()):
-        raise LorakitError("quantize: nf4 found no linear layer to quantize in this model "
-                           "(only nn.Linear and GPT-2 Conv1D layers can be stored in NF4)")
+        raise LorakitError(
+            "quantize: nf4 found no linear layer to quantize in this model "
+            "(only nn.Linear and GPT-2 Conv1D layers can be stored in NF4)"
+        )
     return model
 
 

@@ -40,29 +40,59 @@ EXPORT_METHOD = "lora"
 PRESETS: dict[str, dict[str, Any]] = {
     # QLoRA (Dettmers et al. 2023, artidoro/qlora qlora.py defaults): NF4 base, r 64, alpha 16,
     # every linear layer but the output head.
-    "qlora": {"method": "lora", "quantize": "nf4", "r": 64, "alpha": 16, "dropout": 0.05,
-              "target_modules": "all-linear",
-              "compare": [("train.lr", 2e-4, "Dettmers et al. 2023, App. B (models up to 13B)"),
-                          ("train.schedule", "constant", "artidoro/qlora: constant schedule"),
-                          ("train.max_grad_norm", 0.3, "artidoro/qlora: max_grad_norm 0.3")],
-              # the memory claim is about the 4-bit base at equal adapter settings: compare
-              # also runs the preset with these options at its method's (LoRA's) values
-              "compare_equal": {"row": "qlora.lora-settings",
-                                "keys": ("r", "alpha", "dropout", "target_modules")}},
+    "qlora": {
+        "method": "lora",
+        "quantize": "nf4",
+        "r": 64,
+        "alpha": 16,
+        "dropout": 0.05,
+        "target_modules": "all-linear",
+        "compare": [
+            ("train.lr", 2e-4, "Dettmers et al. 2023, App. B (models up to 13B)"),
+            ("train.schedule", "constant", "artidoro/qlora: constant schedule"),
+            ("train.max_grad_norm", 0.3, "artidoro/qlora: max_grad_norm 0.3"),
+        ],
+        # the memory claim is about the 4-bit base at equal adapter settings: compare
+        # also runs the preset with these options at its method's (LoRA's) values
+        "compare_equal": {
+            "row": "qlora.lora-settings",
+            "keys": ("r", "alpha", "dropout", "target_modules"),
+        },
+    },
     # LoRA+ (Hayou et al. 2024): B learns lambda times faster than A; PEFT's docs use 16.
-    "lora+": {"method": "lora", "loraplus_ratio": 16.0,
-              "compare": [("train.lr", 2e-4, "Hayou et al. 2024: lr is A's learning rate, "
-                           "LoRA's; lambda = 2^4 for LLaMA fine-tuning")]},
+    "lora+": {
+        "method": "lora",
+        "loraplus_ratio": 16.0,
+        "compare": [
+            (
+                "train.lr",
+                2e-4,
+                "Hayou et al. 2024: lr is A's learning rate, "
+                "LoRA's; lambda = 2^4 for LLaMA fine-tuning",
+            )
+        ],
+    },
     # LongLoRA (Chen et al. 2023): LoRA r 8 / alpha 16 on attention, embeddings and norms
     # trained whole, S2-Attn in training.
-    "longlora": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
-                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                 "trainable_modules": ["embeddings", "norms"], "s2_attn": True,
-                 "compare": [("train.lr", 2e-4, "LoRA's rate: LongLoRA's own 2e-5 (Chen et al. "
-                              "2023) is for 7B-70B models over 1000 steps"),
-                             ("train.schedule", "constant", "Chen et al. 2023: constant with "
-                              "warm-up")],
-                 "compare_suite": "long"},
+    "longlora": {
+        "method": "lora",
+        "r": 8,
+        "alpha": 16,
+        "dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "trainable_modules": ["embeddings", "norms"],
+        "s2_attn": True,
+        "compare": [
+            (
+                "train.lr",
+                2e-4,
+                "LoRA's rate: LongLoRA's own 2e-5 (Chen et al. "
+                "2023) is for 7B-70B models over 1000 steps",
+            ),
+            ("train.schedule", "constant", "Chen et al. 2023: constant with warm-up"),
+        ],
+        "compare_suite": "long",
+    },
 }
 PRESET_META = ("compare", "compare_suite", "compare_equal")
 
@@ -88,8 +118,9 @@ def get_method(name: str):
         raise LorakitError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
     method = importlib.import_module(METHODS[name]).METHOD
     if method.name != name:
-        raise LorakitError(f"{METHODS[name]} declares method {method.name!r}, registered as "
-                           f"{name!r}")
+        raise LorakitError(
+            f"{METHODS[name]} declares method {method.name!r}, registered as {name!r}"
+        )
     return method
 
 

@@ -25,8 +25,17 @@ def _fresh_dynamo():
 
 
 def _curve(tiny_model_dir, out, *extra) -> list[float]:
-    assert main(["train", *tiny_run_args(tiny_model_dir, out, "train.max_steps=20",
-                                          "eval.compare_base=false", *extra)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *tiny_run_args(
+                    tiny_model_dir, out, "train.max_steps=20", "eval.compare_base=false", *extra
+                ),
+            ]
+        )
+        == 0
+    )
     return json.loads((out / "summary.json").read_text())["loss_curve"]
 
 
@@ -34,10 +43,12 @@ def _curve(tiny_model_dir, out, *extra) -> list[float]:
 # each compiles in ~15 s with inductor's disk cache warm, ~60 s cold
 @pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow), "dora"])
 def test_compiled_training_has_the_eager_loss_curve(method, tiny_model_dir, tmp_path, capsys):
-    eager = _curve(tiny_model_dir, tmp_path / "eager", f"adapter.method={method}",
-                   "train.compile=false")
-    compiled = _curve(tiny_model_dir, tmp_path / "compiled", f"adapter.method={method}",
-                      "train.compile=true")
+    eager = _curve(
+        tiny_model_dir, tmp_path / "eager", f"adapter.method={method}", "train.compile=false"
+    )
+    compiled = _curve(
+        tiny_model_dir, tmp_path / "compiled", f"adapter.method={method}", "train.compile=true"
+    )
     captured = capsys.readouterr()
     assert "train.compile failed" not in captured.out + captured.err
     counters = torch._dynamo.utils.counters
@@ -74,7 +85,6 @@ def test_compiled_longlora_training_has_the_eager_loss_curve(tiny_model_dir, tmp
     assert eager[-1] < eager[0]
 
 
-
 @pytest.mark.slow  # ~10 s (dynamo's eager backend: tracing only)
 def test_compiled_s2_attn_layers_serve_every_padded_length(monkeypatch):
     """One graph for batches of 45, 51 and 59 tokens (S2-grouped as 48, 56 and 64): the S2
@@ -95,8 +105,10 @@ def test_compiled_s2_attn_layers_serve_every_padded_length(monkeypatch):
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
 
-def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tiny_model_dir, tmp_path,
-                                                                  capsys, monkeypatch):
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
     import lorakit.training.runtime as runtime
 
     def broken_backend(graph, example_inputs):
@@ -106,15 +118,19 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tiny_model_dir,
     eager = _curve(tiny_model_dir, tmp_path / "eager", "train.compile=false")
     fallback = _curve(tiny_model_dir, tmp_path / "fallback", "train.compile=true")
     captured = capsys.readouterr()
-    warnings = [line for line in (captured.out + captured.err).splitlines()
-                if "train.compile failed" in line]
+    warnings = [
+        line
+        for line in (captured.out + captured.err).splitlines()
+        if "train.compile failed" in line
+    ]
     assert len(warnings) == 1 and warnings[0].endswith("training eagerly"), warnings
     assert "RuntimeError: no C++ compiler" in warnings[0]
     assert fallback == pytest.approx(eager, abs=1e-6)
 
 
-def test_auto_stays_eager_where_compiling_would_not_pay(tiny_model_dir, tmp_path, capsys,
-                                                        monkeypatch):
+def test_auto_stays_eager_where_compiling_would_not_pay(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
     """The tiny model's steps take milliseconds: 16 steps left save far less than a compile
     (even with a gain measured, as for bf16)."""
     import lorakit.training.runtime as runtime
@@ -130,15 +146,15 @@ def test_auto_stays_eager_where_compiling_would_not_pay(tiny_model_dir, tmp_path
     assert len(curve) == 20
 
 
-def test_auto_compiles_from_the_step_after_the_probe_where_it_pays(tiny_model_dir, tmp_path,
-                                                                   capsys, monkeypatch):
+def test_auto_compiles_from_the_step_after_the_probe_where_it_pays(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
     """With a measured gain that pays at once, auto compiles after the probe steps: the rest
     of the run is compiled (dynamo's own eager backend here, to keep the test short) and the
     loss curve is the eager one."""
     import lorakit.training.runtime as runtime
 
-    monkeypatch.setattr(runtime, "COMPILE_MEASURED",
-                        {("cpu", torch.float32): (0.5, 0.0)})
+    monkeypatch.setattr(runtime, "COMPILE_MEASURED", {("cpu", torch.float32): (0.5, 0.0)})
     monkeypatch.setattr(runtime, "COMPILE_BACKEND", "eager")
     eager = _curve(tiny_model_dir, tmp_path / "eager", "train.compile=false")
     assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -165,6 +181,7 @@ def test_auto_decides_from_the_measurements_as_documented():
     on, why = compile_decision(cpu, torch.float32, 1, 2.0, 10**6)
     assert on is False and why.endswith("slower than eager")
     assert compile_decision(cpu, torch.float32, 2) == (
-        False, "2 processes: a failed compile cannot fall back to eager")
-    assert compile_decision(cuda, torch.bfloat16, 1) == (False,
-                                                         "not measured on cuda in bfloat16")
+        False,
+        "2 processes: a failed compile cannot fall back to eager",
+    )
+    assert compile_decision(cuda, torch.bfloat16, 1) == (False, "not measured on cuda in bfloat16")

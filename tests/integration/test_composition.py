@@ -15,11 +15,26 @@ from tests.conftest import tiny_run_args
 
 def test_qlora_dora_loraplus_s2_in_one_run(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", *tiny_run_args(
-        tiny_model_dir, out, "adapter.method=dora", "adapter.quantize=nf4",
-        "adapter.loraplus_ratio=16", "adapter.s2_attn=true", "adapter.trainable_modules=[norms]",
-        "data.packing=true", "data.max_seq_len=64", "eval.compare_base=false",
-        "eval.metric=null", "train.max_steps=3", "train.gradient_checkpointing=true")])
+    code = main(
+        [
+            "train",
+            *tiny_run_args(
+                tiny_model_dir,
+                out,
+                "adapter.method=dora",
+                "adapter.quantize=nf4",
+                "adapter.loraplus_ratio=16",
+                "adapter.s2_attn=true",
+                "adapter.trainable_modules=[norms]",
+                "data.packing=true",
+                "data.max_seq_len=64",
+                "eval.compare_base=false",
+                "eval.metric=null",
+                "train.max_steps=3",
+                "train.gradient_checkpointing=true",
+            ),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0, err[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -32,8 +47,9 @@ def test_qlora_dora_loraplus_s2_in_one_run(tiny_model_dir, tmp_path, capsys):
 
     base, _ = lk.load_model(str(tiny_model_dir))
     ours = lk.load_adapter(base, out / "adapter", quantize=None).eval()
-    theirs = PeftModel.from_pretrained(lk.load_model(str(tiny_model_dir))[0],
-                                       out / "adapter").eval()
+    theirs = PeftModel.from_pretrained(
+        lk.load_model(str(tiny_model_dir))[0], out / "adapter"
+    ).eval()
     ids = torch.randint(0, 1000, (2, 16))
     with torch.no_grad():
         diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()

@@ -33,8 +33,17 @@ def test_predictions_with_batch_size_1_and_8_are_identical(tiny_model_dir, tmp_p
     preds = {}
     for bs in (1, 8):
         ec = EvalConfig(batch_size=bs, limit=24, max_new_tokens=12)
-        out = measure(model, tok, heldout, ec, 256, torch.bfloat16, f"b{bs}", lambda s: None,
-                      tmp_path / f"b{bs}.jsonl")
+        out = measure(
+            model,
+            tok,
+            heldout,
+            ec,
+            256,
+            torch.bfloat16,
+            f"b{bs}",
+            lambda s: None,
+            tmp_path / f"b{bs}.jsonl",
+        )
         lines = (tmp_path / f"b{bs}.jsonl").read_text().splitlines()
         preds[bs] = [json.loads(ln)["prediction"] for ln in lines]
         assert out["generation"]["examples"] == 24

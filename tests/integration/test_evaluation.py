@@ -9,9 +9,11 @@ import pytest
 
 from lorakit.cli import main
 
-ANSWER = ("The committee met on Tuesday morning and agreed that the new bridge across the "
-          "river will open in the spring, after the final inspection of its steel cables and "
-          "lights, and the mayor thanked the engineers for their careful work.")
+ANSWER = (
+    "The committee met on Tuesday morning and agreed that the new bridge across the "
+    "river will open in the spring, after the final inspection of its steel cables and "
+    "lights, and the mayor thanked the engineers for their careful work."
+)
 
 
 def _jsonl(path):
@@ -23,20 +25,45 @@ def long_answer_run(tiny_model_dir, tmp_path_factory):
     """A tiny model fully fine-tuned until it has learned one 40+ token answer."""
     d = tmp_path_factory.mktemp("long")
     data = d / "long.jsonl"
-    data.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"Report {i}: what did the committee decide?"},
-        {"role": "assistant", "content": ANSWER}]}) + "\n" for i in range(60)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Report {i}: what did the committee decide?"},
+                        {"role": "assistant", "content": ANSWER},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(60)
+        )
+    )
     out = d / "run"
-    assert main(["train", f"model={tiny_model_dir}", f"output_dir={out}",
-                 f"data.train={data}", "data.valid_ratio=0.1", "adapter.method=full",
-                 "train.precision=fp32", "train.batch_size=8", "train.max_steps=80",
-                 "train.lr=1e-2", "train.schedule=constant", "eval.compare_base=false"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"model={tiny_model_dir}",
+                f"output_dir={out}",
+                f"data.train={data}",
+                "data.valid_ratio=0.1",
+                "adapter.method=full",
+                "train.precision=fp32",
+                "train.batch_size=8",
+                "train.max_steps=80",
+                "train.lr=1e-2",
+                "train.schedule=constant",
+                "eval.compare_base=false",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 @pytest.mark.slow  # full fine-tuning until 40-token answers are learned: ~30 s
-def test_long_answers_score_through_eval_and_cuts_are_reported(long_answer_run, capsys,
-                                                                tmp_path):
+def test_long_answers_score_through_eval_and_cuts_are_reported(long_answer_run, capsys, tmp_path):
     from transformers import AutoTokenizer
 
     out = long_answer_run
@@ -83,16 +110,20 @@ def test_run_predictions_agree_with_the_summary(long_answer_run):
     for m in ("exact_match", "normalized_match", "f1"):
         assert sum(r[m] for r in rows) / len(rows) == pytest.approx(summary["tuned"][m])
     assert {r["prompt"].split("Report ")[1].split(":")[0] for r in rows}.isdisjoint(
-        {str(i) for i in range(60)} - {str(n - 1) for n in
-                                         json.loads((out / "heldout.json").read_text())
-                                         ["valid"]["lines"]})
+        {str(i) for i in range(60)}
+        - {str(n - 1) for n in json.loads((out / "heldout.json").read_text())["valid"]["lines"]}
+    )
 
 
 @pytest.mark.slow  # full fine-tuning until 40-token answers are learned: ~30 s
 def test_plain_text_gets_loss_and_perplexity(long_answer_run, tmp_path, capsys):
     text = tmp_path / "prose.jsonl"
-    text.write_text("".join(json.dumps({"text": f"Paragraph {i} about rivers and bridges."})
-                            + "\n" for i in range(4)))
+    text.write_text(
+        "".join(
+            json.dumps({"text": f"Paragraph {i} about rivers and bridges."}) + "\n"
+            for i in range(4)
+        )
+    )
     assert main(["eval", str(long_answer_run / "adapter"), "--data", str(text)]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "exact_match" not in res and res["examples"] == 4

@@ -34,7 +34,7 @@ def _logits(model, ids):
 def _adalora_pruned(model):
     """Prune a third of AdaLoRA's triplets as its allocator does (mask, E_i = 0)."""
     for i, (_, layer) in enumerate(adapter_layers(model)):
-        layer.rank_mask[i % layer.r::3] = False
+        layer.rank_mask[i % layer.r :: 3] = False
         layer.lora_E.data[~layer.rank_mask] = 0.0
     return model
 
@@ -52,14 +52,23 @@ def _lora_drop_shared(model):
 # (method, options, preparation, --rank, logits tolerance)
 CASES = {
     "lora": ("lora", {}, None, None, EXACT),
-    "lora-rslora-patterns": ("lora", {"use_rslora": True, "rank_pattern": {"k_proj": 2},
-                                      "alpha_pattern": {"o_proj": 3.0}}, None, None, EXACT),
-    "lora-embedding": ("lora", {"target_modules": ["q_proj", "v_proj", "embed_tokens"]}, None,
-                       None, EXACT),
+    "lora-rslora-patterns": (
+        "lora",
+        {"use_rslora": True, "rank_pattern": {"k_proj": 2}, "alpha_pattern": {"o_proj": 3.0}},
+        None,
+        None,
+        EXACT,
+    ),
+    "lora-embedding": (
+        "lora",
+        {"target_modules": ["q_proj", "v_proj", "embed_tokens"]},
+        None,
+        None,
+        EXACT,
+    ),
     "lora-fa": ("lora-fa", {}, None, None, EXACT),
     "lora-drop": ("lora-drop", {}, _lora_drop_shared, None, EXACT),
-    "adalora": ("adalora", {"adalora": {"init_r": 6, "target_r": 4}}, _adalora_pruned, None,
-                EXACT),
+    "adalora": ("adalora", {"adalora": {"init_r": 6, "target_r": 4}}, _adalora_pruned, None, EXACT),
     "dora-full-rank": ("dora", {}, None, 64, SVD_FULL),
     "qlora": ("qlora", {"quant_compute_dtype": "float32"}, None, None, EXACT),
     "lora+": ("lora+", {}, None, None, EXACT),
@@ -142,8 +151,10 @@ def test_export_to_lora_loads_in_peft_as_plain_lora(case, tmp_path):
         if f"{key}.lora_A.weight" in tensors:
             ba = tensors[f"{key}.lora_B.weight"].double() @ tensors[f"{key}.lora_A.weight"].double()
         else:  # embedding: ΔW = (B_e A_e)ᵀ
-            ba = (tensors[f"{key}.lora_embedding_B"].double()
-                  @ tensors[f"{key}.lora_embedding_A"].double()).T
+            ba = (
+                tensors[f"{key}.lora_embedding_B"].double()
+                @ tensors[f"{key}.lora_embedding_A"].double()
+            ).T
         direct = ((delta - scale * ba).norm() / delta.norm()).item()
         assert lay.rel_error == pytest.approx(direct, rel=1e-2, abs=2e-7)
         assert lay.conversion == ("svd" if method == "dora" else "exact")
@@ -173,12 +184,13 @@ def test_dora_truncated_svd_error_is_the_spectrum_tail(tmp_path):
     for lay in report.layers:
         s = torch.linalg.svdvals(deltas[lay.name].double())
         assert lay.rank == 2
-        assert lay.rel_error == pytest.approx((s[2:].square().sum() / s.square().sum())
-                                              .sqrt().item(), rel=1e-3)
+        assert lay.rel_error == pytest.approx(
+            (s[2:].square().sum() / s.square().sum()).sqrt().item(), rel=1e-3
+        )
     report = export_model(twin, tmp_path / "e", "lora", energy=0.9)
     for lay in report.layers:
         sq = torch.linalg.svdvals(deltas[lay.name].double()).square()
-        kept = (sq.cumsum(0) / sq.sum())
+        kept = sq.cumsum(0) / sq.sum()
         assert kept[lay.rank - 1] >= 0.9 and (lay.rank == 1 or kept[lay.rank - 2] < 0.9)
         assert lay.rel_error <= (1 - 0.9) ** 0.5 + 1e-6
     assert report.rank == max(lay.rank for lay in report.layers)  # padded to one rank
@@ -192,14 +204,14 @@ def test_rank_caps_an_exact_layer(tmp_path):
 
 # ---- vLLM ---------------------------------------------------------------------------------
 
+
 def test_vllm_export_says_which_max_lora_rank(tmp_path):
     model = _trained("dora", {}, None)
     report = export_model(model, tmp_path / "v", "vllm", rank=12)
     assert report.max_lora_rank == 16
     pc = json.loads((tmp_path / "v" / "adapter_config.json").read_text())
     assert vllm_problem(pc) is None
-    assert [vllm_max_lora_rank(r) for r in (1, 8, 9, 300, 512, 513)] == [8, 8, 16, 320, 512,
-                                                                          None]
+    assert [vllm_max_lora_rank(r) for r in (1, 8, 9, 300, 512, 513)] == [8, 8, 16, 320, 512, None]
 
 
 VLLM_REFUSED = {
@@ -241,12 +253,14 @@ def test_trained_whole_modules_are_refused_for_servers_kept_for_peft(tmp_path):
 
 # ---- GGUF -------------------------------------------------------------------------------
 
+
 def _field(reader, key):
     return reader.fields[key].contents()
 
 
-@pytest.mark.parametrize("arch,outtype", [("llama", "f32"), ("llama", "f16"),
-                                          ("qwen2", "bf16"), ("qwen2", "q8_0")])
+@pytest.mark.parametrize(
+    "arch,outtype", [("llama", "f32"), ("llama", "f16"), ("qwen2", "bf16"), ("qwen2", "q8_0")]
+)
 def test_gguf_read_back_equals_the_lora_tensors(arch, outtype, tmp_path):
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj", "embed_tokens"]
     model = _trained("lora", {"target_modules": targets, "use_rslora": True}, None, arch)
@@ -272,8 +286,13 @@ def test_gguf_read_back_equals_the_lora_tensors(arch, outtype, tmp_path):
     assert set(got) == want_names
 
     tol = {"f32": 0, "f16": 1e-3, "bf16": 1e-2, "q8_0": 2e-2}[outtype]
-    gmap = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-            "down_proj": "ffn_down"}
+    gmap = {
+        "q_proj": "attn_q",
+        "k_proj": "attn_k",
+        "v_proj": "attn_v",
+        "o_proj": "attn_output",
+        "down_proj": "ffn_down",
+    }
     heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
     for i in range(cfg.num_hidden_layers):
         for mod, leaf in gmap.items():
@@ -291,12 +310,14 @@ def test_gguf_read_back_equals_the_lora_tensors(arch, outtype, tmp_path):
                 assert (vals - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
     # the embedding's pair is flipped as llama.cpp's converter writes it
     key = "base_model.model.model.embed_tokens"
-    ea = gguf.quants.dequantize(got["token_embd.weight.lora_a"].data,
-                                got["token_embd.weight.lora_a"].tensor_type)
+    ea = gguf.quants.dequantize(
+        got["token_embd.weight.lora_a"].data, got["token_embd.weight.lora_a"].tensor_type
+    )
     assert ea.shape == tuple(lora[f"{key}.lora_embedding_A"].T.shape)
     # the report measures the file's own (rounded) values
-    assert report.outtype == outtype and report.max_rel_error <= (1e-6 if outtype == "f32"
-                                                                  else 5e-2)
+    assert report.outtype == outtype and report.max_rel_error <= (
+        1e-6 if outtype == "f32" else 5e-2
+    )
 
 
 def test_rope_permute_is_undone_by_transformers_gguf_reader():
@@ -326,44 +347,117 @@ def test_gguf_refusals_are_one_sentence(tmp_path):
 
 # ---- the command line -----------------------------------------------------------------------
 
+
 def test_cli_export_of_an_adapter_folder(tiny_model_dir, tmp_path, capsys):
     model, _ = lk.load_model(str(tiny_model_dir))
     model = train_steps(lk.apply(model, method="dora", r=4, alpha=8))
     lk.save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(tiny_model_dir))
-    assert main(["export", str(tmp_path / "ad"), "--to", "vllm", "--out", str(tmp_path / "v"),
-                 "--rank", "8"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "ad"),
+                "--to",
+                "vllm",
+                "--out",
+                str(tmp_path / "v"),
+                "--rank",
+                "8",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "--max-lora-rank 8" in printed and "largest |Δlogit|" in printed
-    assert main(["export", str(tmp_path / "ad"), "--to", "gguf", "--out",
-                 str(tmp_path / "a.gguf"), "--outtype", "q8_0", "--energy", "0.99",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "ad"),
+                "--to",
+                "gguf",
+                "--out",
+                str(tmp_path / "a.gguf"),
+                "--outtype",
+                "q8_0",
+                "--energy",
+                "0.99",
+                "--json",
+            ]
+        )
+        == 0
+    )
     rep = json.loads(capsys.readouterr().out)
     assert rep["outtype"] == "q8_0" and rep["heldout"] is None
     assert gguf.GGUFReader(str(tmp_path / "a.gguf")).fields["adapter.type"].contents() == "lora"
     # the same out again: refused, the file left as it was
     size = (tmp_path / "a.gguf").stat().st_size
-    assert main(["export", str(tmp_path / "ad"), "--to", "gguf", "--out",
-                 str(tmp_path / "a.gguf")]) == 2
+    assert (
+        main(["export", str(tmp_path / "ad"), "--to", "gguf", "--out", str(tmp_path / "a.gguf")])
+        == 2
+    )
     assert "exists" in capsys.readouterr().err and (tmp_path / "a.gguf").stat().st_size == size
 
 
 @pytest.mark.slow
 def test_cli_export_of_a_run_folder(tiny_model_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", *tiny_run_args(tiny_model_dir, run, "adapter.method=dora",
-                                         "train.max_steps=2", "eval.limit=4",
-                                         "eval.compare_base=false")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *tiny_run_args(
+                    tiny_model_dir,
+                    run,
+                    "adapter.method=dora",
+                    "train.max_steps=2",
+                    "eval.limit=4",
+                    "eval.compare_base=false",
+                ),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["export", str(run), "--to", "vllm", "--out", str(tmp_path / "v"),
-                 "--rank", "8", "--json"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(run),
+                "--to",
+                "vllm",
+                "--out",
+                str(tmp_path / "v"),
+                "--rank",
+                "8",
+                "--json",
+            ]
+        )
+        == 0
+    )
     rep = json.loads(capsys.readouterr().out)
     assert rep["method"] == "dora" and rep["rank"] == 8 and rep["max_lora_rank"] == 8
     assert rep["heldout"]["original"]["metric"] == rep["heldout"]["export"]["metric"]
     assert "valid_loss" in rep["heldout"]["export"]
     assert (tmp_path / "v" / "adapter_config.json").is_file()
-    assert main(["export", str(run / "adapter"), "--to", "gguf", "--out",
-                 str(tmp_path / "a.gguf"), "--outtype", "q8_0", "--energy", "0.99",
-                 "--no-heldout"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(run / "adapter"),
+                "--to",
+                "gguf",
+                "--out",
+                str(tmp_path / "a.gguf"),
+                "--outtype",
+                "q8_0",
+                "--energy",
+                "0.99",
+                "--no-heldout",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "largest |Δlogit|" in printed and "llama-cli" in printed
     assert "held-out" not in printed
@@ -377,6 +471,7 @@ def test_cli_refusals_exit_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "whole fine-tuned model" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
-    assert main(["export", str(tmp_path / "nope"), "--to", "lora", "--out",
-                 str(tmp_path / "x")]) == 2
+    assert (
+        main(["export", str(tmp_path / "nope"), "--to", "lora", "--out", str(tmp_path / "x")]) == 2
+    )
     assert "does not exist" in capsys.readouterr().err

@@ -37,24 +37,45 @@ AGREEMENT = 0.9
 def test_gguf_equals_llama_cpp_converters_output(outtype, tiny_model_dir, tmp_path):
     src = Path(os.environ.get("LLAMA_CPP_SRC", "/nonexistent"))
     if not (src / "convert_lora_to_gguf.py").is_file():
-        pytest.skip("no llama.cpp source tree: set LLAMA_CPP_SRC (make test-all unpacks the "
-                    "one inside the llama-cpp-python source package)")
+        pytest.skip(
+            "no llama.cpp source tree: set LLAMA_CPP_SRC (make test-all unpacks the "
+            "one inside the llama-cpp-python source package)"
+        )
     model, _ = lk.load_model(str(tiny_model_dir))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
-    model = train_steps(lk.apply(model, method="lora", r=4, alpha=8, use_rslora=True,
-                                 target_modules=targets))
+    model = train_steps(
+        lk.apply(model, method="lora", r=4, alpha=8, use_rslora=True, target_modules=targets)
+    )
     twin = copy.deepcopy(model)
     export_model(model, tmp_path / "lora", "lora")
     export_model(twin, tmp_path / "ours.gguf", "gguf", outtype=outtype)
     env = {**os.environ, "PYTHONPATH": f"{src / 'gguf-py'}{os.pathsep}{src}"}
-    done = subprocess.run([sys.executable, str(src / "convert_lora_to_gguf.py"),
-                           str(tmp_path / "lora"), "--base", str(tiny_model_dir), "--outfile",
-                           str(tmp_path / "theirs.gguf"), "--outtype", outtype], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(src / "convert_lora_to_gguf.py"),
+            str(tmp_path / "lora"),
+            "--base",
+            str(tiny_model_dir),
+            "--outfile",
+            str(tmp_path / "theirs.gguf"),
+            "--outtype",
+            outtype,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     ours, theirs = (gguf.GGUFReader(str(tmp_path / f)) for f in ("ours.gguf", "theirs.gguf"))
-    for key in ("general.type", "general.architecture", "adapter.type", "adapter.lora.alpha",
-                "general.quantization_version"):
+    for key in (
+        "general.type",
+        "general.architecture",
+        "adapter.type",
+        "adapter.lora.alpha",
+        "general.quantization_version",
+    ):
         assert ours.fields[key].contents() == theirs.fields[key].contents(), key
     a = {t.name: t for t in ours.tensors}
     b = {t.name: t for t in theirs.tensors}
@@ -62,14 +83,18 @@ def test_gguf_equals_llama_cpp_converters_output(outtype, tiny_model_dir, tmp_pa
     for name, t in b.items():
         assert a[name].tensor_type == t.tensor_type, name
         assert list(a[name].shape) == list(t.shape), name
-        assert np.array_equal(gguf.quants.dequantize(a[name].data, a[name].tensor_type),
-                              gguf.quants.dequantize(t.data, t.tensor_type)), name
+        assert np.array_equal(
+            gguf.quants.dequantize(a[name].data, a[name].tensor_type),
+            gguf.quants.dequantize(t.data, t.tensor_type),
+        ), name
 
 
 def _llama_cpp():
     return pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (it builds llama.cpp from "
-        "source; `make test-all` installs it)")
+        "llama_cpp",
+        reason="llama-cpp-python is not installed (it builds llama.cpp from "
+        "source; `make test-all` installs it)",
+    )
 
 
 def _base_gguf() -> Path:
@@ -92,10 +117,18 @@ def _load(llama_cpp, base: Path, adapter: Path):
             p = default()
             p.use_extra_bufts = False
             return p
+
         llama_cpp.llama_model_default_params = params
     try:
-        return llama_cpp.Llama(model_path=str(base), lora_path=str(adapter), n_ctx=1024,
-                               n_threads=2, seed=0, verbose=False, logits_all=False)
+        return llama_cpp.Llama(
+            model_path=str(base),
+            lora_path=str(adapter),
+            n_ctx=1024,
+            n_threads=2,
+            seed=0,
+            verbose=False,
+            logits_all=False,
+        )
     finally:
         if "use_extra_bufts" in fields:
             llama_cpp.llama_model_default_params = default
@@ -117,8 +150,7 @@ def agreement(llama_cpp, run: Path, adapter_gguf: Path) -> tuple[int, int, list[
     for p in preds:
         ids = tok(p["prompt"], add_special_tokens=False)["input_ids"]
         body: list[int] = []
-        for t in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0,
-                              reset=True):
+        for t in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0, reset=True):
             if t in stops or len(body) >= cap:
                 break
             body.append(t)
@@ -139,10 +171,25 @@ def test_llama_cpp_answers_like_lorakit(tmp_path, capsys):
     llama_cpp = _llama_cpp()
     _base_gguf()
     run = tmp_path / "run"
-    assert main(["train", "model=smollm2-135m", f"output_dir={run}", "adapter.method=lora",
-                 "adapter.r=8", "adapter.alpha=16", "train.precision=fp32",
-                 "train.max_steps=100", "train.lr=1e-3", "train.batch_size=4",
-                 "eval.limit=40", "eval.compare_base=false"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "model=smollm2-135m",
+                f"output_dir={run}",
+                "adapter.method=lora",
+                "adapter.r=8",
+                "adapter.alpha=16",
+                "train.precision=fp32",
+                "train.max_steps=100",
+                "train.lr=1e-3",
+                "train.batch_size=4",
+                "eval.limit=40",
+                "eval.compare_base=false",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "adapter.gguf"
     assert main(["export", str(run), "--to", "gguf", "--out", str(out), "--no-heldout"]) == 0
     capsys.readouterr()

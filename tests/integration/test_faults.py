@@ -4,8 +4,6 @@ failed write. Adapters compared in fp32 with tolerance 1e-6."""
 
 from __future__ import annotations
 
-import pytest
-
 import errno
 import os
 import signal
@@ -14,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from lorakit.cli import main
@@ -24,9 +23,17 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
 def _args(model_dir, out, *extra):
-    return tiny_run_args(model_dir, out, "train.max_steps=24", "train.save_every=1",
-                         "eval.compare_base=false", "eval.metric=null", "adapter.dropout=0.1",
-                         "train.resume=true", *extra)
+    return tiny_run_args(
+        model_dir,
+        out,
+        "train.max_steps=24",
+        "train.save_every=1",
+        "eval.compare_base=false",
+        "eval.metric=null",
+        "adapter.dropout=0.1",
+        "train.resume=true",
+        *extra,
+    )
 
 
 def _checkpoint_steps(out: Path) -> list[int]:
@@ -43,30 +50,51 @@ def _adapter(out: Path):
 #: where the faulty run is killed, one process after another (lorakit.faults): twice halfway
 #: through a checkpoint write, twice right after an optimizer step, once halfway through
 #: writing the final adapter
-KILLS = ["checkpoint-write:3", "after-step:7", "checkpoint-write:12", "after-step:18",
-         "adapter-save"]
+KILLS = [
+    "checkpoint-write:3",
+    "after-step:7",
+    "checkpoint-write:12",
+    "after-step:18",
+    "adapter-save",
+]
 
 
 @pytest.mark.slow  # seven training processes: ~35 s
 def test_killed_at_each_point_then_resumed_equals_uninterrupted(tiny_model_dir, tmp_path):
     ref = tmp_path / "ref"
-    r = subprocess.run([sys.executable, "-m", "lorakit", "train", *_args(tiny_model_dir, ref)],
-                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", *_args(tiny_model_dir, ref)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
 
     out = tmp_path / "faulty"
     for point in KILLS:
-        r = subprocess.run([sys.executable, "-m", "lorakit", "train",
-                            *_args(tiny_model_dir, out)], cwd=REPO,
-                           env=dict(ENV, LORAKIT_TEST_KILL_AT=point), capture_output=True,
-                           text=True, timeout=600)
+        r = subprocess.run(
+            [sys.executable, "-m", "lorakit", "train", *_args(tiny_model_dir, out)],
+            cwd=REPO,
+            env=dict(ENV, LORAKIT_TEST_KILL_AT=point),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == -signal.SIGKILL, (point, r.stderr[-2000:])
         assert not (out / "summary.json").exists(), point
     step = max(_checkpoint_steps(out))
     assert step == 23  # the adapter-save kill came after the last checkpoint
     assert any(p.name.startswith(".adapter.tmp-") for p in out.iterdir())  # half-written
-    r = subprocess.run([sys.executable, "-m", "lorakit", "train", *_args(tiny_model_dir, out)],
-                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", *_args(tiny_model_dir, out)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stderr
     assert not any(p.name.startswith(".adapter.") for p in out.iterdir())
@@ -79,9 +107,19 @@ def test_killed_at_each_point_then_resumed_equals_uninterrupted(tiny_model_dir, 
 
 def test_second_run_on_the_same_folder_refuses(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "lorakit", "train",
-                          *_args(tiny_model_dir, out, "train.max_steps=400")],
-                         cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "train",
+            *_args(tiny_model_dir, out, "train.max_steps=400"),
+        ],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not _checkpoint_steps(out):
@@ -97,8 +135,18 @@ def test_second_run_on_the_same_folder_refuses(tiny_model_dir, tmp_path, capsys)
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", *_args(tiny_model_dir, out, "train.lr=1e30",
-                                 "train.max_grad_norm=null", "train.warmup_ratio=0")])
+    code = main(
+        [
+            "train",
+            *_args(
+                tiny_model_dir,
+                out,
+                "train.lr=1e30",
+                "train.max_grad_norm=null",
+                "train.warmup_ratio=0",
+            ),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "the loss became" in err and "Traceback" not in err
     steps = _checkpoint_steps(out)
@@ -140,7 +188,8 @@ def six_steps(tiny_model_dir, tmp_path_factory):
 
 
 def test_full_disk_mid_run_says_so_keeps_the_last_checkpoint_and_resumes(
-        tiny_model_dir, six_steps, tmp_path, capsys, monkeypatch):
+    tiny_model_dir, six_steps, tmp_path, capsys, monkeypatch
+):
     """The disk fills up while a checkpoint is written (safetensors' own I/O error, as its
     Rust writer reports ENOSPC), then again while the adapter is written: each time one
     sentence, the checkpoint before intact and nothing half-written; train.resume=true then
@@ -154,8 +203,14 @@ def test_full_disk_mid_run_says_so_keeps_the_last_checkpoint_and_resumes(
     capsys.readouterr()
     out = tmp_path / "run"
     with monkeypatch.context() as m:  # the 2nd checkpoint's 2nd file: after its 1st is written
-        _full_disk_at(m, ckpt, "step-000004.tmp-", SafetensorError(
-            "Error while serializing: I/O error: No space left on device (os error 28)"))
+        _full_disk_at(
+            m,
+            ckpt,
+            "step-000004.tmp-",
+            SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            ),
+        )
         assert main(["train", *_args(tiny_model_dir, out, *six)]) == 2
     line = _one_error(capsys)
     assert "step-000004: no space left on the disk; free some disk space" in line, line
@@ -182,8 +237,9 @@ def test_full_disk_mid_run_says_so_keeps_the_last_checkpoint_and_resumes(
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
-def test_ctrl_c_mid_run_leaves_a_run_that_resumes(tiny_model_dir, six_steps, tmp_path, capsys,
-                                                   monkeypatch):
+def test_ctrl_c_mid_run_leaves_a_run_that_resumes(
+    tiny_model_dir, six_steps, tmp_path, capsys, monkeypatch
+):
     """Ctrl-C after step 3 (KeyboardInterrupt inside the loop): exit 130 with a line saying
     how to continue; the run's .lock is left on disk, held by no one, as by a killed
     process, and does not stop the resumed run, which ends as an uninterrupted one."""
@@ -204,9 +260,17 @@ def test_ctrl_c_mid_run_leaves_a_run_that_resumes(tiny_model_dir, six_steps, tmp
     assert "lorakit: interrupted" in err and "train.resume=true" in err and "Traceback" not in err
     assert _checkpoint_steps(out) == [2]
     # a process that held the lock and was killed: its flock goes with it
-    subprocess.run([sys.executable, "-c", "import fcntl, os, signal, sys; "
-                    "fh = open(sys.argv[1], 'w'); fcntl.flock(fh, fcntl.LOCK_EX); "
-                    "os.kill(os.getpid(), signal.SIGKILL)", str(out / ".lock")], check=False)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, signal, sys; "
+            "fh = open(sys.argv[1], 'w'); fcntl.flock(fh, fcntl.LOCK_EX); "
+            "os.kill(os.getpid(), signal.SIGKILL)",
+            str(out / ".lock"),
+        ],
+        check=False,
+    )
     assert (out / ".lock").exists()
     assert main(["train", *_args(tiny_model_dir, out, *six)]) == 0
     a, b = six_steps, _adapter(out)

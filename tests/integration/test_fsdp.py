@@ -39,11 +39,17 @@ num_processes: {n}
 use_cpu: true
 """
 
-pytestmark = pytest.mark.skipif(not Path(LAUNCHER).exists(),
-                                reason="accelerate's launcher is not installed")
+pytestmark = pytest.mark.skipif(
+    not Path(LAUNCHER).exists(), reason="accelerate's launcher is not installed"
+)
 
-COMMON = ("eval.compare_base=false", "eval.limit=4", "eval.max_new_tokens=2",
-          "train.max_steps=2", "train.save_every=0")
+COMMON = (
+    "eval.compare_base=false",
+    "eval.limit=4",
+    "eval.max_new_tokens=2",
+    "train.max_steps=2",
+    "train.save_every=0",
+)
 
 
 def _env(**extra) -> dict:
@@ -53,22 +59,45 @@ def _env(**extra) -> dict:
 
 def run_one(model_dir, out: Path, *extra) -> subprocess.CompletedProcess:
     """One process at batch 4 (the reference)."""
-    return subprocess.run([sys.executable, "-m", "lorakit", "train",
-                           *tiny_run_args(model_dir, out, *COMMON, "train.batch_size=4", *extra)],
-                          capture_output=True, text=True, env=_env(OMP_NUM_THREADS="2"),
-                          cwd=REPO, timeout=900)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "train",
+            *tiny_run_args(model_dir, out, *COMMON, "train.batch_size=4", *extra),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(OMP_NUM_THREADS="2"),
+        cwd=REPO,
+        timeout=900,
+    )
 
 
-def run_fsdp(model_dir, out: Path, *extra, n: int = 2, batch: int = 2, env: dict | None = None
-             ) -> subprocess.CompletedProcess:
+def run_fsdp(
+    model_dir, out: Path, *extra, n: int = 2, batch: int = 2, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """``accelerate launch --config_file fsdp.yaml`` with ``n`` processes at ``batch`` each."""
     cfg = out.parent / f"fsdp-{n}.yaml"
     cfg.write_text(FSDP_CONFIG.format(n=n))
-    return subprocess.run([LAUNCHER, "launch", "--config_file", str(cfg), "-m", "lorakit",
-                           "train", *tiny_run_args(model_dir, out, *COMMON,
-                                                   f"train.batch_size={batch}", *extra)],
-                          capture_output=True, text=True, env=_env(**(env or {})), cwd=REPO,
-                          timeout=900)
+    return subprocess.run(
+        [
+            LAUNCHER,
+            "launch",
+            "--config_file",
+            str(cfg),
+            "-m",
+            "lorakit",
+            "train",
+            *tiny_run_args(model_dir, out, *COMMON, f"train.batch_size={batch}", *extra),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(**(env or {})),
+        cwd=REPO,
+        timeout=900,
+    )
 
 
 def _losses(out: Path) -> list[float]:
@@ -115,8 +144,7 @@ def test_fsdp_lora_matches_one_process_and_peft_loads_it(tiny_model_dir, tmp_pat
     assert single["distributed"] == {"strategy": "single", "processes": 1}
     # each process holds half of the frozen weights (the tiny model's dims are even)
     half = single["process_bytes"][0]["frozen_param_bytes"] / 2
-    assert all(abs(p["frozen_param_bytes"] - half) <= 0.02 * half
-               for p in summary["process_bytes"])
+    assert all(abs(p["frozen_param_bytes"] - half) <= 0.02 * half for p in summary["process_bytes"])
     # the evaluation was split over the processes and equals one process's
     for key in ("valid_loss", "general_text_loss", "exact_match"):
         assert summary["tuned"][key] == pytest.approx(single["tuned"][key], rel=1e-6, abs=1e-9)
@@ -128,31 +156,56 @@ def test_fsdp_lora_matches_one_process_and_peft_loads_it(tiny_model_dir, tmp_pat
         assert (theirs(ids).logits - ours(ids).logits).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("extra", [
-    pytest.param(("adapter.method=adalora", "adapter.adalora.init_r=6",
-                  "adapter.adalora.target_r=2", "adapter.adalora.tinit=0",
-                  "adapter.adalora.tfinal=0", "adapter.adalora.delta_t=1"), id="adalora"),
-    pytest.param(("adapter.method=lora-drop",), id="lora-drop"),
-    # bf16: FSDP runs the loss under autocast itself (the training loop), the others under
-    # accelerate's forward wrapper; the regularizer stays fp32 in both. Slow: bf16 kernels
-    # differ between CPU kinds, and the 1e-5 tolerance was only measured on an AVX-512 EPYC
-    pytest.param(("adapter.method=adalora", "adapter.adalora.init_r=6",
-                  "adapter.adalora.target_r=2", "adapter.adalora.tinit=0",
-                  "adapter.adalora.tfinal=0", "adapter.adalora.delta_t=1",
-                  "train.precision=bf16"), id="adalora-bf16", marks=pytest.mark.slow),
-    pytest.param(("adapter.method=dora",), id="dora", marks=pytest.mark.slow),
-    pytest.param(("adapter.method=lora-fa",), id="lora-fa", marks=pytest.mark.slow),
-    pytest.param(("adapter.method=lora+",), id="lora-plus", marks=pytest.mark.slow),
-    pytest.param(("adapter.method=full",), id="full", marks=pytest.mark.slow),
-    pytest.param(("adapter.method=longlora", "data.max_seq_len=64"), id="longlora",
-                 marks=pytest.mark.slow),
-    pytest.param(("train.gradient_checkpointing=true",), id="grad-ckpt",
-                 marks=pytest.mark.slow),
-    pytest.param(("train.compile=true",), id="compile", marks=pytest.mark.slow),
-    # the 4-bit base: each process reads and quantizes it, the packed NF4 bytes are sharded
-    pytest.param(("adapter.quantize=nf4", "adapter.method=dora"), id="qlora-dora",
-                 marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param(
+            (
+                "adapter.method=adalora",
+                "adapter.adalora.init_r=6",
+                "adapter.adalora.target_r=2",
+                "adapter.adalora.tinit=0",
+                "adapter.adalora.tfinal=0",
+                "adapter.adalora.delta_t=1",
+            ),
+            id="adalora",
+        ),
+        pytest.param(("adapter.method=lora-drop",), id="lora-drop"),
+        # bf16: FSDP runs the loss under autocast itself (the training loop), the others under
+        # accelerate's forward wrapper; the regularizer stays fp32 in both. Slow: bf16 kernels
+        # differ between CPU kinds, and the 1e-5 tolerance was only measured on an AVX-512 EPYC
+        pytest.param(
+            (
+                "adapter.method=adalora",
+                "adapter.adalora.init_r=6",
+                "adapter.adalora.target_r=2",
+                "adapter.adalora.tinit=0",
+                "adapter.adalora.tfinal=0",
+                "adapter.adalora.delta_t=1",
+                "train.precision=bf16",
+            ),
+            id="adalora-bf16",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(("adapter.method=dora",), id="dora", marks=pytest.mark.slow),
+        pytest.param(("adapter.method=lora-fa",), id="lora-fa", marks=pytest.mark.slow),
+        pytest.param(("adapter.method=lora+",), id="lora-plus", marks=pytest.mark.slow),
+        pytest.param(("adapter.method=full",), id="full", marks=pytest.mark.slow),
+        pytest.param(
+            ("adapter.method=longlora", "data.max_seq_len=64"),
+            id="longlora",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ("train.gradient_checkpointing=true",), id="grad-ckpt", marks=pytest.mark.slow
+        ),
+        pytest.param(("train.compile=true",), id="compile", marks=pytest.mark.slow),
+        # the 4-bit base: each process reads and quantizes it, the packed NF4 bytes are sharded
+        pytest.param(
+            ("adapter.quantize=nf4", "adapter.method=dora"), id="qlora-dora", marks=pytest.mark.slow
+        ),
+    ],
+)
 def test_every_method_under_fsdp_equals_one_process(tiny_model_dir, tmp_path, extra):
     one, two = tmp_path / "one", tmp_path / "two"
     _ok(run_one(tiny_model_dir, one, *extra))
@@ -176,9 +229,16 @@ def _close(a, b) -> bool:
 
 @pytest.mark.slow  # three runs, one killed and resumed
 def test_fsdp_resume_after_a_kill_equals_the_uninterrupted_run(tiny_model_dir, tmp_path):
-    extra = ("train.max_steps=4", "train.save_every=2", "adapter.method=adalora",
-             "adapter.adalora.init_r=6", "adapter.adalora.target_r=2",
-             "adapter.adalora.tinit=0", "adapter.adalora.tfinal=1", "adapter.adalora.delta_t=1")
+    extra = (
+        "train.max_steps=4",
+        "train.save_every=2",
+        "adapter.method=adalora",
+        "adapter.adalora.init_r=6",
+        "adapter.adalora.target_r=2",
+        "adapter.adalora.tinit=0",
+        "adapter.adalora.tfinal=1",
+        "adapter.adalora.delta_t=1",
+    )
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     _ok(run_fsdp(tiny_model_dir, whole, *extra))
     r = run_fsdp(tiny_model_dir, cut, *extra, env={"LORAKIT_TEST_KILL_AT": "after-step:3"})
@@ -221,8 +281,9 @@ def test_a_compile_failure_under_two_processes_ends_both_cleanly(tiny_model_dir,
     """No eager retry on one process while the other waits in a collective: every process
     stops with the one sentence, the launcher ends them all, nothing is left half-written."""
     out = tmp_path / "run"
-    r = run_fsdp(tiny_model_dir, out, "train.compile=true",
-                 env={"LORAKIT_TEST_BROKEN_COMPILER": "1"})
+    r = run_fsdp(
+        tiny_model_dir, out, "train.compile=true", env={"LORAKIT_TEST_BROKEN_COMPILER": "1"}
+    )
     assert r.returncode != 0
     assert "with several processes lorakit does not fall back" in r.stderr
     assert not (out / "summary.json").exists() and not (out / "adapter").exists()

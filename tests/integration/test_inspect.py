@@ -21,16 +21,21 @@ def _train(model_dir, out, *extra):
 
 
 def _base_weights(model_dir) -> dict[str, torch.Tensor]:
-    return {k[: -len(".weight")]: v.double()
-            for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    return {
+        k[: -len(".weight")]: v.double()
+        for k, v in load_file(str(model_dir / "model.safetensors")).items()
+    }
 
 
 def _direct(w0: torch.Tensor, w1: torch.Tensor) -> dict:
     """ΔM, ΔD, ||ΔW|| written out from their definitions (docs/methods/dora.md)."""
     m0, m1 = w0.norm(dim=1), w1.norm(dim=1)
     cos = torch.nn.functional.cosine_similarity(w1, w0, dim=1)
-    return {"delta_m": (m1 - m0).abs().mean().item(), "delta_d": (1 - cos).mean().item(),
-            "delta_norm": (w1 - w0).norm().item()}
+    return {
+        "delta_m": (m1 - m0).abs().mean().item(),
+        "delta_d": (1 - cos).mean().item(),
+        "delta_norm": (w1 - w0).norm().item(),
+    }
 
 
 def test_dora_vs_lora_draws_the_magnitude_direction_plot(tiny_model_dir, tmp_path, capsys):
@@ -47,8 +52,10 @@ def test_dora_vs_lora_draws_the_magnitude_direction_plot(tiny_model_dir, tmp_pat
     dora_res, lora_res = json.loads((out / "inspect.json").read_text())
     base = _base_weights(tiny_model_dir)
 
-    t = {k.removeprefix("base_model.model."): v.double()
-         for k, v in load_file(str(dora / "adapter_model.safetensors")).items()}
+    t = {
+        k.removeprefix("base_model.model."): v.double()
+        for k, v in load_file(str(dora / "adapter_model.safetensors")).items()
+    }
     s = 32.0 / 4  # alpha / r of tiny_run_args
     assert len(dora_res["layers"]) == 14  # 7 linear layers x 2 blocks (all-linear)
     for rec in dora_res["layers"]:
@@ -59,13 +66,14 @@ def test_dora_vs_lora_draws_the_magnitude_direction_plot(tiny_model_dir, tmp_pat
         w1 = m[:, None] * v / v.norm(dim=1, keepdim=True)
         ref = _direct(w0, w1)
         # ΔM of DoRA is the trained magnitude's change from ||W0||_row
-        assert ref["delta_m"] == pytest.approx((m - w0.norm(dim=1)).abs().mean().item(),
-                                               rel=1e-6)
+        assert ref["delta_m"] == pytest.approx((m - w0.norm(dim=1)).abs().mean().item(), rel=1e-6)
         for k in ref:
             assert rec[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-9), (n, k)
 
-    t = {k.removeprefix("base_model.model."): v.double()
-         for k, v in load_file(str(lora / "adapter_model.safetensors")).items()}
+    t = {
+        k.removeprefix("base_model.model."): v.double()
+        for k, v in load_file(str(lora / "adapter_model.safetensors")).items()
+    }
     for rec in lora_res["layers"]:
         n = rec["name"]
         dw = s * t[f"{n}.lora_B.weight"] @ t[f"{n}.lora_A.weight"]
@@ -75,18 +83,28 @@ def test_dora_vs_lora_draws_the_magnitude_direction_plot(tiny_model_dir, tmp_pat
         sv = torch.linalg.svdvals(dw)
         assert rec["numeric_rank"] == int((sv > 1e-3 * sv[0]).sum()) <= 4  # LoRA: rank <= r
         p = sv / sv.sum()
-        assert rec["effective_rank"] == pytest.approx(torch.exp(-(p * p.log()).sum()).item(),
-                                                      rel=1e-3)
+        assert rec["effective_rank"] == pytest.approx(
+            torch.exp(-(p * p.log()).sum()).item(), rel=1e-3
+        )
 
 
 def test_adalora_ranks_lora_drop_importance_and_full(tiny_model_dir, tmp_path, capsys):
-    ada = _train(tiny_model_dir, tmp_path / "ada", "adapter.method=adalora",
-                 "adapter.adalora.init_r=4", "adapter.adalora.target_r=2", "adapter.adalora.delta_t=1",
-                 "train.max_steps=8")
-    drop = _train(tiny_model_dir, tmp_path / "drop", "adapter.method=lora-drop",
-                  "adapter.lora_drop.sample_ratio=0.5")
-    full = _train(tiny_model_dir, tmp_path / "full", "adapter.method=full",
-                  "train.max_steps=2")
+    ada = _train(
+        tiny_model_dir,
+        tmp_path / "ada",
+        "adapter.method=adalora",
+        "adapter.adalora.init_r=4",
+        "adapter.adalora.target_r=2",
+        "adapter.adalora.delta_t=1",
+        "train.max_steps=8",
+    )
+    drop = _train(
+        tiny_model_dir,
+        tmp_path / "drop",
+        "adapter.method=lora-drop",
+        "adapter.lora_drop.sample_ratio=0.5",
+    )
+    full = _train(tiny_model_dir, tmp_path / "full", "adapter.method=full", "train.max_steps=2")
     capsys.readouterr()
 
     assert main(["inspect", str(ada), "--out", str(tmp_path / "i_ada")]) == 0
@@ -105,8 +123,10 @@ def test_adalora_ranks_lora_drop_importance_and_full(tiny_model_dir, tmp_path, c
     # a full fine-tune: ΔW is the tuned weight minus the base weight, every linear layer
     assert main(["inspect", str(full), "--out", str(tmp_path / "i_full")]) == 0
     res = json.loads((tmp_path / "i_full" / "inspect.json").read_text())[0]
-    tuned = {k[: -len(".weight")]: v.double()
-             for k, v in load_file(str(full / "model.safetensors")).items()}
+    tuned = {
+        k[: -len(".weight")]: v.double()
+        for k, v in load_file(str(full / "model.safetensors")).items()
+    }
     base = _base_weights(tiny_model_dir)
     assert res["method"] == "full" and len(res["layers"]) == 14
     for rec in res["layers"]:

@@ -14,8 +14,14 @@ from lorakit.cli import main
 from lorakit.inject import adapter_layers
 from tests.conftest import tiny_run_args
 
-ARGS = ("adapter.method=lora-drop", "adapter.target_modules=all-linear", "adapter.lora_drop.threshold=0.7",
-        "eval.compare_base=false", "train.save_every=2", "train.keep_checkpoints=3")
+ARGS = (
+    "adapter.method=lora-drop",
+    "adapter.target_modules=all-linear",
+    "adapter.lora_drop.threshold=0.7",
+    "eval.compare_base=false",
+    "train.save_every=2",
+    "train.keep_checkpoints=3",
+)
 
 
 def test_lora_drop_run(tiny_model_dir, tmp_path, capsys):
@@ -31,8 +37,9 @@ def test_lora_drop_run(tiny_model_dir, tmp_path, capsys):
     assert sum(rec["importance"].values()) == pytest.approx(1.0)
     assert summary["trainable_params"] == rec["adapter_params"] < rec["lora_adapter_params"]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines if x.get("phase") == "lora-drop sample"] == \
-        list(range(1, rec["sample_steps"] + 1))
+    assert [x["step"] for x in lines if x.get("phase") == "lora-drop sample"] == list(
+        range(1, rec["sample_steps"] + 1)
+    )
     assert [x["step"] for x in lines if x.get("phase") == "train"] == list(range(1, 7))
 
     # plain LoRA on the same model and targets has more trainable parameters

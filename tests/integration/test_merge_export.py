@@ -10,8 +10,13 @@ from transformers import AutoModelForCausalLM
 import lorakit as lk
 from tests.conftest import train_steps
 
-METHODS = [("lora", {}), ("dora", {}), ("lora-fa", {}), ("adalora", {"adalora": {"init_r": 4, "target_r": 2}}),
-           ("longlora", {"context_length": 1024})]
+METHODS = [
+    ("lora", {}),
+    ("dora", {}),
+    ("lora-fa", {}),
+    ("adalora", {"adalora": {"init_r": 4, "target_r": 2}}),
+    ("longlora", {"context_length": 1024}),
+]
 
 
 @pytest.mark.parametrize("method,opts", METHODS, ids=[m for m, _ in METHODS])

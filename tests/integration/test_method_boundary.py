@@ -98,18 +98,34 @@ def toy_method(tmp_path, monkeypatch):
     return gated_lora_toy
 
 
-def test_a_new_method_is_one_file_and_one_registry_row(toy_method, tiny_model_dir, tmp_path,
-                                                       capsys):
+def test_a_new_method_is_one_file_and_one_registry_row(
+    toy_method, tiny_model_dir, tmp_path, capsys
+):
     out = tmp_path / "run"
-    assert main(["train", *tiny_run_args(tiny_model_dir, out, "adapter.method=gated-lora",
-                                         "adapter.gated_lora.gate_init=0.5",
-                                         "eval.compare_base=false")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *tiny_run_args(
+                    tiny_model_dir,
+                    out,
+                    "adapter.method=gated-lora",
+                    "adapter.gated_lora.gate_init=0.5",
+                    "eval.compare_base=false",
+                ),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "gated-lora" and summary["trainable_params"] > 0
     gate = summary["method_summary"]["mean_gate"]
     assert abs(gate - 0.5) > 1e-6  # the gate trained, from the option's initial value
-    saved = {k: v for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors"))
-             .items() if k.endswith("lora_gate")}
+    saved = {
+        k: v
+        for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items()
+        if k.endswith("lora_gate")
+    }
     assert saved and sum(float(v) for v in saved.values()) / len(saved) == pytest.approx(gate)
 
     base, _ = lk.load_model(str(tiny_model_dir))
@@ -131,8 +147,15 @@ def test_a_new_method_is_one_file_and_one_registry_row(toy_method, tiny_model_di
     capsys.readouterr()
     assert main(["methods"]) == 0
     assert "gated-lora" in capsys.readouterr().out
-    assert main(["train", *tiny_run_args(tiny_model_dir, tmp_path / "bad",
-                                         "adapter.gated_lora.gate_init=2")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                *tiny_run_args(tiny_model_dir, tmp_path / "bad", "adapter.gated_lora.gate_init=2"),
+            ]
+        )
+        == 2
+    )
     assert "holds options of method 'gated-lora'" in capsys.readouterr().err
 
 
@@ -144,7 +167,7 @@ def _imports(path: Path) -> list[str]:
         if isinstance(node, ast.ImportFrom):
             base = pkg.split(".")
             if node.level:
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
@@ -163,12 +186,16 @@ def _from_package_init(path: Path) -> list[str]:
         if isinstance(node, ast.Import):
             found += [f"import {a.name}" for a in node.names if a.name == "lorakit"]
         elif isinstance(node, ast.ImportFrom):
-            base = pkg[:len(pkg) - node.level + 1] if node.level else []
+            base = pkg[: len(pkg) - node.level + 1] if node.level else []
             mod = ".".join(base + ([node.module] if node.module else []))
             if mod == "lorakit":
-                found += [f"from lorakit import {a.name}" for a in node.names
-                          if not ((SRC / f"{a.name}.py").is_file()
-                                  or (SRC / a.name / "__init__.py").is_file())]
+                found += [
+                    f"from lorakit import {a.name}"
+                    for a in node.names
+                    if not (
+                        (SRC / f"{a.name}.py").is_file() or (SRC / a.name / "__init__.py").is_file()
+                    )
+                ]
     return found
 
 
@@ -178,10 +205,21 @@ def test_layers_below_loop_above():
     hides); no engine module imports the CLI; no module imports the package ``__init__``;
     only registry.py and a method's own module name a method."""
     for f in (SRC / "adapters").glob("*.py"):
-        bad = [m for m in _imports(f) if m.startswith(("lorakit.training", "lorakit.analysis",
-                                                       "lorakit.cli", "lorakit.peft_format",
-                                                       "lorakit.inject", "lorakit.config",
-                                                       "lorakit.registry"))]
+        bad = [
+            m
+            for m in _imports(f)
+            if m.startswith(
+                (
+                    "lorakit.training",
+                    "lorakit.analysis",
+                    "lorakit.cli",
+                    "lorakit.peft_format",
+                    "lorakit.inject",
+                    "lorakit.config",
+                    "lorakit.registry",
+                )
+            )
+        ]
         assert not bad, (f.name, bad)
     for f in SRC.rglob("*.py"):
         if f != SRC / "__init__.py":
@@ -196,18 +234,39 @@ def test_layers_below_loop_above():
             continue
         if rel == Path("analysis/claims.py"):
             continue  # the literature's claims about named methods; a new method needs none
-        strings = [n.value for n in ast.walk(ast.parse(f.read_text()))
-                   if isinstance(n, ast.Constant) and isinstance(n.value, str)]
-        assert not [s for s in strings if s in names], (str(rel), [s for s in strings
-                                                                   if s in names])
+        strings = [
+            n.value
+            for n in ast.walk(ast.parse(f.read_text()))
+            if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        ]
+        assert not [s for s in strings if s in names], (
+            str(rel),
+            [s for s in strings if s in names],
+        )
 
 
 #: docs/ARCHITECTURE.md's layers, bottom up: a module imports only from its own row or below
 LAYERS = [
-    ("options", "version", "files", "module_tree", "errors", "sharding", "faults", "quant",
-     "models"),
-    ("adapters",), ("registry",), ("config",), ("inject", "attention", "peft_format"),
-    ("export", "llamacpp"), ("training",), ("analysis",), ("cli",), ("__init__", "__main__"),
+    (
+        "options",
+        "version",
+        "files",
+        "module_tree",
+        "errors",
+        "sharding",
+        "faults",
+        "quant",
+        "models",
+    ),
+    ("adapters",),
+    ("registry",),
+    ("config",),
+    ("inject", "attention", "peft_format"),
+    ("export", "llamacpp"),
+    ("training",),
+    ("analysis",),
+    ("cli",),
+    ("__init__", "__main__"),
 ]
 
 
@@ -231,15 +290,21 @@ def test_adapters_recorded_with_flat_options_still_load(tmp_path):
     with the chosen method's options moved into its section."""
     from tests.conftest import tiny_model, train_steps
 
-    model = train_steps(lk.apply(tiny_model("llama"), method="adalora", r=4,
-                                 adalora={"init_r": 6, "target_r": 3}))
+    model = train_steps(
+        lk.apply(tiny_model("llama"), method="adalora", r=4, adalora={"init_r": 6, "target_r": 3})
+    )
     lk.save_adapter(model, tmp_path / "ad")
     path = tmp_path / "ad" / "lorakit.json"
     record = json.loads(path.read_text())
     cfg = record["adapter_config"]
-    flat = {**{k: v for k, v in cfg.items() if k != "adalora"}, **cfg["adalora"],
-            "beta1": cfg["adalora"]["sensitivity_beta"], "threshold": 0.9, "top_n": None,
-            "lorafa_projection": False}
+    flat = {
+        **{k: v for k, v in cfg.items() if k != "adalora"},
+        **cfg["adalora"],
+        "beta1": cfg["adalora"]["sensitivity_beta"],
+        "threshold": 0.9,
+        "top_n": None,
+        "lorafa_projection": False,
+    }
     del flat["sensitivity_beta"]
     record["adapter_config"] = flat
     path.write_text(json.dumps(record))
@@ -248,5 +313,6 @@ def test_adapters_recorded_with_flat_options_still_load(tmp_path):
     assert (opts.init_r, opts.target_r, opts.sensitivity_beta) == (6, 3, 0.85)
     ids = torch.randint(0, 96, (2, 8))
     with torch.no_grad():
-        assert torch.allclose(loaded.eval()(input_ids=ids).logits,
-                              model.eval()(input_ids=ids).logits, atol=1e-6)
+        assert torch.allclose(
+            loaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-6
+        )

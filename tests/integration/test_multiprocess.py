@@ -28,21 +28,46 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None and not
-                    (Path(sys.executable).parent / "accelerate").exists(),
-                    reason="accelerate's launcher is not installed")
+@pytest.mark.skipif(
+    shutil.which("accelerate") is None
+    and not (Path(sys.executable).parent / "accelerate").exists(),
+    reason="accelerate's launcher is not installed",
+)
 @pytest.mark.slow  # two gloo processes and a reference run: ~20 s
 def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
     common = ["eval.compare_base=false", "train.max_steps=5", "train.save_every=0"]
     one = tmp_path / "one"
-    r = _run([sys.executable, "-m", "lorakit", "train",
-              *tiny_run_args(tiny_model_dir, one, *common, "train.batch_size=4")])
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "train",
+            *tiny_run_args(tiny_model_dir, one, *common, "train.batch_size=4"),
+        ]
+    )
     assert r.returncode == 0, r.stderr
     two = tmp_path / "two"
     launcher = str(Path(sys.executable).parent / "accelerate")
-    r = _run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lorakit", "train",
-              *tiny_run_args(tiny_model_dir, two, *common, "train.batch_size=2")])
+    r = _run(
+        [
+            launcher,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "lorakit",
+            "train",
+            *tiny_run_args(tiny_model_dir, two, *common, "train.batch_size=2"),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stderr
     a, b = _losses(one), _losses(two)

@@ -43,8 +43,13 @@ def _peft_logits(path) -> torch.Tensor:
 
 @pytest.mark.filterwarnings("ignore:Specified to not:UserWarning")  # PEFT, save_projection
 def test_toy_vera_trains_saves_reloads_and_is_peft_vera(vera, tmp_path):
-    model = lk.apply(tiny_model(), method="toy-vera", r=8, target_modules=TARGETS,
-                     toy_vera={"projection_prng_key": 7, "d_initial": 0.2})
+    model = lk.apply(
+        tiny_model(),
+        method="toy-vera",
+        r=8,
+        target_modules=TARGETS,
+        toy_vera={"projection_prng_key": 7, "d_initial": 0.2},
+    )
     layers = layers_of(model, vera.VeRALinear)
     assert len(layers) == 6
     first = next(iter(layers.values()))
@@ -64,12 +69,18 @@ def test_toy_vera_trains_saves_reloads_and_is_peft_vera(vera, tmp_path):
     lk.save_adapter(model, tmp_path / "ad")
     pc = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert pc["peft_type"] == "VERA" and pc["r"] == 8
-    assert (pc["projection_prng_key"], pc["d_initial"], pc["save_projection"],
-            pc["vera_dropout"]) == (7, 0.2, True, 0.0)
+    assert (
+        pc["projection_prng_key"],
+        pc["d_initial"],
+        pc["save_projection"],
+        pc["vera_dropout"],
+    ) == (7, 0.2, True, 0.0)
     assert not [k for k in pc if k.startswith("lora_")]  # LoRA's schema is LoRA's
     saved = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
     assert sorted(k for k in saved if not k.startswith("base_model.model.")) == [
-        "base_model.vera_A", "base_model.vera_B"]  # once, at model level
+        "base_model.vera_A",
+        "base_model.vera_B",
+    ]  # once, at model level
     assert len([k for k in saved if k.endswith((".vera_lambda_b", ".vera_lambda_d"))]) == 12
     assert torch.equal(saved["base_model.vera_A"], a0)
 
@@ -82,12 +93,15 @@ def test_toy_vera_trains_saves_reloads_and_is_peft_vera(vera, tmp_path):
     record = json.loads((tmp_path / "small" / "lorakit.json").read_text())
     record["adapter_config"]["toy_vera"]["save_projection"] = False
     (tmp_path / "small" / "lorakit.json").write_text(json.dumps(record))
-    (tmp_path / "small" / "adapter_config.json").write_text(json.dumps(
-        {**pc, "save_projection": False}))
+    (tmp_path / "small" / "adapter_config.json").write_text(
+        json.dumps({**pc, "save_projection": False})
+    )
     from safetensors.torch import save_file
 
-    save_file({k: v for k, v in saved.items() if k.startswith("base_model.model.")},
-              str(tmp_path / "small" / "adapter_model.safetensors"))
+    save_file(
+        {k: v for k, v in saved.items() if k.startswith("base_model.model.")},
+        str(tmp_path / "small" / "adapter_model.safetensors"),
+    )
     assert torch.equal(_logits(lk.load_adapter(tiny_model(), tmp_path / "small")), trained)
     assert torch.allclose(_peft_logits(tmp_path / "small"), trained, atol=1e-6)
 
@@ -95,8 +109,9 @@ def test_toy_vera_trains_saves_reloads_and_is_peft_vera(vera, tmp_path):
     from peft import VeraConfig, get_peft_model
 
     torch.manual_seed(4)
-    theirs = get_peft_model(tiny_model(), VeraConfig(r=8, target_modules=TARGETS,
-                                                     projection_prng_key=3, d_initial=0.3))
+    theirs = get_peft_model(
+        tiny_model(), VeraConfig(r=8, target_modules=TARGETS, projection_prng_key=3, d_initial=0.3)
+    )
     with torch.no_grad():
         for n, p in theirs.named_parameters():
             if "vera_lambda_b" in n:
@@ -105,16 +120,32 @@ def test_toy_vera_trains_saves_reloads_and_is_peft_vera(vera, tmp_path):
     ours = lk.load_adapter(tiny_model(), tmp_path / "peft")
     opts = ours.lorakit_state.config.options
     assert (ours.lorakit_state.config.method, opts.projection_prng_key, opts.d_initial) == (
-        "toy-vera", 3, 0.3)
+        "toy-vera",
+        3,
+        0.3,
+    )
     assert torch.allclose(_logits(ours), _logits(theirs), atol=1e-6)
 
 
 def test_toy_vera_through_the_training_loop(vera, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", *tiny_run_args(tiny_model_dir, out, "adapter.method=toy-vera",
-                                         "adapter.r=8", "adapter.toy_vera.d_initial=0.5",
-                                         "adapter.toy_vera.projection_prng_key=5",
-                                         "eval.compare_base=false")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *tiny_run_args(
+                    tiny_model_dir,
+                    out,
+                    "adapter.method=toy-vera",
+                    "adapter.r=8",
+                    "adapter.toy_vera.d_initial=0.5",
+                    "adapter.toy_vera.projection_prng_key=5",
+                    "eval.compare_base=false",
+                ),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "toy-vera"
     saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -122,7 +153,8 @@ def test_toy_vera_through_the_training_loop(vera, tiny_model_dir, tmp_path, caps
     assert ds and all(d.shape == (8,) for d in ds)
     assert any((d - 0.5).abs().max() > 1e-6 for d in ds)  # d trained, from the option's value
     assert summary["trainable_params"] == sum(
-        v.numel() for k, v in saved.items() if k.endswith((".vera_lambda_b", ".vera_lambda_d")))
+        v.numel() for k, v in saved.items() if k.endswith((".vera_lambda_b", ".vera_lambda_d"))
+    )
 
     # the reloaded adapter measures what the trained model measured at the end of the run
     capsys.readouterr()
@@ -131,8 +163,15 @@ def test_toy_vera_through_the_training_loop(vera, tiny_model_dir, tmp_path, caps
     assert res["loss"] == pytest.approx(summary["tuned"]["valid_loss"], abs=1e-6)
 
     # an option of the method in a run of another method is refused in one sentence
-    assert main(["train", *tiny_run_args(tiny_model_dir, tmp_path / "bad",
-                                         "adapter.toy_vera.d_initial=0.5")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                *tiny_run_args(tiny_model_dir, tmp_path / "bad", "adapter.toy_vera.d_initial=0.5"),
+            ]
+        )
+        == 2
+    )
     assert "holds options of method 'toy-vera'" in capsys.readouterr().err
 
 
@@ -152,8 +191,7 @@ def test_an_error_in_after_apply_undoes_the_apply(vera, monkeypatch):
     assert getattr(model, "lorakit_state", None) is None
     # an error of apply's own, after it froze the model, undoes it too
     with pytest.raises(LorakitError, match="choose one"):
-        lk.apply(model, method="lora", r=4, target_modules=["q_proj"],
-                 trainable_modules=["q_proj"])
+        lk.apply(model, method="lora", r=4, target_modules=["q_proj"], trainable_modules=["q_proj"])
     assert [type(m) for m in model.modules()] == modules
     assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
     assert getattr(model, "lorakit_state", None) is None

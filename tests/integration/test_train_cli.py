@@ -22,8 +22,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 def lorakit_proc(*args, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+        **kw,
+    )
 
 
 def test_train_writes_everything_and_eval_reads_it(tiny_model_dir, tmp_path, capsys):
@@ -31,8 +38,14 @@ def test_train_writes_everything_and_eval_reads_it(tiny_model_dir, tmp_path, cap
     assert main(["train", *tiny_run_args(tiny_model_dir, out)]) == 0
     printed = capsys.readouterr().out
     assert "exact_match" in printed and "base" in printed and "tuned" in printed
-    for f in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-              "adapter/lorakit.json", "summary.json", "metrics.jsonl", "config.yaml"):
+    for f in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/lorakit.json",
+        "summary.json",
+        "metrics.jsonl",
+        "config.yaml",
+    ):
         assert (out / f).exists(), f
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trainable_params"] > 0 and summary["total_steps"] == 6
@@ -62,8 +75,20 @@ def test_merged_folder_loads_in_plain_transformers(tiny_model_dir, tmp_path, cap
     import lorakit as lk
 
     out = tmp_path / "run"
-    assert main(["train", *tiny_run_args(tiny_model_dir, out, "adapter.target_modules=all-linear",
-                                         "eval.compare_base=false")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *tiny_run_args(
+                    tiny_model_dir,
+                    out,
+                    "adapter.target_modules=all-linear",
+                    "eval.compare_base=false",
+                ),
+            ]
+        )
+        == 0
+    )
     assert main(["merge", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     base, _ = lk.load_model(str(tiny_model_dir))
@@ -83,8 +108,15 @@ def test_generate_prints_the_answer_eval_records(tiny_model_dir, tmp_path, capsy
     from lorakit.training.tasks import get_task
 
     out = tmp_path / "run"
-    assert main(["train", *tiny_run_args(tiny_model_dir, out, "eval.compare_base=false",
-                                         "train.max_steps=2")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *tiny_run_args(tiny_model_dir, out, "eval.compare_base=false", "train.max_steps=2"),
+            ]
+        )
+        == 0
+    )
     plain = tmp_path / "no-template"  # the same model, its tokenizer without a chat template
     shutil.copytree(tiny_model_dir, plain)
     (plain / "chat_template.jinja").unlink(missing_ok=True)
@@ -96,17 +128,36 @@ def test_generate_prints_the_answer_eval_records(tiny_model_dir, tmp_path, capsy
         model_arg = [] if base is None else ["--model", str(base)]
         preds = tmp_path / f"preds-{base is None}.jsonl"
         capsys.readouterr()
-        assert main(["eval", str(out), "--data", "task:arithmetic", "--limit", "3",
-                     "--max-new-tokens", "6", "--dtype", "fp32", "--predictions", str(preds),
-                     *model_arg]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    str(out),
+                    "--data",
+                    "task:arithmetic",
+                    "--limit",
+                    "3",
+                    "--max-new-tokens",
+                    "6",
+                    "--dtype",
+                    "fp32",
+                    "--predictions",
+                    str(preds),
+                    *model_arg,
+                ]
+            )
+            == 0
+        )
         recorded = [json.loads(x) for x in preds.read_text().splitlines()]
         assert ("<|im_start|>" in recorded[0]["prompt"]) == (base is None)
         by_prompt = {q: r for q in questions for r in recorded if q in r["prompt"]}
         assert len(by_prompt) == 3
         for q in questions:
             capsys.readouterr()
-            assert main(["generate", str(out / "adapter"), q, "--max-new-tokens", "6",
-                         *model_arg]) == 0
+            assert (
+                main(["generate", str(out / "adapter"), q, "--max-new-tokens", "6", *model_arg])
+                == 0
+            )
             assert capsys.readouterr().out == by_prompt[q]["prediction"] + "\n"
 
 
@@ -116,9 +167,16 @@ def _adapter(path):
 
 @pytest.mark.slow  # three training processes: ~17 s
 def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
-    common = tiny_run_args(tiny_model_dir, None, "train.max_steps=10", "train.save_every=2",
-                           "eval.compare_base=false", "eval.metric=null", "adapter.dropout=0.1",
-                           "train.keep_checkpoints=3")
+    common = tiny_run_args(
+        tiny_model_dir,
+        None,
+        "train.max_steps=10",
+        "train.save_every=2",
+        "eval.compare_base=false",
+        "eval.metric=null",
+        "adapter.dropout=0.1",
+        "train.keep_checkpoints=3",
+    )
     common = [a for a in common if not a.startswith("output_dir")]
     ref = tmp_path / "ref"
     r = lorakit_proc("train", *common, f"output_dir={ref}")
@@ -126,9 +184,13 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tiny_model_d
 
     out = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, "-m", "lorakit", "train", *common,
-                          f"output_dir={out}"], cwd=REPO, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "lorakit", "train", *common, f"output_dir={out}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "checkpoints" / "step-000004").exists():
         time.sleep(0.05)
@@ -144,18 +206,29 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tiny_model_d
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
-@pytest.mark.parametrize("content,needle,code", [
-    ("", "no usable rows", 2),
-    ('{"text": "a"}\n{not json\n', None, 0),  # the bad line is reported, the rest trains
-    ('{"foo": 1}\n', "cannot tell the data format", 2),
-    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "no usable rows", 2),
-])
+@pytest.mark.parametrize(
+    "content,needle,code",
+    [
+        ("", "no usable rows", 2),
+        ('{"text": "a"}\n{not json\n', None, 0),  # the bad line is reported, the rest trains
+        ('{"foo": 1}\n', "cannot tell the data format", 2),
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n', "no usable rows", 2),
+    ],
+)
 def test_bad_data(tiny_model_dir, tmp_path, content, needle, code):
     data = tmp_path / "d.jsonl"
     data.write_text(content * (20 if code == 0 else 1))
-    r = lorakit_proc("train", *tiny_run_args(tiny_model_dir, tmp_path / "o", f"data.train={data}",
-                                             "eval.compare_base=false", "train.max_steps=1",
-                                             "train.batch_size=2"))
+    r = lorakit_proc(
+        "train",
+        *tiny_run_args(
+            tiny_model_dir,
+            tmp_path / "o",
+            f"data.train={data}",
+            "eval.compare_base=false",
+            "train.max_steps=1",
+            "train.batch_size=2",
+        ),
+    )
     assert r.returncode == code, r.stderr
     if needle:
         assert needle in r.stderr and "Traceback" not in r.stderr
@@ -177,9 +250,21 @@ def test_tensorboard_events_are_written_when_asked(tiny_model_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    assert main(["train", *tiny_run_args(tiny_model_dir, out, "train.max_steps=3",
-                                         "train.report_to=[tensorboard]",
-                                         "eval.compare_base=false")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *tiny_run_args(
+                    tiny_model_dir,
+                    out,
+                    "train.max_steps=3",
+                    "train.report_to=[tensorboard]",
+                    "eval.compare_base=false",
+                ),
+            ]
+        )
+        == 0
+    )
     (events,) = (out / "tensorboard").glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events.parent))
     acc.Reload()
@@ -189,13 +274,15 @@ def test_tensorboard_events_are_written_when_asked(tiny_model_dir, tmp_path):
     assert "tuned/valid_loss" in acc.Tags()["scalars"]
 
 
-def test_a_tracker_that_is_not_installed_is_one_sentence(tiny_model_dir, tmp_path, capsys,
-                                                         monkeypatch):
+def test_a_tracker_that_is_not_installed_is_one_sentence(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
     out = tmp_path / "run"
     assert main(["train", *tiny_run_args(tiny_model_dir, out, "train.report_to=[wandb]")]) == 2
     assert "train.report_to: wandb needs the wandb package" in capsys.readouterr().err
@@ -204,14 +291,32 @@ def test_a_tracker_that_is_not_installed_is_one_sentence(tiny_model_dir, tmp_pat
 
 def test_early_stopping_keeps_the_best_weights(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", *tiny_run_args(tiny_model_dir, out, "train.lr=3.0",
-                                         "train.max_steps=12", "train.eval_every=1",
-                                         "train.schedule=constant", "train.warmup_ratio=0",
-                                         "train.early_stopping_patience=2",
-                                         "train.keep_best=true", "eval.compare_base=false")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *tiny_run_args(
+                    tiny_model_dir,
+                    out,
+                    "train.lr=3.0",
+                    "train.max_steps=12",
+                    "train.eval_every=1",
+                    "train.schedule=constant",
+                    "train.warmup_ratio=0",
+                    "train.early_stopping_patience=2",
+                    "train.keep_best=true",
+                    "eval.compare_base=false",
+                ),
+            ]
+        )
+        == 0
+    )
     s = json.loads((out / "summary.json").read_text())
-    evals = [(r["step"], r["valid_loss"]) for r in map(json.loads, (
-        out / "metrics.jsonl").read_text().splitlines()) if "valid_loss" in r]
+    evals = [
+        (r["step"], r["valid_loss"])
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if "valid_loss" in r
+    ]
     best_step, best_loss = min(evals, key=lambda x: x[1])
     assert (s["best_step"], s["best_valid_loss"]) == (best_step, best_loss)
     assert s["stopped_at"] == best_step + 2 == s["steps"] < 12  # two evaluations, no better
@@ -219,6 +324,8 @@ def test_early_stopping_keeps_the_best_weights(tiny_model_dir, tmp_path, capsys)
     # the adapter holds the best step's weights: its validation loss is the best one
     assert s["tuned"]["valid_loss"] == pytest.approx(best_loss, rel=1e-5)
     assert "early stopping at step" in capsys.readouterr().err
-    assert main(["train", *tiny_run_args(tiny_model_dir, tmp_path / "r2",
-                                         "train.keep_best=true")]) == 2
+    assert (
+        main(["train", *tiny_run_args(tiny_model_dir, tmp_path / "r2", "train.keep_best=true")])
+        == 2
+    )
     assert "train.keep_best needs train.eval_every > 0" in capsys.readouterr().err

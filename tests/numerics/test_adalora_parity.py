@@ -26,16 +26,30 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 def _peft_cfg(targets, total=TOTAL, alpha=8, gamma=0.5, **sched):
     s = {**SCHED, **sched}
-    return AdaLoraConfig(init_r=s["init_r"], target_r=s["target_r"], tinit=s["tinit"],
-                         tfinal=s["tfinal"], deltaT=s["delta_t"], total_step=total,
-                         lora_alpha=alpha, orth_reg_weight=gamma, target_modules=targets,
-                         task_type="CAUSAL_LM")
+    return AdaLoraConfig(
+        init_r=s["init_r"],
+        target_r=s["target_r"],
+        tinit=s["tinit"],
+        tfinal=s["tfinal"],
+        deltaT=s["delta_t"],
+        total_step=total,
+        lora_alpha=alpha,
+        orth_reg_weight=gamma,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
 
 
 def _ours(arch, targets, alpha=8, gamma=0.5, rank_pattern=None, **sched):
     common = {"rank_pattern": rank_pattern} if rank_pattern else {}
-    return lk.apply(tiny_model(arch), method="adalora", alpha=alpha, target_modules=targets,
-                    adalora={**SCHED, **sched, "orth_reg_weight": gamma}, **common)
+    return lk.apply(
+        tiny_model(arch),
+        method="adalora",
+        alpha=alpha,
+        target_modules=targets,
+        adalora={**SCHED, **sched, "orth_reg_weight": gamma},
+        **common,
+    )
 
 
 def _peft_layer(peft_model, name):
@@ -52,8 +66,11 @@ def _copy_peft_into_ours(peft_model, ours):
 
 def _pairs(peft_model, ours):
     """(our param, PEFT's param) in a fixed order."""
-    return [(getattr(layer, p), getattr(_peft_layer(peft_model, n), p)["default"])
-            for n, layer in adalora_layers(ours).items() for p in layer.adapter_param_names]
+    return [
+        (getattr(layer, p), getattr(_peft_layer(peft_model, n), p)["default"])
+        for n, layer in adalora_layers(ours).items()
+        for p in layer.adapter_param_names
+    ]
 
 
 def _logits(model, ids):
@@ -69,8 +86,9 @@ def _randomize_peft(peft_model, seed=5):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-@pytest.mark.parametrize("arch,targets", [("llama", TARGETS), ("llama", "all-linear"),
-                                          ("gpt2", ["c_attn", "c_fc"])])
+@pytest.mark.parametrize(
+    "arch,targets", [("llama", TARGETS), ("llama", "all-linear"), ("gpt2", ["c_attn", "c_fc"])]
+)
 def test_forward_and_merge_match_peft(arch, targets):
     peft_model = get_peft_model(tiny_model(arch), _peft_cfg(targets)).eval()
     _randomize_peft(peft_model)
@@ -111,8 +129,16 @@ def trained(tmp_path_factory):
     opt_o = torch.optim.AdamW([o for o, _ in pairs], lr=2e-2, foreach=False)
     opt_p = torch.optim.AdamW([t for _, t in pairs], lr=2e-2, foreach=False)
     hooks = AdaLoRAHooks()
-    rec = {"loss": [], "reg": [], "grad": [], "params_equal": [], "masks_equal": [],
-           "budget": [], "kept": [], "pattern_equal": []}
+    rec = {
+        "loss": [],
+        "reg": [],
+        "grad": [],
+        "params_equal": [],
+        "masks_equal": [],
+        "budget": [],
+        "kept": [],
+        "pattern_equal": [],
+    }
     peft_model.train()
     ours.train()
     for step in range(1, TOTAL + 1):
@@ -139,8 +165,12 @@ def trained(tmp_path_factory):
         rec["params_equal"].append(all(torch.equal(o, t) for o, t in pairs))
         e_pairs = [(o, t) for (o, t) in pairs if o.shape[1:] == (1,)]
         rec["masks_equal"].append(all(torch.equal(o == 0, t == 0) for o, t in e_pairs))
-        rec["budget"].append((peft_model.base_model.rankallocator.budget_schedule(step),
-                              hooks.allocator.budget_schedule(step)))
+        rec["budget"].append(
+            (
+                peft_model.base_model.rankallocator.budget_schedule(step),
+                hooks.allocator.budget_schedule(step),
+            )
+        )
         rec["kept"].append(hooks.summary(ours)["total_rank"])
         pattern = peft_model.peft_config["default"].rank_pattern
         if pattern:
@@ -173,10 +203,10 @@ def test_allocator_masks_and_budget_match_peft(trained):
     n = len(adalora_layers(trained["ours"]))
     b0, bT = SCHED["init_r"] * n, SCHED["target_r"] * n
     # no masking up to tinit, then a shrinking budget, the target from T - tfinal on
-    assert rec["kept"][:SCHED["tinit"]] == [b0] * SCHED["tinit"]
+    assert rec["kept"][: SCHED["tinit"]] == [b0] * SCHED["tinit"]
     assert all(a >= b for a, b in zip(rec["kept"], rec["kept"][1:]))
     assert b0 > rec["kept"][SCHED["tinit"] + 1] > bT  # the first masking (step 6)
-    assert rec["kept"][TOTAL - SCHED["tfinal"] - 1:] == [bT] * (SCHED["tfinal"] + 1)
+    assert rec["kept"][TOTAL - SCHED["tfinal"] - 1 :] == [bT] * (SCHED["tfinal"] + 1)
     summary = trained["hooks"].summary(trained["ours"])
     assert summary["total_rank"] == summary["target_total_rank"] == bT
     assert summary["init_total_rank"] == b0
@@ -184,7 +214,9 @@ def test_allocator_masks_and_budget_match_peft(trained):
 
 
 def _shapes(path):
-    return {k: tuple(v.shape) for k, v in load_file(str(path / "adapter_model.safetensors")).items()}
+    return {
+        k: tuple(v.shape) for k, v in load_file(str(path / "adapter_model.safetensors")).items()
+    }
 
 
 @pytest.mark.parametrize("which", ["mid", ""])
@@ -195,12 +227,23 @@ def test_saved_files_equal_peft(trained, which):
     mine, theirs = (load_file(str(d / "adapter_model.safetensors")) for d in (ours_dir, peft_dir))
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
-    cfg_o, cfg_p = (json.loads((d / "adapter_config.json").read_text())
-                    for d in (ours_dir, peft_dir))
+    cfg_o, cfg_p = (
+        json.loads((d / "adapter_config.json").read_text()) for d in (ours_dir, peft_dir)
+    )
     assert cfg_o["peft_type"] == "ADALORA"
     assert cfg_o["rank_pattern"] == cfg_p["rank_pattern"]
-    for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
-              "orth_reg_weight", "total_step", "lora_alpha"):
+    for k in (
+        "init_r",
+        "target_r",
+        "tinit",
+        "tfinal",
+        "deltaT",
+        "beta1",
+        "beta2",
+        "orth_reg_weight",
+        "total_step",
+        "lora_alpha",
+    ):
         assert cfg_o[k] == cfg_p[k], k
 
 
@@ -212,7 +255,9 @@ def test_lorakit_adapter_loads_in_peft_and_lorakit(trained):
     assert (_logits(peft_back, ids) - mine).abs().max().item() <= TOL
     back = lk.load_adapter(tiny_model("llama"), trained["tmp"] / "ours")
     assert (_logits(back, ids) - mine).abs().max().item() <= TOL
-    assert AdaLoRAHooks().summary(back)["ranks"] == trained["hooks"].summary(trained["ours"])["ranks"]
+    assert (
+        AdaLoRAHooks().summary(back)["ranks"] == trained["hooks"].summary(trained["ours"])["ranks"]
+    )
     # pruned layers keep the initial rank as divisor
     assert all(m.ranknum == SCHED["init_r"] for m in adalora_layers(back).values())
     # saved again from a pruned model: the same files

@@ -36,8 +36,15 @@ def _logits(model, ids):
 def _peft_dora(arch, targets, dropout):
     """A PEFT DoRA model with random A, B and a magnitude moved off its initial norm."""
     torch.manual_seed(3)
-    pcfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True,
-                      lora_dropout=dropout, init_lora_weights=False, task_type="CAUSAL_LM")
+    pcfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        use_dora=True,
+        lora_dropout=dropout,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(tiny_model(arch), pcfg)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -48,11 +55,14 @@ def _peft_dora(arch, targets, dropout):
 
 def _ours_like(peft_model, arch, targets, dropout):
     """lorakit DoRA on a fresh copy of the base, holding exactly PEFT's tensors."""
-    ours = lk.apply(tiny_model(arch), method="dora", r=4, alpha=8, target_modules=targets,
-                    dropout=dropout)
+    ours = lk.apply(
+        tiny_model(arch), method="dora", r=4, alpha=8, target_modules=targets, dropout=dropout
+    )
     state = get_peft_model_state_dict(peft_model)
-    tensors = {k[len(PREFIX):].replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): v
-               for k, v in state.items()}
+    tensors = {
+        k[len(PREFIX) :].replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): v
+        for k, v in state.items()
+    }
     load_state_into(ours, tensors, "peft")
     return ours
 
@@ -68,8 +78,11 @@ def _grads(model, ids, peft: bool):
         if p.grad is None:
             continue
         key = n.replace(".default", "").replace("base_model.model.", "") if peft else n
-        out[key.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
-               .replace("lora_A.weight", "lora_A").replace("lora_B.weight", "lora_B")] = p.grad
+        out[
+            key.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+            .replace("lora_A.weight", "lora_A")
+            .replace("lora_B.weight", "lora_B")
+        ] = p.grad
     return out
 
 
@@ -97,8 +110,9 @@ def test_init_is_base_row_norms_and_identity():
 
 @pytest.mark.parametrize("arch,targets", [("llama", "all-linear"), ("gpt2", ["c_attn", "c_fc"])])
 def test_lorakit_adapter_loads_in_peft(arch, targets, tmp_path):
-    model = train_steps(lk.apply(tiny_model(arch), method="dora", r=4, alpha=8,
-                                 target_modules=targets))
+    model = train_steps(
+        lk.apply(tiny_model(arch), method="dora", r=4, alpha=8, target_modules=targets)
+    )
     ids = batch()
     ours = _logits(model, ids)
     assert not torch.allclose(ours, _logits(tiny_model(arch), ids)), "training changed nothing"
@@ -120,8 +134,9 @@ def test_peft_adapter_loads_in_lorakit(arch, targets, tmp_path):
 
 @pytest.mark.parametrize("arch,targets", [("llama", "all-linear"), ("gpt2", ["c_attn", "c_fc"])])
 def test_merge_unmerge_exact(arch, targets):
-    model = train_steps(lk.apply(tiny_model(arch), method="dora", r=4, alpha=8,
-                                 target_modules=targets))
+    model = train_steps(
+        lk.apply(tiny_model(arch), method="dora", r=4, alpha=8, target_modules=targets)
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = batch()
     unmerged = _logits(model, ids)
@@ -188,8 +203,14 @@ def test_nf4_base_equals_dequantized_base():
     pytest.importorskip("bitsandbytes")
     from lorakit.quant import dequantized_weight
 
-    q = lk.apply(tiny_model("llama"), method="dora", r=4, alpha=8, quantize="nf4",
-                 quant_compute_dtype="float32")
+    q = lk.apply(
+        tiny_model("llama"),
+        method="dora",
+        r=4,
+        alpha=8,
+        quantize="nf4",
+        quant_compute_dtype="float32",
+    )
     dense = tiny_model("llama")
     for name, layer in adapter_layers(q):
         with torch.no_grad():

@@ -12,8 +12,9 @@ from tests.conftest import batch, tiny_model
 
 
 def _loss_and_grads(model, b, fused: bool, monkeypatch):
-    monkeypatch.setattr(L, "fused_loss_applies", (lambda m: fused) if not fused
-                        else L.fused_loss_applies)
+    monkeypatch.setattr(
+        L, "fused_loss_applies", (lambda m: fused) if not fused else L.fused_loss_applies
+    )
     model.zero_grad()
     s, n = L.loss_sum(model, b)
     (s / n).backward()

@@ -30,8 +30,9 @@ def test_longlora_adapter_loads_in_peft_with_modules_to_save(arch, tmp_path):
     assert model.config._attn_implementation == "lorakit_s2_eager"
     trainable = lk.trainable_parameters(model)
     assert any("embed_tokens" in n for n in trainable)
-    assert all(any(n.startswith(norm + ".") for n in trainable)
-               for norm in _norm_names(tiny_model(arch)))
+    assert all(
+        any(n.startswith(norm + ".") for n in trainable) for norm in _norm_names(tiny_model(arch))
+    )
     train_steps(model)  # training mode: S2-Attn (length 12 is grouped as 16, G = 4)
     ids = batch(length=20)
     ours = _logits(model, ids)
@@ -40,8 +41,12 @@ def test_longlora_adapter_loads_in_peft_with_modules_to_save(arch, tmp_path):
 
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16
-    assert {t.rsplit(".", 1)[-1] for t in cfg["target_modules"]} == {"q_proj", "k_proj",
-                                                                      "v_proj", "o_proj"}
+    assert {t.rsplit(".", 1)[-1] for t in cfg["target_modules"]} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    }
     assert set(cfg["modules_to_save"]) == {"model.embed_tokens", *_norm_names(tiny_model(arch))}
 
     peft_model = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "ad").eval()
@@ -56,8 +61,11 @@ def test_longlora_with_rope_interpolation_round_trip(tmp_path):
     """context_length is re-applied on load; PEFT gets the same logits on a base whose config
     carries the same linear RoPE scaling (PEFT does not change the base's config)."""
     model = lk.apply(tiny_model("llama"), method="longlora", context_length=512)
-    assert model.config.rope_parameters == {"rope_theta": 10000.0, "rope_type": "linear",
-                                            "factor": 2.0}
+    assert model.config.rope_parameters == {
+        "rope_theta": 10000.0,
+        "rope_type": "linear",
+        "factor": 2.0,
+    }
     train_steps(model)
     ids = batch(length=20)
     ours = _logits(model, ids)

@@ -11,8 +11,8 @@ from peft import PeftModel
 
 import lorakit as lk
 from lorakit.adapters import lora_drop as ld
-from lorakit.training.data import collate
 from lorakit.inject import adapter_layers, state_of
+from lorakit.training.data import collate
 from lorakit.training.optim import build_optimizer
 from tests.conftest import batch, tiny_model, train_steps
 
@@ -21,14 +21,23 @@ TOL = 1e-5
 
 def _examples(lengths, seed=5):
     g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(1, 96, (n,), generator=g).tolist(),
-             "labels": [-100] * n} for n in lengths]
+    return [
+        {"input_ids": torch.randint(1, 96, (n,), generator=g).tolist(), "labels": [-100] * n}
+        for n in lengths
+    ]
 
 
 def _trained(arch="llama", targets="all-linear", **opts):
     own = {k: opts.pop(k) for k in list(opts) if k in ld.LoRADropOptions.model_fields}
-    model = lk.apply(tiny_model(arch), method="lora-drop", r=4, alpha=8,
-                     target_modules=targets, lora_drop=own, **opts)
+    model = lk.apply(
+        tiny_model(arch),
+        method="lora-drop",
+        r=4,
+        alpha=8,
+        target_modules=targets,
+        lora_drop=own,
+        **opts,
+    )
     return train_steps(model)
 
 
@@ -45,8 +54,12 @@ def _direct_energy(model, examples):
     with x caught at the wrapped base layer's input."""
     layers = dict(adapter_layers(model))
     seen = {n: [] for n in layers}
-    hooks = [layer.base_layer.register_forward_pre_hook(
-        lambda mod, args, n=n: seen[n].append(args[0].detach())) for n, layer in layers.items()]
+    hooks = [
+        layer.base_layer.register_forward_pre_hook(
+            lambda mod, args, n=n: seen[n].append(args[0].detach())
+        )
+        for n, layer in layers.items()
+    ]
     with torch.no_grad():
         for e in examples:
             model(input_ids=torch.tensor([e["input_ids"]]))
@@ -55,15 +68,17 @@ def _direct_energy(model, examples):
     out = {}
     for n, layer in layers.items():
         a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
-        out[n] = sum(float(((x.double() @ a.T @ b.T) * layer.scaling).pow(2).sum())
-                     for x in seen[n])
+        out[n] = sum(
+            float(((x.double() @ a.T @ b.T) * layer.scaling).pow(2).sum()) for x in seen[n]
+        )
     return out
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_importance_equals_direct_computation_without_padding(arch):
-    model = _trained(arch, "all-linear" if arch == "llama" else ["c_attn", "c_proj", "c_fc"],
-                     dropout=0.3)
+    model = _trained(
+        arch, "all-linear" if arch == "llama" else ["c_attn", "c_proj", "c_fc"], dropout=0.3
+    )
     model.train()  # the energy pass must switch to eval (no dropout) and switch back
     ex = _examples([5, 12, 8, 3])
     b = collate(ex, pad_id=0)
@@ -98,7 +113,7 @@ def test_importance_of_an_embedding_lora():
 def test_threshold_and_top_n_selection():
     imp = {"a": 0.05, "b": 0.4, "c": 0.3, "d": 0.15, "e": 0.1}
     assert ld.select_layers(imp, 0.9) == ["b", "c", "d", "e"]  # 0.4+0.3+0.15 = 0.85 < 0.9
-    assert ld.select_layers(imp, 0.85) == ["b", "c", "d"]      # reached exactly
+    assert ld.select_layers(imp, 0.85) == ["b", "c", "d"]  # reached exactly
     assert ld.select_layers(imp, 0.4) == ["b"]
     assert ld.select_layers(imp, 1.0) == ["b", "c", "d", "e", "a"]
     assert ld.select_layers(imp, 0.9, top_n=2) == ["b", "c"]
@@ -134,8 +149,9 @@ def test_dropped_layers_share_one_parameter_pair():
 
 def test_top_n_keeps_exactly_n_and_carry_over_keeps_weights():
     model = _trained()
-    before = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone())
-              for n, m in adapter_layers(model)}
+    before = {
+        n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in adapter_layers(model)
+    }
     energy = ld.layer_output_energy(model, [collate(_examples([6, 9]), 0)])
     rec = ld.drop_layers(model, ld.normalize(energy), top_n=3, carry_over=True)
     assert len(rec["kept"]) == 3
@@ -198,8 +214,9 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("arch,targets", [("llama", "all-linear"),
-                                          ("qwen2", ["q_proj", "v_proj", "embed_tokens"])])
+@pytest.mark.parametrize(
+    "arch,targets", [("llama", "all-linear"), ("qwen2", ["q_proj", "v_proj", "embed_tokens"])]
+)
 def test_sharing_survives_save_and_load_and_peft_loads_it(arch, targets, tmp_path):
     model, rec = _dropped(arch, targets, threshold=0.5)
     train_steps(model, seed=7)
@@ -244,8 +261,14 @@ def test_loading_untied_copies_of_a_shared_pair_refuses(tmp_path):
 
 
 def test_per_module_type_selection():
-    imp = {"l0.q_proj": 0.01, "l1.q_proj": 0.03, "l2.q_proj": 0.01,
-           "l0.down_proj": 0.8, "l1.down_proj": 0.1, "l2.down_proj": 0.05}
+    imp = {
+        "l0.q_proj": 0.01,
+        "l1.q_proj": 0.03,
+        "l2.q_proj": 0.01,
+        "l0.down_proj": 0.8,
+        "l1.down_proj": 0.1,
+        "l2.down_proj": 0.05,
+    }
     assert ld.select_layers(imp, 0.9) == ["l0.down_proj", "l1.down_proj"]
     # within q_proj: 0.6, 0.2, 0.2 -> 0.6 + 0.2 reaches 0.8; within down_proj: 0.84 alone
     assert ld.select_per_type(imp, 0.8) == ["l0.down_proj", "l1.q_proj", "l0.q_proj"]

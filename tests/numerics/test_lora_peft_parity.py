@@ -18,8 +18,11 @@ CASES = [
     ("llama", "all-linear", {}),
     ("llama", ["q_proj", "v_proj", "embed_tokens"], {}),
     ("llama", r".*\.mlp\.(up|down)_proj", {"use_rslora": True}),
-    ("llama", ["q_proj", "k_proj", "o_proj"], {"rank_pattern": {"k_proj": 2},
-                                               "alpha_pattern": {"o_proj": 3.0}}),
+    (
+        "llama",
+        ["q_proj", "k_proj", "o_proj"],
+        {"rank_pattern": {"k_proj": 2}, "alpha_pattern": {"o_proj": 3.0}},
+    ),
     ("qwen2", "all-linear", {}),
     ("gpt2", ["c_attn", "c_proj", "c_fc"], {}),
     ("llama", ["q_proj", "v_proj"], {"trainable_modules": ["model.norm", "input_layernorm"]}),
@@ -33,8 +36,7 @@ def _logits(model, ids):
 
 @pytest.mark.parametrize("arch,targets,opts", CASES)
 def test_lorakit_adapter_loads_in_peft(arch, targets, opts, tmp_path):
-    model = lk.apply(tiny_model(arch), method="lora", r=4, alpha=8, target_modules=targets,
-                     **opts)
+    model = lk.apply(tiny_model(arch), method="lora", r=4, alpha=8, target_modules=targets, **opts)
     train_steps(model)
     ids = batch()
     ours = _logits(model, ids)
@@ -56,8 +58,14 @@ def _peft_opts(opts):
 @pytest.mark.parametrize("arch,targets,opts", CASES)
 def test_peft_adapter_loads_in_lorakit(arch, targets, opts, tmp_path):
     torch.manual_seed(3)
-    pcfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
-                      task_type="CAUSAL_LM", **_peft_opts(opts))
+    pcfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        **_peft_opts(opts),
+    )
     peft_model = get_peft_model(tiny_model(arch), pcfg).eval()
     peft_model.save_pretrained(tmp_path / "peft")
     ids = batch()
@@ -73,8 +81,9 @@ def test_peft_adapter_loads_in_lorakit(arch, targets, opts, tmp_path):
 @pytest.mark.parametrize("arch,targets,opts", CASES)
 def test_trainable_parameter_count_equals_peft(arch, targets, opts):
     ours = lk.apply(tiny_model(arch), method="lora", r=4, alpha=8, target_modules=targets, **opts)
-    pcfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM",
-                      **_peft_opts(opts))
+    pcfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM", **_peft_opts(opts)
+    )
     peft_model = get_peft_model(tiny_model(arch), pcfg)
     n_peft = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     n_ours = sum(p.numel() for p in lk.trainable_parameters(ours).values())
@@ -82,8 +91,14 @@ def test_trainable_parameter_count_equals_peft(arch, targets, opts):
     assert lk.count_parameters(ours)[0] == n_peft
 
 
-@pytest.mark.parametrize("arch,targets", [("llama", "all-linear"), ("gpt2", ["c_attn", "c_fc"]),
-                                          ("llama", ["embed_tokens", "down_proj"])])
+@pytest.mark.parametrize(
+    "arch,targets",
+    [
+        ("llama", "all-linear"),
+        ("gpt2", ["c_attn", "c_fc"]),
+        ("llama", ["embed_tokens", "down_proj"]),
+    ],
+)
 def test_merge_unmerge_exact(arch, targets):
     model = train_steps(lk.apply(tiny_model(arch), r=4, alpha=8, target_modules=targets))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -114,8 +129,9 @@ def test_disabled_gives_base_outputs_even_when_merged():
 def test_embedded_smollm2_parity_both_ways(smollm2, tmp_path):
     model, tok = smollm2
     pristine = copy.deepcopy(model)
-    ids = tok(["The capital of France is", "LoRA adapters are small"], return_tensors="pt",
-              padding=True).input_ids
+    ids = tok(
+        ["The capital of France is", "LoRA adapters are small"], return_tensors="pt", padding=True
+    ).input_ids
     lk.apply(model, r=8, alpha=16, target_modules="all-linear")
     opt = torch.optim.AdamW(lk.trainable_parameters(model).values(), lr=1e-3)
     for _ in range(2):  # a few optimizer steps make B non-zero

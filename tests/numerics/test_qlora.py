@@ -14,15 +14,19 @@ Tolerances, measured on this CPU (bitsandbytes 0.50.2, torch 2.x):
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
 
 import lorakit as lk
 from lorakit.adapters.lora import LoRALinear
-from lorakit.quant import (NF4_CODE, dequantized_weight, is_quantized, linear_weight_bytes,
-                           nf4_linear)
+from lorakit.quant import (
+    NF4_CODE,
+    dequantized_weight,
+    is_quantized,
+    linear_weight_bytes,
+    nf4_linear,
+)
 from tests.conftest import batch, tiny_model
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -53,11 +57,14 @@ def _forward_backward(layer, x, g):
     return y.detach().float(), x.grad.float(), layer.lora_A.grad, layer.lora_B.grad
 
 
-@pytest.mark.parametrize("compute,x_dtype,rel_tol", [
-    ("float32", torch.float32, 1e-6),
-    ("bfloat16", torch.float32, 5e-3),
-    ("bfloat16", torch.bfloat16, 0.0),
-])
+@pytest.mark.parametrize(
+    "compute,x_dtype,rel_tol",
+    [
+        ("float32", torch.float32, 1e-6),
+        ("bfloat16", torch.float32, 5e-3),
+        ("bfloat16", torch.bfloat16, 0.0),
+    ],
+)
 def test_lora_over_nf4_equals_lora_over_dequantized(compute, x_dtype, rel_tol):
     ours, theirs = _lora_pair(getattr(torch, compute))
     if x_dtype == torch.bfloat16:
@@ -135,8 +142,11 @@ def test_in_features_cpu_cannot_take_are_refused():
 
 
 def _bf16_linear_bytes(model):
-    return sum(m.in_features * m.out_features * 2 for m in model.modules()
-               if isinstance(m, nn.Linear) and m is not model.get_output_embeddings())
+    return sum(
+        m.in_features * m.out_features * 2
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and m is not model.get_output_embeddings()
+    )
 
 
 @pytest.mark.parametrize("hidden,limit", [(32, 0.30), (64, 0.27)])
@@ -244,16 +254,17 @@ def test_qlora_trains_saves_and_loads_in_peft(tmp_path):
     assert torch.equal(_logits(again, ids), ours_q)
 
     # Exact: lorakit and PEFT on the same 16-bit base (the dequantized NF4 weights).
-    ours_16 = _logits(lk.load_adapter(_dequantized_base(model), tmp_path / "ad", quantize=None),
-                      ids)
-    peft_16 = _logits(PeftModel.from_pretrained(_dequantized_base(model), tmp_path / "ad").eval(),
-                      ids)
+    ours_16 = _logits(
+        lk.load_adapter(_dequantized_base(model), tmp_path / "ad", quantize=None), ids
+    )
+    peft_16 = _logits(
+        PeftModel.from_pretrained(_dequantized_base(model), tmp_path / "ad").eval(), ids
+    )
     assert (ours_16 - peft_16).abs().max().item() <= 1e-5
     # Loose: the quantized forward computes its base matmuls in bf16.
     assert (ours_q - peft_16).abs().max().item() <= 5e-3
     # Onto the original (never quantized) base, PEFT sees the NF4 error of the base on top.
-    peft_orig = _logits(PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ad").eval(),
-                        ids)
+    peft_orig = _logits(PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ad").eval(), ids)
     assert (ours_q - peft_orig).abs().max().item() <= 0.1
 
 

@@ -14,8 +14,13 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit.attention.s2 import (RATIO_ATTR, disable_s2_attention, make_attention_function,
-                                  padded_length, s2_attention)
+from lorakit.attention.s2 import (
+    RATIO_ATTR,
+    disable_s2_attention,
+    make_attention_function,
+    padded_length,
+    s2_attention,
+)
 from lorakit.errors import LorakitError
 from tests.conftest import batch, tiny_model
 
@@ -42,15 +47,18 @@ def reference(q, k, v, g, key_valid=None):
     mask = allowed(h, n, g)[None].expand(b, -1, -1, -1)
     if key_valid is not None:
         mask = mask & key_valid[:, None, None, :]
-    scores = (q @ k.transpose(-1, -2)) / d ** 0.5
+    scores = (q @ k.transpose(-1, -2)) / d**0.5
     scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(-1).nan_to_num(0.0) @ v).transpose(1, 2)
 
 
 def qkv(b, h, kvh, n, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, h, n, d, generator=g), torch.randn(b, kvh, n, d, generator=g),
-            torch.randn(b, kvh, n, d, generator=g))
+    return (
+        torch.randn(b, h, n, d, generator=g),
+        torch.randn(b, kvh, n, d, generator=g),
+        torch.randn(b, kvh, n, d, generator=g),
+    )
 
 
 # heads / kv heads: MHA, GQA with an even split, SmolLM2's 9/3 (the split falls inside a kv
@@ -158,20 +166,28 @@ def test_padding_masks_and_uneven_lengths_via_interface(mask_kind):
     if mask_kind == "float":
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     fn = make_attention_function("sdpa", 0.25)
-    out, _ = fn(_Attn(2).train(), q, k, v, mask, scaling=8 ** -0.5)
+    out, _ = fn(_Attn(2).train(), q, k, v, mask, scaling=8**-0.5)
     n_pad = padded_length(n, 0.25)
     assert n_pad == 40
     pad = torch.zeros(2, h, n_pad - n, 8)
-    ref = reference(torch.cat([q, pad], 2), torch.cat([k, pad[:, :kvh]], 2),
-                    torch.cat([v, pad[:, :kvh]], 2), n_pad // 4,
-                    torch.cat([key_valid, torch.zeros(2, n_pad - n, dtype=torch.bool)], 1))[:, :n]
+    ref = reference(
+        torch.cat([q, pad], 2),
+        torch.cat([k, pad[:, :kvh]], 2),
+        torch.cat([v, pad[:, :kvh]], 2),
+        n_pad // 4,
+        torch.cat([key_valid, torch.zeros(2, n_pad - n, dtype=torch.bool)], 1),
+    )[:, :n]
     assert torch.isfinite(out).all()
     real = key_valid[:, :, None, None].expand_as(out)  # padded query rows are don't-care
     assert (out - ref)[real].abs().max().item() <= TOL
     # no mask, uneven length: the same grouping
-    out, _ = fn(_Attn(2).train(), q, k, v, None, scaling=8 ** -0.5)
-    ref = reference(torch.cat([q, pad], 2), torch.cat([k, pad[:, :kvh]], 2),
-                    torch.cat([v, pad[:, :kvh]], 2), n_pad // 4)[:, :n]
+    out, _ = fn(_Attn(2).train(), q, k, v, None, scaling=8**-0.5)
+    ref = reference(
+        torch.cat([q, pad], 2),
+        torch.cat([k, pad[:, :kvh]], 2),
+        torch.cat([v, pad[:, :kvh]], 2),
+        n_pad // 4,
+    )[:, :n]
     assert (out - ref).abs().max().item() <= TOL
 
 
@@ -255,8 +271,9 @@ def test_two_models_with_different_ratios_in_one_process():
     ids = batch(n=2, length=32)
 
     def s2_model(ratio):
-        model = lk.apply(tiny_model("llama"), method="lora", r=4, s2_attn=True,
-                         s2_group_ratio=ratio)
+        model = lk.apply(
+            tiny_model("llama"), method="lora", r=4, s2_attn=True, s2_group_ratio=ratio
+        )
         return model.train()
 
     def logits(model):
@@ -279,11 +296,13 @@ def test_two_models_with_different_ratios_in_one_process():
 # ---- what backward keeps (docs/methods/longlora.md; See Note: S2-Attn's backward keeps what
 # full attention's keeps, in lorakit/attention/s2.py) --------------------------------------------
 
+
 @pytest.mark.parametrize("h,kvh", [(4, 2), (9, 3)])
 def test_value_head_size_may_differ_from_query_key(h, kvh):
     """Models whose value heads are another size than q/k's (DeepSeek's MLA: 192 vs 128):
     the output takes v's head size; the Function's gradients equal autograd's."""
     from lorakit.attention import s2
+
     g = torch.Generator().manual_seed(5)
     q, k = torch.randn(2, h, 16, 8, generator=g), torch.randn(2, kvh, 16, 8, generator=g)
     v = torch.randn(2, kvh, 16, 6, generator=g)
@@ -293,7 +312,7 @@ def test_value_head_size_may_differ_from_query_key(h, kvh):
     grads = []
     for fn in (s2._s2, s2.s2_autograd):
         ins = [t.clone().requires_grad_() for t in (q, k, v)]
-        fn(*ins, 4, 16, None, 8 ** -0.5).square().sum().backward()
+        fn(*ins, 4, 16, None, 8**-0.5).square().sum().backward()
         grads.append([t.grad for t in ins])
     for ours, plain in zip(*grads):
         assert torch.allclose(ours, plain, atol=1e-6)
@@ -306,16 +325,24 @@ def _s2_inputs(b, h, kvh, n, d=8, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("flash", [True, False], ids=["cpu-flash", "re-run"])
-@pytest.mark.parametrize("h,kvh,n,mask_kind,dtype", [
-    (9, 3, 37, None, torch.float32), (9, 3, 40, "bool", torch.float32),
-    (4, 2, 32, None, torch.bfloat16), (4, 2, 37, "float", torch.float32),
-    (1, 1, 16, None, torch.float32)])
-def test_function_equals_autograd_through_the_calls(monkeypatch, flash, h, kvh, n, mask_kind,
-                                                    dtype):
+@pytest.mark.parametrize(
+    "h,kvh,n,mask_kind,dtype",
+    [
+        (9, 3, 37, None, torch.float32),
+        (9, 3, 40, "bool", torch.float32),
+        (4, 2, 32, None, torch.bfloat16),
+        (4, 2, 37, "float", torch.float32),
+        (1, 1, 16, None, torch.float32),
+    ],
+)
+def test_function_equals_autograd_through_the_calls(
+    monkeypatch, flash, h, kvh, n, mask_kind, dtype
+):
     """S2Function (saving q, k, v, the output and the log-sum-exp) gives bit for bit the output
     and the gradients of plain autograd through the same SDPA calls; also where a call is
     re-run in backward instead (no CPU flash kernel)."""
     from lorakit.attention import s2
+
     if not flash:
         monkeypatch.setattr(s2, "_cpu_flash", lambda call, scaling: False)
     n_pad = padded_length(n, 0.25)
@@ -329,7 +356,7 @@ def test_function_equals_autograd_through_the_calls(monkeypatch, flash, h, kvh, 
     results = []
     for fn in (s2._s2, s2.s2_autograd):
         ins = _s2_inputs(2, h, kvh, n, dtype=dtype)
-        out = fn(*(t.transpose(1, 2) for t in ins), n_pad // 4, n_pad, mask, 8 ** -0.5)
+        out = fn(*(t.transpose(1, 2) for t in ins), n_pad // 4, n_pad, mask, 8**-0.5)
         weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
         (out * weight).sum().backward()
         results.append([out.detach()] + [t.grad for t in ins])
@@ -344,6 +371,7 @@ def test_mixed_dtypes_under_autocast_train(monkeypatch, flash):
     included (which re-runs SDPA calls outside autocast): the gradients reach the inputs in
     their own dtypes and equal plain autograd's through the same calls."""
     from lorakit.attention import s2
+
     if not flash:
         monkeypatch.setattr(s2, "_cpu_flash", lambda call, scaling: False)
     results = []
@@ -351,12 +379,12 @@ def test_mixed_dtypes_under_autocast_train(monkeypatch, flash):
         q, k, v = _s2_inputs(2, 4, 2, 32)
         v = v.detach().bfloat16().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 8, 32, None,
-                     8 ** -0.5)
+            out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 8, 32, None, 8**-0.5)
         assert out.dtype == torch.bfloat16
         out.float().square().sum().backward()
         assert (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (torch.float32,) * 2 + (
-            torch.bfloat16,)
+            torch.bfloat16,
+        )
         results.append([out.detach(), q.grad, k.grad, v.grad])
     for ours, plain in zip(*results):
         assert torch.equal(ours, plain)
@@ -367,6 +395,7 @@ def test_longlora_trains_under_bf16_autocast():
     and norms, bf16 autocast): LongLoRA's S2-Attn step runs and its gradients are finite (the
     fp32 embeddings make q/k fp32 after RoPE while v is bf16)."""
     from lorakit.training.loop import cast_frozen
+
     model = lk.apply(tiny_model("llama"), method="longlora").train()
     cast_frozen(model, torch.bfloat16)
     ids = batch(n=2, length=32)
@@ -379,6 +408,7 @@ def test_longlora_trains_under_bf16_autocast():
 
 def _saved_mib(model, ids, attention_mask=None) -> float:
     from lorakit.training.memory import SavedBytes
+
     with SavedBytes(exclude=[*model.parameters(), *model.buffers()]) as saved:
         model(input_ids=ids, attention_mask=attention_mask, labels=ids).loss.backward()
     return saved.mib
@@ -392,12 +422,19 @@ def test_backward_keeps_no_more_than_full_attention():
 
     def model(s2_attn):
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=96, hidden_size=144, intermediate_size=64,
-                          num_hidden_layers=1, num_attention_heads=9, num_key_value_heads=3,
-                          max_position_embeddings=2048)
+        cfg = LlamaConfig(
+            vocab_size=96,
+            hidden_size=144,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=2048,
+        )
         cfg._attn_implementation = "sdpa"
-        return lk.apply(AutoModelForCausalLM.from_config(cfg), method="lora", r=4,
-                        s2_attn=s2_attn).train()
+        return lk.apply(
+            AutoModelForCausalLM.from_config(cfg), method="lora", r=4, s2_attn=s2_attn
+        ).train()
 
     ids = batch(n=1, length=2048)
     left = torch.ones_like(ids)

@@ -24,8 +24,17 @@ def _one_checkpoint(tmp_path):
         states.append({"torch": torch.get_rng_state(), "python": [v, list(internal), gauss]})
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     path = tmp_path / "checkpoints" / "step-000001"
-    _write_checkpoint(path, params, {}, {"param_groups": opt.state_dict()["param_groups"],
-                                         "scalars": {}}, {}, states, sched, 1, None)
+    _write_checkpoint(
+        path,
+        params,
+        {},
+        {"param_groups": opt.state_dict()["param_groups"], "scalars": {}},
+        {},
+        states,
+        sched,
+        1,
+        None,
+    )
     return path, model, opt, sched, states
 
 

@@ -4,16 +4,41 @@ from __future__ import annotations
 
 import pytest
 
-from lorakit.analysis.claims import (FAILS, HOLDS, NA, TIE, combine, differs, ratio_verdict,
-                                     steps_to, verdicts)
+from lorakit.analysis.claims import (
+    FAILS,
+    HOLDS,
+    NA,
+    TIE,
+    combine,
+    differs,
+    ratio_verdict,
+    steps_to,
+    verdicts,
+)
 
 
-def row(quality=0.5, spread=0.02, params=1000, mem=1000.0, step=1.0, forgetting=0.01,
-        f_spread=0.001, curve=None, **kw):
-    return {"quality": quality, "quality_metric": "exact_match",
-            "spread": {"quality": spread, "forgetting": f_spread}, "trainable_params": params,
-            "peak_memory_mb": mem, "median_step_time_s": step, "forgetting": forgetting,
-            "loss_curve": curve or [2.0 - i / 50 for i in range(100)], **kw}
+def row(
+    quality=0.5,
+    spread=0.02,
+    params=1000,
+    mem=1000.0,
+    step=1.0,
+    forgetting=0.01,
+    f_spread=0.001,
+    curve=None,
+    **kw,
+):
+    return {
+        "quality": quality,
+        "quality_metric": "exact_match",
+        "spread": {"quality": spread, "forgetting": f_spread},
+        "trainable_params": params,
+        "peak_memory_mb": mem,
+        "median_step_time_s": step,
+        "forgetting": forgetting,
+        "loss_curve": curve or [2.0 - i / 50 for i in range(100)],
+        **kw,
+    }
 
 
 def by_id(rows, dm_dd=None):
@@ -46,9 +71,11 @@ def test_full_fine_tuning_memory_and_forgetting():
 
 def test_memory_claims_are_judged_on_exact_bytes_at_equal_settings_and_name_the_measure():
     eq = "qlora.lora-settings"
-    rows = {"lora": row(mem=1227, exact_memory_mib=400.0),
-            "qlora": row(mem=1514, exact_memory_mib=700.0),  # the r 64 preset: not judged
-            eq: row(mem=1514, exact_memory_mib=250.0)}
+    rows = {
+        "lora": row(mem=1227, exact_memory_mib=400.0),
+        "qlora": row(mem=1514, exact_memory_mib=700.0),  # the r 64 preset: not judged
+        eq: row(mem=1514, exact_memory_mib=250.0),
+    }
     c = by_id(rows)["qlora-memory"]
     assert c["verdict"] == HOLDS  # 0.62x by exact bytes, though the peak RSS is 1.23x
     assert c["figures"].startswith("by exact memory") and "0.62x" in c["figures"]
@@ -65,8 +92,11 @@ def test_memory_claims_are_judged_on_exact_bytes_at_equal_settings_and_name_the_
 
 
 def test_similar_quality_claims_hold_within_the_band_or_better():
-    rows = {"lora": row(quality=0.41, spread=0.05), "full": row(quality=0.46, spread=0.05),
-            "lora-fa": row(quality=0.34, spread=0.047, params=500)}
+    rows = {
+        "lora": row(quality=0.41, spread=0.05),
+        "full": row(quality=0.46, spread=0.05),
+        "lora-fa": row(quality=0.34, spread=0.047, params=500),
+    }
     c = by_id(rows)
     assert c["lora-quality"]["verdict"] == HOLDS  # 0.05 apart, band 0.14
     assert c["lorafa-params"]["verdict"] == HOLDS
@@ -90,8 +120,10 @@ def test_loraplus_learns_faster_from_the_loss_curves():
 
 
 def test_adalora_needs_the_same_final_rank_and_a_difference_beyond_the_spread():
-    lora, ada = row(quality=0.41, spread=0.01, rank=16), row(quality=0.48, spread=0.01,
-                                                             final_rank=16)
+    lora, ada = (
+        row(quality=0.41, spread=0.01, rank=16),
+        row(quality=0.48, spread=0.01, final_rank=16),
+    )
     assert by_id({"lora": lora, "adalora": ada})["adalora"]["verdict"] == HOLDS
     ada["quality"] = 0.42
     assert by_id({"lora": lora, "adalora": ada})["adalora"]["verdict"] == TIE
@@ -112,8 +144,11 @@ def test_loradrop_needs_fewer_params_less_time_and_similar_quality():
 
 
 def test_dora_correlation_claim_uses_significance_over_layers():
-    dm = {"lora": {"corr": 0.32, "layers": 210}, "dora": {"corr": -0.30, "layers": 210},
-          "full": {"corr": -0.2, "layers": 210}}
+    dm = {
+        "lora": {"corr": 0.32, "layers": 210},
+        "dora": {"corr": -0.30, "layers": 210},
+        "full": {"corr": -0.2, "layers": 210},
+    }
     c = by_id({}, dm)["dora-dm-dd"]
     assert c["verdict"] == HOLDS and "lora +0.32" in c["figures"]
     dm["dora"]["corr"] = -0.02  # |z| below 1.96 / sqrt(207)
@@ -124,8 +159,10 @@ def test_dora_correlation_claim_uses_significance_over_layers():
 
 
 def test_s2_attn_claim_and_missing_rows():
-    rows = {"long.longlora": row(step=4.8, quality=0.9, spread=0.05),
-            "long.longlora.full-attn": row(step=5.3, quality=0.93, spread=0.05)}
+    rows = {
+        "long.longlora": row(step=4.8, quality=0.9, spread=0.05),
+        "long.longlora.full-attn": row(step=5.3, quality=0.93, spread=0.05),
+    }
     c = by_id(rows)["s2-attn"]
     assert c["verdict"] == TIE and "0.91x" in c["figures"]  # 9% faster: within the tolerance
     rows["long.longlora"]["median_step_time_s"] = 3.0
@@ -178,13 +215,18 @@ def test_lr_sweep_picks_the_lowest_validation_loss_per_row(tmp_path):
     def plan(name, row, factor, seed=0, loss=None):
         if loss is not None:
             (tmp_path / name).mkdir()
-            (tmp_path / name / "summary.json").write_text(json.dumps(
-                {"tuned": {"valid_loss": loss}}))
+            (tmp_path / name / "summary.json").write_text(
+                json.dumps({"tuned": {"valid_loss": loss}})
+            )
         return SimpleNamespace(name=name, row=row, lr_factor=factor, seed_index=seed)
 
-    plans = [plan("lora", "lora", 1.0, loss=0.40), plan("lora.lr0.0001", "lora", 0.5, loss=0.45),
-             plan("lora.lr0.0004", "lora", 2.0, loss=0.31),
-             plan("lora.seed1", "lora", 2.0, seed=1, loss=0.10),  # seeds do not vote
-             plan("full", "full", 1.0, loss=0.5), plan("full.lr4e-05", "full", 2.0),  # failed
-             plan("dora", "dora", 1.0, loss=0.39)]
+    plans = [
+        plan("lora", "lora", 1.0, loss=0.40),
+        plan("lora.lr0.0001", "lora", 0.5, loss=0.45),
+        plan("lora.lr0.0004", "lora", 2.0, loss=0.31),
+        plan("lora.seed1", "lora", 2.0, seed=1, loss=0.10),  # seeds do not vote
+        plan("full", "full", 1.0, loss=0.5),
+        plan("full.lr4e-05", "full", 2.0),  # failed
+        plan("dora", "dora", 1.0, loss=0.39),
+    ]
     assert best_lr_factors(tmp_path, plans) == {"lora": 2.0, "full": 1.0, "dora": 1.0}

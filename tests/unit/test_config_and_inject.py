@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.registry import PRESETS
 from lorakit.inject import find_targets, name_matches, pattern_value
+from lorakit.registry import PRESETS
 from tests.conftest import tiny_model
 
 
@@ -25,16 +25,21 @@ def test_defaults_and_presets():
     assert set(PRESETS) == {"qlora", "lora+", "longlora"}
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    ({"r": 0}, "adapter.r"),
-    ({"alpha": -1}, "adapter.alpha"),
-    ({"method": "nope"}, "method must be one of"),
-    ({"bogus": 1}, "adapter.bogus: unknown key"),
-    ({"dropout": 1.5}, "adapter.dropout"),
-    ({"target_modules": []}, "target_modules must not be empty"),
-    ({"method": "adalora", "adalora": {"init_r": 4, "target_r": 8}},
-     "target_r must not exceed init_r"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"r": 0}, "adapter.r"),
+        ({"alpha": -1}, "adapter.alpha"),
+        ({"method": "nope"}, "method must be one of"),
+        ({"bogus": 1}, "adapter.bogus: unknown key"),
+        ({"dropout": 1.5}, "adapter.dropout"),
+        ({"target_modules": []}, "target_modules must not be empty"),
+        (
+            {"method": "adalora", "adalora": {"init_r": 4, "target_r": 8}},
+            "target_r must not exceed init_r",
+        ),
+    ],
+)
 def test_bad_adapter_config_is_one_sentence(kwargs, needle):
     model = tiny_model()
     with pytest.raises(lk.LorakitError) as e:
@@ -67,8 +72,7 @@ def test_target_of_wrong_type():
 
 
 def test_apply_freezes_base_and_trains_adapters():
-    model = lk.apply(tiny_model(), r=4, target_modules=["q_proj"],
-                     trainable_modules=["norms"])
+    model = lk.apply(tiny_model(), r=4, target_modules=["q_proj"], trainable_modules=["norms"])
     names = set(lk.trainable_parameters(model))
     assert all(("lora_" in n) or ("norm" in n) for n in names)
     assert any("lora_A" in n for n in names) and any("norm" in n for n in names)
@@ -82,8 +86,7 @@ def test_full_method_trains_everything():
 
 
 def test_trainable_tied_embedding_is_untied_like_peft():
-    model = lk.apply(tiny_model(), r=4, target_modules=["q_proj"],
-                     trainable_modules=["embeddings"])
+    model = lk.apply(tiny_model(), r=4, target_modules=["q_proj"], trainable_modules=["embeddings"])
     emb = model.get_input_embeddings()
     assert emb.weight.requires_grad and not model.lm_head.weight.requires_grad
     assert emb.weight.data_ptr() != model.lm_head.weight.data_ptr()
@@ -96,13 +99,16 @@ def test_unload_restores_plain_modules():
     assert not hasattr(model, "lorakit_state")
 
 
-@pytest.mark.parametrize("override, hint", [
-    ("num_train_epochs=2", "lorakit calls it train.epochs"),
-    ("learning_rate=1e-4", "lorakit calls it train.lr"),
-    ("lora_rank=8", "lorakit calls it adapter.r"),
-    ("train.batchsize=4", "did you mean 'batch_size'?"),
-    ("adapter.targt_modules=[q_proj]", "did you mean 'target_modules'?"),
-])
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("num_train_epochs=2", "lorakit calls it train.epochs"),
+        ("learning_rate=1e-4", "lorakit calls it train.lr"),
+        ("lora_rank=8", "lorakit calls it adapter.r"),
+        ("train.batchsize=4", "did you mean 'batch_size'?"),
+        ("adapter.targt_modules=[q_proj]", "did you mean 'target_modules'?"),
+    ],
+)
 def test_unknown_keys_point_to_lorakits_name(override, hint):
     from lorakit.config import load_run_config
 
@@ -132,5 +138,4 @@ def test_quant_compute_dtype_auto_is_bf16_only_where_it_is_native(monkeypatch):
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(quant, "native_bf16", lambda native=native: native)
         assert quant.compute_dtype_of(AdapterConfig()) == dtype
-        assert quant.compute_dtype_of(AdapterConfig(quant_compute_dtype="float16")) == \
-            torch.float16
+        assert quant.compute_dtype_of(AdapterConfig(quant_compute_dtype="float16")) == torch.float16

@@ -35,8 +35,11 @@ def test_exact_bytes_equal_a_direct_count(method):
     lk.apply(model, method=method, r=4, alpha=8, target_modules="all-linear")
     ids = batch(n=3, length=10)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    got = exact_memory(model, lambda: model(input_ids=ids, labels=ids).loss,
-                       lambda m: build_optimizer(m, 1e-3, 0.1))
+    got = exact_memory(
+        model,
+        lambda: model(input_ids=ids, labels=ids).loss,
+        lambda m: build_optimizer(m, 1e-3, 0.1),
+    )
     # direct count: fp32 everywhere; the tied embedding/head once; AdamW keeps two moments of
     # each trainable tensor and a 4-byte step count per tensor
     params = {id(p): p for p in model.parameters()}.values()
@@ -44,8 +47,7 @@ def test_exact_bytes_equal_a_direct_count(method):
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     # a LoRA layer that trained keeps a copy of A beside W0 (its [W0; A] buffer,
     # adapters/lora.py: Note: A folded into the frozen GEMM), counted with W0's storage
-    folds = sum(m.r * m.in_features * 4 for _, m in adapter_layers(model)
-                if "_fold" in m.__dict__)
+    folds = sum(m.r * m.in_features * 4 for _, m in adapter_layers(model) if "_fold" in m.__dict__)
     assert (method == "lora") == (folds > 0)
     assert got["params_bytes"] == sum(p.numel() * 4 for p in params) + buffers + folds
     assert got["grads_bytes"] == sum(p.numel() * 4 for p in trainable)
@@ -66,8 +68,13 @@ def test_saved_bytes_grow_with_the_batch():
     sizes = []
     for n in (2, 4):
         ids = batch(n=n, length=12)
-        sizes.append(exact_memory(model, lambda: model(input_ids=ids, labels=ids).loss,
-                                  lambda m: build_optimizer(m, 1e-3))["saved_bytes"])
+        sizes.append(
+            exact_memory(
+                model,
+                lambda: model(input_ids=ids, labels=ids).loss,
+                lambda m: build_optimizer(m, 1e-3),
+            )["saved_bytes"]
+        )
     assert sizes[1] > 1.5 * sizes[0]
 
 

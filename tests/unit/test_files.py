@@ -14,8 +14,15 @@ import pytest
 import torch
 
 from lorakit.errors import LorakitError
-from lorakit.files import (FileError, as_os_error, atomic_dir, check_output, file_error,
-                           read_json, write_json)
+from lorakit.files import (
+    FileError,
+    as_os_error,
+    atomic_dir,
+    check_output,
+    file_error,
+    read_json,
+    write_json,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,8 +38,10 @@ def test_safetensors_io_error_carries_its_errno(tmp_path):
     assert as_os_error(info.value).errno == errno.ENOTDIR
     from safetensors import SafetensorError  # the form of safetensors 0.4
 
-    old = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
-                          'message: "No space left on device" })')
+    old = SafetensorError(
+        "Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+        'message: "No space left on device" })'
+    )
     assert as_os_error(old).errno == errno.ENOSPC
     assert as_os_error(ValueError("no")) is None
     assert as_os_error(SafetensorError("header too large")) is None
@@ -112,9 +121,13 @@ for write in (lambda: write_json(root / "state.json", {"x": "y" * 10000}), check
 
 
 def test_a_write_the_kernel_refuses_leaves_the_old_files(tmp_path):
-    r = subprocess.run([sys.executable, "-c", _LIMITED, str(tmp_path)], capture_output=True,
-                       text=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", _LIMITED, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 2, r.stdout

@@ -27,8 +27,9 @@ def _layer(cls, dropout=0.0, projection=False, d_in=48, d_out=40, r=4, seed=0):
 
 def _saved_shapes(fn):
     shapes = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t,
-                                                  lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t
+    ):
         out = fn()
     return shapes, out
 
@@ -48,13 +49,16 @@ def test_model_saves_fewer_bytes_than_lora():
     def saved_bytes(method):
         model = lk.apply(tiny_model("llama"), method=method, r=4, alpha=8).train()
         seen = {}
-        def pack(t):  # noqa: E306 - count each storage once (q/k/v share their input)
+
+        def pack(t):
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
+
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             ids = batch()
             model(input_ids=ids, labels=ids).loss
         return sum(seen.values())
+
     assert saved_bytes("lora-fa") < saved_bytes("lora")
 
 
@@ -88,8 +92,9 @@ def test_gradcheck_float64():
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     a = torch.randn(2, 6, dtype=torch.float64)
     b = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, b: FrozenABranch.apply(x, a, b, 1.7, 0.0, False),
-                                    (x, b))
+    assert torch.autograd.gradcheck(
+        lambda x, b: FrozenABranch.apply(x, a, b, 1.7, 0.0, False), (x, b)
+    )
 
 
 def test_v2_projection_matches_formula():
@@ -127,8 +132,16 @@ def test_a_unchanged_by_training_and_frozen_after_load(tmp_path):
 
 @pytest.mark.parametrize("arch,targets", [("llama", "all-linear"), ("gpt2", ["c_attn", "c_fc"])])
 def test_saved_adapter_loads_in_peft_with_identical_logits(arch, targets, tmp_path):
-    model = train_steps(lk.apply(tiny_model(arch), method="lora-fa", r=4, alpha=8,
-                                 target_modules=targets, lora_fa={"projection": True}))
+    model = train_steps(
+        lk.apply(
+            tiny_model(arch),
+            method="lora-fa",
+            r=4,
+            alpha=8,
+            target_modules=targets,
+            lora_fa={"projection": True},
+        )
+    )
     ids = batch()
     with torch.no_grad():
         ours = model(input_ids=ids).logits

@@ -62,10 +62,16 @@ def _plain(monkeypatch):
 
 @pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("cls,kw,bias", [
-    (LoRALinear, {}, True), (LoRALinear, {}, False),
-    (lora_fa.LoRAFALinear, {}, True), (lora_fa.LoRAFALinear, {"projection": True}, True),
-    (dora.DoRALinear, {}, False)])
+@pytest.mark.parametrize(
+    "cls,kw,bias",
+    [
+        (LoRALinear, {}, True),
+        (LoRALinear, {}, False),
+        (lora_fa.LoRAFALinear, {}, True),
+        (lora_fa.LoRAFALinear, {"projection": True}, True),
+        (dora.DoRALinear, {}, False),
+    ],
+)
 def test_equals_autograd_through_the_plain_ops(monkeypatch, dtype, cls, kw, bias, fold):
     """Output and every gradient (x, and the adapter's fp32 master weights) are the plain
     ops' bit for bit; 3-D input; in bf16 the layer dtype and no autocast. With A folded into
@@ -158,8 +164,9 @@ def test_lora_fa_saves_no_more_than_lora_and_never_x():
     layer = _layer(lora_fa.LoRAFALinear, torch.float32)
     x = torch.randn(4, 32, 24, requires_grad=True)
     shapes = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t,
-                                                  lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: shapes.append(t.shape) or t, lambda t: t
+    ):
         y = layer(x)
     assert type(y.grad_fn).__name__ == "LoRALinearFunctionBackward"
     assert all(s.numel() < x.numel() for s in shapes) and (128, 4) in shapes  # h only
@@ -199,8 +206,11 @@ def test_folded_buffer_follows_a_the_weight_and_unload():
     assert not torch.equal(layer.lora_A.detach(), a_before)
     y2 = layer(x)
     assert torch.equal(buf[20:], layer.lora_A.detach())  # refreshed from the stepped A
-    ref = x @ w0.T + layer.base_layer.bias + layer.scaling * (
-        x @ layer.lora_A.detach().T) @ layer.lora_B.detach().T
+    ref = (
+        x @ w0.T
+        + layer.base_layer.bias
+        + layer.scaling * (x @ layer.lora_A.detach().T) @ layer.lora_B.detach().T
+    )
     assert torch.allclose(y2, ref, atol=1e-5)
     import copy
 
@@ -223,6 +233,7 @@ def test_folded_buffer_follows_a_the_weight_and_unload():
     ids = batch(length=8)
     model(input_ids=ids, labels=ids).loss.backward()
     from lorakit.adapters.base import adapter_layers
+
     folded = [m for _, m in adapter_layers(model) if _folded(m)]
     assert folded
     weights = [m.base_layer.weight for m in folded]
@@ -256,8 +267,7 @@ def test_sharding_turns_the_fold_off(tmp_path):
     ids = batch(length=8)
     model(input_ids=ids, labels=ids).loss.backward()
     assert any(_folded(m) for _, m in adapter_layers(model))
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
-                            world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         shard_model(model, Strategy("fsdp", 1, sharded_loading=False), torch.device("cpu"))
         model.zero_grad(set_to_none=True)

@@ -6,17 +6,26 @@ import math
 
 import pytest
 
-from lorakit.training.evaluation import (default_max_new_tokens, f1_score, normalize_answer,
-                              normalized_match_score, perplexity, score)
+from lorakit.training.evaluation import (
+    default_max_new_tokens,
+    f1_score,
+    normalize_answer,
+    normalized_match_score,
+    perplexity,
+    score,
+)
 
 
-@pytest.mark.parametrize("raw, norm", [
-    ("The Eiffel Tower!", "eiffel tower"),
-    ("  an   apple, a pear ", "apple pear"),
-    ("Theater", "theater"),            # 'the' inside a word stays
-    ("A", ""),
-    ("42.", "42"),
-])
+@pytest.mark.parametrize(
+    "raw, norm",
+    [
+        ("The Eiffel Tower!", "eiffel tower"),
+        ("  an   apple, a pear ", "apple pear"),
+        ("Theater", "theater"),  # 'the' inside a word stays
+        ("A", ""),
+        ("42.", "42"),
+    ],
+)
 def test_normalize_answer(raw, norm):
     assert normalize_answer(raw) == norm
 

@@ -28,14 +28,24 @@ def test_embedded_model_is_cached_as_safetensors(smollm2):
 def test_cli_methods_lists_every_method(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    for name in ("lora", "dora", "lora-fa", "adalora", "lora-drop", "full", "qlora", "lora+",
-                 "longlora"):
+    for name in (
+        "lora",
+        "dora",
+        "lora-fa",
+        "adalora",
+        "lora-drop",
+        "full",
+        "qlora",
+        "lora+",
+        "longlora",
+    ):
         assert any(line.startswith(name + " ") for line in out.splitlines()), name
 
 
 def test_cli_help_runs_as_a_process():
-    r = subprocess.run([sys.executable, "-m", "lorakit", "--help"], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "lorakit", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "methods" in r.stdout
 
 
@@ -52,8 +62,9 @@ def test_mistyped_embedded_name_fails_at_once_with_a_suggestion(monkeypatch, off
 
 def test_uncached_hub_id_offline_is_one_sentence(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(lk.LorakitError, match="not a local folder nor in the local Hugging "
-                                              "Face cache"):
+    with pytest.raises(
+        lk.LorakitError, match="not a local folder nor in the local Hugging Face cache"
+    ):
         lk.load_model("nobody/no-such-model-xyz")
 
 

@@ -26,32 +26,51 @@ def _peft_key(name: str) -> str:
 
 
 def _settings(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, tuple]:
-    return {names[id(p)]: (g["lr"], g["weight_decay"]) for g in opt.param_groups
-            for p in g["params"]}
+    return {
+        names[id(p)]: (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]
+    }
 
 
 CASES = [  # (arch, lorakit options, PEFT options)
     ("llama", {"target_modules": "all-linear"}, {"target_modules": "all-linear"}),
-    ("llama", {"target_modules": ["q_proj", "v_proj", "embed_tokens"]},
-     {"target_modules": ["q_proj", "v_proj", "embed_tokens"]}),
-    ("qwen2", {"method": "dora", "target_modules": ["q_proj", "down_proj"]},
-     {"use_dora": True, "target_modules": ["q_proj", "down_proj"]}),
-    ("gpt2", {"target_modules": ["c_attn"], "trainable_modules": ["ln_f"]},
-     {"target_modules": ["c_attn"], "modules_to_save": ["ln_f"]}),
+    (
+        "llama",
+        {"target_modules": ["q_proj", "v_proj", "embed_tokens"]},
+        {"target_modules": ["q_proj", "v_proj", "embed_tokens"]},
+    ),
+    (
+        "qwen2",
+        {"method": "dora", "target_modules": ["q_proj", "down_proj"]},
+        {"use_dora": True, "target_modules": ["q_proj", "down_proj"]},
+    ),
+    (
+        "gpt2",
+        {"target_modules": ["c_attn"], "trainable_modules": ["ln_f"]},
+        {"target_modules": ["c_attn"], "modules_to_save": ["ln_f"]},
+    ),
 ]
 
 
 @pytest.mark.parametrize("arch,ours_opts,peft_opts", CASES)
 def test_loraplus_groups_equal_peft(arch, ours_opts, peft_opts):
-    ours = lk.apply(tiny_model(arch), **{"r": 4, "alpha": 8, **ours_opts},
-                    loraplus_ratio=RATIO, loraplus_lr_embedding=LR_EMB)
+    ours = lk.apply(
+        tiny_model(arch),
+        **{"r": 4, "alpha": 8, **ours_opts},
+        loraplus_ratio=RATIO,
+        loraplus_lr_embedding=LR_EMB,
+    )
     opt = build_optimizer(ours, LR, weight_decay=WD)
     mine = _settings(opt, {id(p): n for n, p in lk.trainable_parameters(ours).items()})
 
     peft_model = get_peft_model(tiny_model(arch), LoraConfig(r=4, lora_alpha=8, **peft_opts))
-    popt = create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=LR,
-                                     loraplus_lr_ratio=RATIO, loraplus_weight_decay=WD,
-                                     loraplus_lr_embedding=LR_EMB)
+    popt = create_loraplus_optimizer(
+        peft_model,
+        torch.optim.AdamW,
+        lr=LR,
+        loraplus_lr_ratio=RATIO,
+        loraplus_weight_decay=WD,
+        loraplus_lr_embedding=LR_EMB,
+    )
     theirs = _settings(popt, {id(p): _peft_key(n) for n, p in peft_model.named_parameters()})
     assert mine == theirs
     assert len({lr for lr, _ in mine.values()}) >= 2
@@ -73,8 +92,14 @@ def test_roles_come_from_the_layer_not_the_name():
 def test_norms_and_biases_get_no_weight_decay():
     """lorakit exempts every normalization layer (here Llama's RMSNorm), as transformers'
     Trainer does; PEFT's LoRA+ exempts only nn.LayerNorm (the one documented difference)."""
-    model = lk.apply(tiny_model("llama"), r=4, alpha=8, target_modules=["q_proj"],
-                     trainable_modules=["norms"], loraplus_ratio=RATIO)
+    model = lk.apply(
+        tiny_model("llama"),
+        r=4,
+        alpha=8,
+        target_modules=["q_proj"],
+        trainable_modules=["norms"],
+        loraplus_ratio=RATIO,
+    )
     groups = {g["name"]: g for g in parameter_groups(model, LR, WD)}
     norm_w = model.model.norm.module.weight
     assert any(p is norm_w for p in groups["B_no_decay"]["params"])
@@ -118,14 +143,16 @@ def test_the_fused_adamw_kernel_makes_the_same_update_as_the_loop():
     fused = lk.apply(tiny_model(), r=4, alpha=8)
     opt = build_optimizer(fused, LR, WD)
     assert opt.defaults["fused"] is True
-    loop = torch.optim.AdamW(list(lk.trainable_parameters(ref).values()), lr=LR,
-                             weight_decay=WD, foreach=False)
+    loop = torch.optim.AdamW(
+        list(lk.trainable_parameters(ref).values()), lr=LR, weight_decay=WD, foreach=False
+    )
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
     for _ in range(3):
         for model, o in ((ref, loop), (fused, opt)):
             model(input_ids=ids, labels=ids).loss.backward()
             o.step()
             o.zero_grad()
-    for (n, a), b in zip(lk.trainable_parameters(ref).items(),
-                         lk.trainable_parameters(fused).values()):
+    for (n, a), b in zip(
+        lk.trainable_parameters(ref).items(), lk.trainable_parameters(fused).values()
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)

@@ -20,20 +20,29 @@ kept ranks, and ``rank_pattern`` = {"<module>.lora_E": [kept?] * init_r} in adap
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
-
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from ..errors import LorakitError
 from ..options import MethodOptions
 from ..sharding import full, like
-from ..errors import LorakitError
-from .base import (AdapterLayer, Budget, Method, MethodHooks, Setting, budget_fraction,
-                   layers_of, linear_dims, make_dropout, state_of)
+from .base import (
+    AdapterLayer,
+    Budget,
+    Method,
+    MethodHooks,
+    Setting,
+    budget_fraction,
+    layers_of,
+    linear_dims,
+    make_dropout,
+    state_of,
+)
 from .lora import LoraConfigCodec
 
 
@@ -46,18 +55,22 @@ class AdaLoRAOptions(MethodOptions):
     tinit: int = Field(0, ge=0, description="warm-up steps before pruning")
     tfinal: int = Field(0, ge=0, description="final steps at the target budget")
     delta_t: int = Field(10, gt=0, description="steps between two maskings")
-    sensitivity_beta: float = Field(0.85, ge=0, lt=1, description="EMA rate of the "
-                                    "sensitivity |p·grad| (the paper's β1)")
-    uncertainty_beta: float = Field(0.85, ge=0, lt=1, description="EMA rate of the "
-                                    "sensitivity's uncertainty (the paper's β2)")
-    orth_reg_weight: float = Field(0.5, ge=0, description="weight γ of the orthogonal "
-                                   "regularizer")
+    sensitivity_beta: float = Field(
+        0.85, ge=0, lt=1, description="EMA rate of the sensitivity |p·grad| (the paper's β1)"
+    )
+    uncertainty_beta: float = Field(
+        0.85, ge=0, lt=1, description="EMA rate of the sensitivity's uncertainty (the paper's β2)"
+    )
+    orth_reg_weight: float = Field(0.5, ge=0, description="weight γ of the orthogonal regularizer")
 
-    RENAMED: ClassVar[dict[str, str]] = {"beta1": "sensitivity_beta",
-                                         "beta2": "uncertainty_beta", "deltaT": "delta_t"}
+    RENAMED: ClassVar[dict[str, str]] = {
+        "beta1": "sensitivity_beta",
+        "beta2": "uncertainty_beta",
+        "deltaT": "delta_t",
+    }
 
     @model_validator(mode="after")
-    def _budget(self) -> "AdaLoRAOptions":
+    def _budget(self) -> AdaLoRAOptions:
         if self.target_r > self.init_r:
             raise ValueError("target_r must not exceed init_r")
         return self
@@ -97,8 +110,9 @@ class AdaLoRALinear(AdapterLayer):
         self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, device=dev))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev))
-        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=dev),
-                             persistent=False)
+        self.register_buffer(
+            "rank_mask", torch.ones(r, dtype=torch.bool, device=dev), persistent=False
+        )
 
     def set_rank(self, r: int) -> None:
         """Re-shape to rank ``r`` (zeros) before loading a pruned adapter; ranknum is kept."""
@@ -125,8 +139,11 @@ class AdaLoRALinear(AdapterLayer):
         nothing)."""
         keep = self.lora_E.detach().view(-1) != 0
         e = self.lora_E.detach().float()[keep].view(1, -1)
-        return (self.lora_B.detach().float()[:, keep] * e, self.lora_A.detach().float()[keep],
-                self.scaling)
+        return (
+            self.lora_B.detach().float()[:, keep] * e,
+            self.lora_A.detach().float()[keep],
+            self.scaling,
+        )
 
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         a = (self.lora_A * self.lora_E).to(x.dtype)
@@ -143,8 +160,11 @@ class AdaLoRALinear(AdapterLayer):
         keep = self.rank_mask
         if bool(keep.all()):
             return super().peft_state()
-        return {"lora_A": self.lora_A[keep], "lora_B": self.lora_B[:, keep],
-                "lora_E": self.lora_E[keep]}
+        return {
+            "lora_A": self.lora_A[keep],
+            "lora_B": self.lora_B[:, keep],
+            "lora_E": self.lora_E[keep],
+        }
 
     def expected_peft_shapes(self) -> dict[str, tuple[int, ...]]:
         # What load_peft_state copies into: the layer's current shape (the on_load hook has
@@ -156,15 +176,17 @@ class AdaLoRALinear(AdapterLayer):
         self.rank_mask.fill_(True)
 
     def extra_repr(self) -> str:
-        return (f"r={self.r}, kept={self.rank}, ranknum={self.ranknum:g}, alpha={self.alpha:g}, "
-                f"scaling={self.scaling:g}")
+        return (
+            f"r={self.r}, kept={self.rank}, ranknum={self.ranknum:g}, alpha={self.alpha:g}, "
+            f"scaling={self.scaling:g}"
+        )
 
 
 def adalora_layers(model: nn.Module) -> dict[str, AdaLoRALinear]:
     return layers_of(model, AdaLoRALinear)
 
 
-def orthogonal_regularizer(model: nn.Module, weight: float) -> Optional[torch.Tensor]:
+def orthogonal_regularizer(model: nn.Module, weight: float) -> torch.Tensor | None:
     """γ · mean over every A and every B of ||AAᵀ - I||_F, ||BᵀB - I||_F.
 
     As PEFT's ``AdaLoraModel.forward``: one mean over the 2·(#layers) matrices, not a mean per
@@ -198,7 +220,8 @@ class RankAllocator:
             raise LorakitError(
                 f"adalora needs a budgeting phase: adapter.adalora.tinit ({cfg.tinit}) must be "
                 f"less than the run's {total_steps} optimizer steps minus adapter.adalora.tfinal "
-                f"({cfg.tfinal})")
+                f"({cfg.tfinal})"
+            )
         self.layers = layers
         self.cfg = cfg
         self.total_steps = int(total_steps)
@@ -216,8 +239,7 @@ class RankAllocator:
         if step > total - tfinal:
             return self.target_budget, True
         mul_coeff = 1 - (step - tinit) / (total - tfinal - tinit)
-        budget = int((self.init_budget - self.target_budget) * (mul_coeff ** 3)
-                     + self.target_budget)
+        budget = int((self.init_budget - self.target_budget) * (mul_coeff**3) + self.target_budget)
         return budget, step % self.cfg.delta_t == 0
 
     @torch.no_grad()
@@ -240,8 +262,10 @@ class RankAllocator:
         out = {}
         for name, layer in self.layers.items():
             # whole tensors under FSDP: every process computes the same scores and masks
-            s = {p: full(self._ema_ipt[(name, p)] * self._ema_unc[(name, p)])
-                 for p in layer.adapter_param_names}
+            s = {
+                p: full(self._ema_ipt[(name, p)] * self._ema_unc[(name, p)])
+                for p in layer.adapter_param_names
+            }
             # A is (r, d_in): mean over a row; B is (d_out, r): mean over a column.
             out[name] = s["lora_E"].view(-1) + (s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0))
         return out
@@ -291,9 +315,9 @@ class AdaLoRAHooks(MethodHooks):
     through :meth:`state_tensors` / :meth:`load_state_tensors`)."""
 
     def __init__(self):
-        self.allocator: Optional[RankAllocator] = None
+        self.allocator: RankAllocator | None = None
 
-    def regularizer(self, model: nn.Module) -> Optional[torch.Tensor]:
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
         return orthogonal_regularizer(model, state_of(model).config.options.orth_reg_weight)
 
     def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
@@ -302,8 +326,11 @@ class AdaLoRAHooks(MethodHooks):
         if self.allocator is None or self.allocator.total_steps != total_steps:
             self.allocator = RankAllocator(adalora_layers(model), st.config.options, total_steps)
         budget = self.allocator.step(step)
-        st.extras["adalora"] = {"total_step": int(total_steps), "step": int(step),
-                                "budget": int(budget)}
+        st.extras["adalora"] = {
+            "total_step": int(total_steps),
+            "step": int(step),
+            "budget": int(budget),
+        }
 
     # Checkpoint/resume (checkpoint.py): the importance averages, the masks, the schedule.
     def state_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -325,8 +352,9 @@ class AdaLoRAHooks(MethodHooks):
                 m.rank_mask.copy_(tensors[f"{n}.rank_mask"])
         if "allocator.total_steps" not in tensors:
             return
-        alloc = RankAllocator(layers, state_of(model).config.options,
-                              int(tensors["allocator.total_steps"]))
+        alloc = RankAllocator(
+            layers, state_of(model).config.options, int(tensors["allocator.total_steps"])
+        )
         alloc.budget = int(tensors["allocator.budget"])
         for n, m in layers.items():
             for p in m.adapter_param_names:
@@ -341,9 +369,12 @@ class AdaLoRAHooks(MethodHooks):
         layers = adalora_layers(model)
         ranks = {n: layer.rank for n, layer in layers.items()}
         opts = state_of(model).config.options
-        return {"ranks": ranks, "total_rank": sum(ranks.values()),
-                "init_total_rank": int(sum(layer.ranknum for layer in layers.values())),
-                "target_total_rank": opts.target_r * len(layers)}
+        return {
+            "ranks": ranks,
+            "total_rank": sum(ranks.values()),
+            "init_total_rank": int(sum(layer.ranknum for layer in layers.values())),
+            "target_total_rank": opts.target_r * len(layers),
+        }
 
     def on_load(self, model: nn.Module, extras: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Shrink each layer to the rank saved in the file (PEFT's rank_pattern pruning); a
@@ -366,37 +397,54 @@ def _target_r(b: Budget) -> int:
 
 class AdaLoRA(LoraConfigCodec, Method):
     name = "adalora"
-    summary = ("AdaLoRA: SVD-form adapters, rank budget moves to important matrices "
-               "(Zhang et al. 2023)")
+    summary = (
+        "AdaLoRA: SVD-form adapters, rank budget moves to important matrices (Zhang et al. 2023)"
+    )
     linear = AdaLoRALinear
     options = AdaLoRAOptions
     hooks = AdaLoRAHooks
     compare_settings = (
-        Setting("train.lr", 1e-3, "Zhang et al. 2023 (AdaLoRA) App.: 5e-4 to 1.2e-3; its "
-                "N(0, 0.02) factors start far smaller than LoRA's"),
-        Setting("adapter.adalora.target_r", _target_r, "equal final budget: AdaLoRA's "
-                "comparisons with LoRA are at the same parameter count"),
-        Setting("adapter.adalora.init_r", _init_r, "AdaLoRA/PEFT: init_r 12 for target_r 8 "
-                "(1.5x)"),
-        Setting("adapter.adalora.tinit", budget_fraction(0.1), "AdaLoRA's GLUE runs: warm-up "
-                "about 10% of training"),
-        Setting("adapter.adalora.tfinal", budget_fraction(0.3), "AdaLoRA's GLUE runs: the last "
-                "30-60% of training at the final budget"),
-        Setting("adapter.adalora.delta_t", budget_fraction(0.02, minimum=1), "rank "
-                "reallocated about 30 times during the budget schedule (paper: every 100 "
-                "steps)"),
-        Setting("adapter.adalora.orth_reg_weight", 0.1, "Zhang et al. 2023: gamma 0.1"))
+        Setting(
+            "train.lr",
+            1e-3,
+            "Zhang et al. 2023 (AdaLoRA) App.: 5e-4 to 1.2e-3; its "
+            "N(0, 0.02) factors start far smaller than LoRA's",
+        ),
+        Setting(
+            "adapter.adalora.target_r",
+            _target_r,
+            "equal final budget: AdaLoRA's comparisons with LoRA are at the same parameter count",
+        ),
+        Setting("adapter.adalora.init_r", _init_r, "AdaLoRA/PEFT: init_r 12 for target_r 8 (1.5x)"),
+        Setting(
+            "adapter.adalora.tinit",
+            budget_fraction(0.1),
+            "AdaLoRA's GLUE runs: warm-up about 10% of training",
+        ),
+        Setting(
+            "adapter.adalora.tfinal",
+            budget_fraction(0.3),
+            "AdaLoRA's GLUE runs: the last 30-60% of training at the final budget",
+        ),
+        Setting(
+            "adapter.adalora.delta_t",
+            budget_fraction(0.02, minimum=1),
+            "rank reallocated about 30 times during the budget schedule (paper: every 100 steps)",
+        ),
+        Setting("adapter.adalora.orth_reg_weight", 0.1, "Zhang et al. 2023: gamma 0.1"),
+    )
     peft_type = "ADALORA"
     peft_r_is_rank = False
     heatmaps = {"adalora_rank": ("adalora_ranks", "AdaLoRA kept rank")}
 
     def check(self, cfg) -> None:
         if cfg.rank_pattern:
-            raise ValueError("rank_pattern does not apply to adalora: every matrix starts at "
-                             "adalora.init_r and the rank allocator sets the final ranks")
+            raise ValueError(
+                "rank_pattern does not apply to adalora: every matrix starts at "
+                "adalora.init_r and the rank allocator sets the final ranks"
+            )
         if cfg.use_rslora:
-            raise ValueError("use_rslora does not apply to adalora, whose scale is "
-                             "alpha / init_r")
+            raise ValueError("use_rslora does not apply to adalora, whose scale is alpha / init_r")
 
     def initial_rank(self, cfg) -> int:
         return cfg.options.init_r
@@ -414,45 +462,72 @@ class AdaLoRA(LoraConfigCodec, Method):
             **super().peft_fields(cfg, model),  # LoraConfig's, which AdaLoraConfig extends
             # PEFT's AdaLoRA ignores r and warns unless it has LoraConfig's default, 8.
             "r": 8,
-            "init_r": o.init_r, "target_r": o.target_r, "tinit": o.tinit,
-            "tfinal": o.tfinal, "deltaT": o.delta_t, "beta1": o.sensitivity_beta,
-            "beta2": o.uncertainty_beta, "orth_reg_weight": o.orth_reg_weight,
+            "init_r": o.init_r,
+            "target_r": o.target_r,
+            "tinit": o.tinit,
+            "tfinal": o.tfinal,
+            "deltaT": o.delta_t,
+            "beta1": o.sensitivity_beta,
+            "beta2": o.uncertainty_beta,
+            "orth_reg_weight": o.orth_reg_weight,
             # PEFT refuses a config without a budgeting phase (tinit < total_step - tfinal).
             "total_step": int(total or o.tinit + o.tfinal + 1),
-            "rank_pattern": {f"{n}.lora_E": layer.rank_pattern()
-                             for n, layer in adalora_layers(model).items()},
+            "rank_pattern": {
+                f"{n}.lora_E": layer.rank_pattern() for n, layer in adalora_layers(model).items()
+            },
         }
 
     def reads_peft(self, pc: dict) -> bool:
         return pc.get("peft_type") == "ADALORA"
 
-    def check_tensors(self, cfg, tensors: dict) -> Optional[str]:
-        too_big = [k for k, t in tensors.items() if k.endswith(".lora_E")
-                   and t.shape[0] > cfg.options.init_r]
+    def check_tensors(self, cfg, tensors: dict) -> str | None:
+        too_big = [
+            k
+            for k, t in tensors.items()
+            if k.endswith(".lora_E") and t.shape[0] > cfg.options.init_r
+        ]
         if too_big:
-            return (f"{too_big[0]} has rank {tensors[too_big[0]].shape[0]}, more than "
-                    f"adalora.init_r = {cfg.options.init_r}")
+            return (
+                f"{too_big[0]} has rank {tensors[too_big[0]].shape[0]}, more than "
+                f"adalora.init_r = {cfg.options.init_r}"
+            )
         return None  # pruned ranks vary per layer: the on_load hook resizes to them
 
     def options_from_peft(self, pc: dict) -> dict:
-        names = {"init_r": "init_r", "target_r": "target_r", "tinit": "tinit",
-                 "tfinal": "tfinal", "deltaT": "delta_t", "beta1": "sensitivity_beta",
-                 "beta2": "uncertainty_beta", "orth_reg_weight": "orth_reg_weight"}
+        names = {
+            "init_r": "init_r",
+            "target_r": "target_r",
+            "tinit": "tinit",
+            "tfinal": "tfinal",
+            "deltaT": "delta_t",
+            "beta1": "sensitivity_beta",
+            "beta2": "uncertainty_beta",
+            "orth_reg_weight": "orth_reg_weight",
+        }
         # PEFT's rank_pattern here is the kept-triplet mask, not ranks: on_load resizes
-        return {**super().options_from_peft(pc), "rank_pattern": {}, self.options_key: {
-            ours: pc[theirs] for theirs, ours in names.items() if pc.get(theirs) is not None}}
+        return {
+            **super().options_from_peft(pc),
+            "rank_pattern": {},
+            self.options_key: {
+                ours: pc[theirs] for theirs, ours in names.items() if pc.get(theirs) is not None
+            },
+        }
 
     def report_note(self, method_summary: dict) -> str:
         ms = method_summary
         if "total_rank" not in ms:
             return ""
-        return (f"rank {ms['total_rank']} of {ms['init_total_rank']} (target "
-                f"{ms['target_total_rank']})")
+        return (
+            f"rank {ms['total_rank']} of {ms['init_total_rank']} (target {ms['target_total_rank']})"
+        )
 
     def inspect_columns(self, record: dict, layers: dict) -> dict:
         ranks = ((record.get("summary") or {}).get("method_summary") or {}).get("ranks") or {}
-        return {"adalora_rank": {n: ranks.get(n, getattr(layer, "rank", None))
-                                 for n, layer in layers.items()}}
+        return {
+            "adalora_rank": {
+                n: ranks.get(n, getattr(layer, "rank", None)) for n, layer in layers.items()
+            }
+        }
 
 
 METHOD = AdaLoRA()

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,8 +91,10 @@ class AdapterLayer(nn.Module):
     def _write_base_weight(self, new_w: torch.Tensor) -> None:
         """Store a (d_out, d_in) fp32 matrix back into the base layer's weight, in its dtype."""
         if is_quantized(self.base_layer):  # never re-quantize silently (docs/methods/qlora.md)
-            raise LorakitError("merging into 4-bit NF4 weights would re-quantize them; load the "
-                               "adapter onto the 16-bit base model (quantize=None) and merge there")
+            raise LorakitError(
+                "merging into 4-bit NF4 weights would re-quantize them; load the "
+                "adapter onto the 16-bit base model (quantize=None) and merge there"
+            )
         weight = self.base_layer.weight
         if new_w.shape != self.base_weight_matrix().shape:
             raise ValueError("merged weight has the wrong shape")
@@ -118,7 +121,7 @@ class AdapterLayer(nn.Module):
             return self.delta_weight()
         return self.merged_weight() - self.base_weight_matrix().float()
 
-    def lora_factors(self) -> Optional[tuple[torch.Tensor, torch.Tensor, float]]:
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(B, A, s)`` with ``s · B @ A`` equal to this layer's whole update
         (:meth:`update`) in :meth:`delta_weight`'s layout, B (rows, k) and
         A (k, cols), k the rank; fp32. None when the update is no such product (DoRA's
@@ -219,6 +222,7 @@ def kaiming_uniform_(t: torch.Tensor) -> torch.Tensor:
 
 # ---- what a model carries once adapted ------------------------------------------------------
 
+
 @dataclass
 class LorakitState:
     """What :func:`lorakit.apply` did to a model; kept on the model as ``model.lorakit_state``."""
@@ -250,6 +254,7 @@ def layers_of(model: nn.Module, cls: type) -> dict[str, Any]:
 
 # ---- the method boundary ---------------------------------------------------------------------
 
+
 class MethodHooks:
     """What the training loop calls on a method, once per run; every hook is a no-op here.
 
@@ -260,7 +265,7 @@ class MethodHooks:
     def prepare(self, run) -> None:
         """Before the main optimization (LoRA-drop's sample phase and layer selection)."""
 
-    def regularizer(self, model: nn.Module) -> Optional[torch.Tensor]:
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
         """A term added to each micro-batch's loss (AdaLoRA's orthogonality), or None."""
         return None
 
@@ -309,6 +314,7 @@ class Setting:
 
 def budget_fraction(f: float, minimum: int = 0):
     """A setting of ``f`` times the run's steps (at least ``minimum``)."""
+
     def value(b: Budget) -> int:
         return max(minimum, round(f * b.steps))
 
@@ -335,9 +341,9 @@ class Method:
 
     name: str = ""
     summary: str = ""
-    linear: Optional[type] = None
-    embedding: Optional[type] = None
-    options: Optional[type] = None
+    linear: type | None = None
+    embedding: type | None = None
+    options: type | None = None
     hooks: type = MethodHooks
     peft_type: str = "LORA"
     #: adapter_config.json's ``r`` is the adapter's rank (PEFT's AdaLoRA writes a placeholder)
@@ -370,8 +376,10 @@ class Method:
         """The adapter layer for ``module`` (``kind``: "linear" or "embedding")."""
         cls = self.linear if kind == "linear" else self.embedding
         if cls is None:
-            raise LorakitError(f"method {self.name!r} cannot adapt the {kind} layer {name!r}; "
-                               "leave it out of adapter.target_modules")
+            raise LorakitError(
+                f"method {self.name!r} cannot adapt the {kind} layer {name!r}; "
+                "leave it out of adapter.target_modules"
+            )
         r = pattern_value(cfg.rank_pattern, name, self.initial_rank(cfg))
         alpha = pattern_value(cfg.alpha_pattern, name, cfg.alpha)
         layer = cls(module, r, alpha, **self.layer_kwargs(cls, cfg))
@@ -406,8 +414,11 @@ class Method:
         """The rest of adapter_config.json: the method's fields (DoRA adds ``use_dora``).
         Default: ``r``, ``bias`` and ``fan_in_fan_out``, which PEFT's configs of layer
         methods share."""
-        return {"r": cfg.r, "bias": "none",
-                "fan_in_fan_out": any(m.fan_in_fan_out for _, m in adapter_layers(model))}
+        return {
+            "r": cfg.r,
+            "bias": "none",
+            "fan_in_fan_out": any(m.fan_in_fan_out for _, m in adapter_layers(model)),
+        }
 
     def reads_peft(self, pc: dict) -> bool:
         """True if a PEFT adapter_config.json is this method's."""
@@ -435,22 +446,23 @@ class Method:
         (VeRA's ``base_model.vera_A``); also what a loaded file must hold. Default: none."""
         return {}
 
-    def load_peft_model_tensors(self, model: nn.Module,
-                                tensors: dict[str, torch.Tensor]) -> None:
+    def load_peft_model_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         """Copy :meth:`peft_model_tensors`' keys, read from a file (shapes checked), into
         the model."""
 
-    def check_tensors(self, cfg, tensors: dict[str, torch.Tensor]) -> Optional[str]:
+    def check_tensors(self, cfg, tensors: dict[str, torch.Tensor]) -> str | None:
         """Why an adapter file's tensors disagree with its config (None: they agree). Default:
         each LoRA A's rank equals the configured rank of its module (``rank_pattern``)."""
         for key, t in tensors.items():
             for suffix in (".lora_A.weight", ".lora_embedding_A"):
                 if key.endswith(suffix):
-                    module = key[:-len(suffix)]
+                    module = key[: -len(suffix)]
                     want = pattern_value(cfg.rank_pattern, module, self.initial_rank(cfg))
                     if t.ndim != 2 or t.shape[0] != want:
-                        return (f"{key} has rank {t.shape[0] if t.ndim else 0} but the config "
-                                f"gives {module!r} rank {want}")
+                        return (
+                            f"{key} has rank {t.shape[0] if t.ndim else 0} but the config "
+                            f"gives {module!r} rank {want}"
+                        )
         return None
 
     def save_whole_model(self) -> bool:

@@ -64,8 +64,14 @@ class DoRALinear(LoRALinear):
     adapter_param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
     peft_names = {**LoRALinear.peft_names, "lora_magnitude_vector": "lora_magnitude_vector"}
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ):
         super().__init__(base_layer, r, alpha, dropout, use_rslora)
         self._w0_cache: tuple | None = None
         # B = 0 at init, so ||W0 + s·BA|| = ||W0||: m starts at the (dequantized) W0 row norms.
@@ -110,8 +116,11 @@ class DoRALinear(LoRALinear):
             w0_at = torch.mm(w0, a.to(w0.dtype).t()).float()
         else:
             chunks = _row_chunks(w0)
-            w0_at = (torch.mm(_as(chunks[0], torch.float32), a.t()) if len(chunks) == 1
-                     else torch.cat([c.float() @ a.T for c in chunks]))  # (d_out, r)
+            w0_at = (
+                torch.mm(_as(chunks[0], torch.float32), a.t())
+                if len(chunks) == 1
+                else torch.cat([c.float() @ a.T for c in chunks])
+            )  # (d_out, r)
         c = torch.addmm(w0_at, b, torch.mm(a, a.t()), beta=2 * s, alpha=s * s)
         sq = torch.linalg.vecdot(b, c).add_(w0_sq)
         # cancellation: W0 ≈ -s·BA in these rows (usually none); compute them directly. In a
@@ -156,8 +165,9 @@ class DoRALinear(LoRALinear):
         k = self.magnitude_scale().to(out.dtype)
         x_d = self.dropout(x)
         base_part = F.linear(x_d, self.base_weight_matrix().to(x_d.dtype))
-        lora = F.linear(F.linear(x_d, self.lora_A.to(x_d.dtype)) * self.scaling,
-                        self.lora_B.to(x_d.dtype))
+        lora = F.linear(
+            F.linear(x_d, self.lora_A.to(x_d.dtype)) * self.scaling, self.lora_B.to(x_d.dtype)
+        )
         return out + (k - 1) * base_part.to(out.dtype) + k * lora.to(out.dtype)
 
     def lora_factors(self):
@@ -189,14 +199,14 @@ class DoRALinear(LoRALinear):
         self.__dict__.pop("_merge_state", None)  # a tied weight is restored without it
 
 
-
 class DoRA(LoRA):
     name = "dora"
     summary = "DoRA: magnitude m and direction (W0+sBA)/||.|| (Liu et al. 2024)"
     linear = DoRALinear
     embedding = None
-    compare_settings = at_lora_rate("Liu et al. 2024 compare DoRA with LoRA at LoRA's "
-                                    "hyper-parameters")
+    compare_settings = at_lora_rate(
+        "Liu et al. 2024 compare DoRA with LoRA at LoRA's hyper-parameters"
+    )
 
     def peft_fields(self, cfg, model: nn.Module) -> dict:
         return {**super().peft_fields(cfg, model), "use_dora": True}
@@ -207,8 +217,10 @@ class DoRA(LoRA):
     def tensors_from_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """PEFT's key for the magnitude may carry ``.weight`` (it is an ``nn.Module`` there);
         adapter names never appear in files."""
-        return {k.replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): v
-                for k, v in tensors.items()}
+        return {
+            k.replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): v
+            for k, v in tensors.items()
+        }
 
 
 METHOD = DoRA()

@@ -16,9 +16,14 @@ class Full(Method):
     wraps_layers = False
     dm_dd_figure = True
     compare_settings = (
-        Setting("train.lr", 2e-5, "full fine-tuning of LLMs: 1e-5 to 2e-5 (Alpaca; Biderman et "
-                "al. 2024, LoRA Learns Less and Forgets Less)"),
-        Setting("train.weight_decay", 0.0, "as the adapters (no decay)"))
+        Setting(
+            "train.lr",
+            2e-5,
+            "full fine-tuning of LLMs: 1e-5 to 2e-5 (Alpaca; Biderman et "
+            "al. 2024, LoRA Learns Less and Forgets Less)",
+        ),
+        Setting("train.weight_decay", 0.0, "as the adapters (no decay)"),
+    )
 
 
 METHOD = Full()

@@ -82,7 +82,7 @@ old buffer.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,8 +90,15 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from ..module_tree import is_conv1d
-from .base import (AdapterLayer, Method, Setting, copy_into, kaiming_uniform_,
-                   linear_dims, make_dropout)
+from .base import (
+    AdapterLayer,
+    Method,
+    Setting,
+    copy_into,
+    kaiming_uniform_,
+    linear_dims,
+    make_dropout,
+)
 
 _PLAIN = (torch.Tensor, nn.Parameter)
 
@@ -114,22 +121,37 @@ class LoRALinearFunction(torch.autograd.Function):
     frozen: x is not saved); ``grad_b_fn`` maps B's gradient (LoRA-FA v2's projection)."""
 
     @staticmethod
-    def forward(ctx, x, w0, bias, a, b, scaling: float, dtype: torch.dtype,
-                grad_b_fn: Optional[Callable] = None, fold: Optional[torch.Tensor] = None):
+    def forward(
+        ctx,
+        x,
+        w0,
+        bias,
+        a,
+        b,
+        scaling: float,
+        dtype: torch.dtype,
+        grad_b_fn: Callable | None = None,
+        fold: torch.Tensor | None = None,
+    ):
         x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
         b_ = _as(b, dtype)
         if fold is None:
             w, a_ = _as(w0, dtype), _as(a, dtype)
             h = torch.mm(x2, a_.t())
-            y = (torch.mm(x2, w.t()) if bias is None
-                 else torch.addmm(_as(bias, dtype), x2, w.t()))
+            y = torch.mm(x2, w.t()) if bias is None else torch.addmm(_as(bias, dtype), x2, w.t())
         else:  # See Note: A folded into the frozen GEMM
             # the buffer is in the compute dtype (LoRALinear.folded): save the Parameters
             # themselves, as unfolded
             d, w, a_ = w0.shape[0], w0, _as(a, dtype)
-            yh = (torch.mm(x2, fold.t()) if bias is None else torch.addmm(
-                torch.cat([_as(bias, dtype), bias.new_zeros(fold.shape[0] - d, dtype=dtype)]),
-                x2, fold.t()))
+            yh = (
+                torch.mm(x2, fold.t())
+                if bias is None
+                else torch.addmm(
+                    torch.cat([_as(bias, dtype), bias.new_zeros(fold.shape[0] - d, dtype=dtype)]),
+                    x2,
+                    fold.t(),
+                )
+            )
             y, h = yh[:, :d], yh[:, d:].contiguous()  # h alone saved: not yh's storage
         y.addmm_(h, b_.t(), alpha=scaling)
         ctx.save_for_backward(x2 if a.requires_grad else None, h, w, a_, b_)
@@ -199,7 +221,7 @@ def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, s: float) -> torch.Tensor:
     return torch.mm(m1, m2).mul_(s)
 
 
-def fused_linear_applies(layer: AdapterLayer, x: torch.Tensor) -> Optional[torch.dtype]:
+def fused_linear_applies(layer: AdapterLayer, x: torch.Tensor) -> torch.dtype | None:
     """The dtype :class:`LoRALinearFunction` runs ``layer`` on ``x`` in, where it is exactly
     the layer (See Note: the LoRA linear as one autograd node), else None: dropout inactive,
     a plain dense base without hooks or a forward of its own, plain tensors, the base weight
@@ -213,21 +235,35 @@ def fused_linear_applies(layer: AdapterLayer, x: torch.Tensor) -> Optional[torch
         return None
     if type(base) is not nn.Linear and not is_conv1d(base):
         return None
-    if (base._forward_hooks or base._forward_pre_hooks or _module._global_forward_hooks
-            or _module._global_forward_pre_hooks or base._backward_hooks
-            or base._backward_pre_hooks or _module._global_backward_hooks
-            or _module._global_backward_pre_hooks or "forward" in base.__dict__):
+    if (
+        base._forward_hooks
+        or base._forward_pre_hooks
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or base._backward_hooks
+        or base._backward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+        or "forward" in base.__dict__
+    ):
         # the Function skips base_layer.__call__: its hooks, and a forward replaced on the
         # instance (accelerate's offload hooks move the weight in first), would not run
         return None
     bp, lp = base._parameters, layer._parameters
     w = bp.get("weight")  # None: a weight not registered as a Parameter (a plain attribute)
-    if (type(w) not in _PLAIN or w.requires_grad or type(x) not in _PLAIN
-            or not x.is_floating_point()):
+    if (
+        type(w) not in _PLAIN
+        or w.requires_grad
+        or type(x) not in _PLAIN
+        or not x.is_floating_point()
+    ):
         return None
     bias = bp.get("bias")
-    if (bias is not None and type(bias) not in _PLAIN) or type(lp["lora_A"]) not in _PLAIN \
-            or type(lp["lora_B"]) not in _PLAIN:
+    if (
+        (bias is not None and type(bias) not in _PLAIN)
+        or type(lp["lora_A"]) not in _PLAIN
+        or type(lp["lora_B"]) not in _PLAIN
+    ):
         return None
     device = x.device.type
     if torch.is_autocast_enabled(device):
@@ -255,8 +291,14 @@ class LoRALinear(AdapterLayer):
     #: the compute dtypes it is folded in (16-bit: no measured gain, same Note)
     fold_dtypes: tuple = (torch.float32,)
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ):
         super().__init__(base_layer, r, alpha, use_rslora)
         self.in_features, self.out_features = linear_dims(base_layer)
         # Adapter weights are fp32 master weights whatever the base dtype; the forward casts
@@ -268,8 +310,10 @@ class LoRALinear(AdapterLayer):
     def new_adapter_parameters(self) -> dict[str, nn.Parameter]:
         dev = self.base_layer.weight.device
         a = kaiming_uniform_(torch.empty(self.r, self.in_features, device=dev))
-        return {"lora_A": nn.Parameter(a),
-                "lora_B": nn.Parameter(torch.zeros(self.out_features, self.r, device=dev))}
+        return {
+            "lora_A": nn.Parameter(a),
+            "lora_B": nn.Parameter(torch.zeros(self.out_features, self.r, device=dev)),
+        }
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
@@ -297,8 +341,9 @@ class LoRALinear(AdapterLayer):
             return out
         return self.add_branch(out, self.dropout(x))
 
-    def fused(self, x: torch.Tensor, bias: bool = True, grad_b_fn=None,
-              dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def fused(
+        self, x: torch.Tensor, bias: bool = True, grad_b_fn=None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """x W0ᵀ (+ b) + s·x Aᵀ Bᵀ by :class:`LoRALinearFunction`, in ``dtype`` (what
         :func:`fused_linear_applies` returned; by default computed again)."""
         if dtype is None:
@@ -310,11 +355,21 @@ class LoRALinear(AdapterLayer):
             fold = self.folded(dtype, w, a)
         else:  # Conv1D: (d_in, d_out) storage, never folded
             w, fold = w.T, None
-        return lora_linear_node(x, w, bp.get("bias") if bias else None, a, lp["lora_B"],
-                                self.scaling, dtype, grad_b_fn, fold)
+        return lora_linear_node(
+            x,
+            w,
+            bp.get("bias") if bias else None,
+            a,
+            lp["lora_B"],
+            self.scaling,
+            dtype,
+            grad_b_fn,
+            fold,
+        )
 
-    def folded(self, dtype: torch.dtype, w: Optional[torch.Tensor] = None,
-               a: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    def folded(
+        self, dtype: torch.dtype, w: torch.Tensor | None = None, a: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """The [W0; A] buffer (See Note: A folded into the frozen GEMM), built on first use and
         rebuilt when W0 was given another storage; A's rows copied from A at each call while A
         trains. None where the layer is not folded. ``w``/``a``: the base weight and A, where
@@ -322,8 +377,11 @@ class LoRALinear(AdapterLayer):
         base = self._modules["base_layer"]
         if w is None:
             w, a = base._parameters["weight"], self._parameters["lora_A"]
-        if not (self.fold_a and torch.is_grad_enabled()) or dtype not in self.fold_dtypes or (
-                type(base) is not nn.Linear or type(w) is not nn.Parameter or w.dtype != dtype):
+        if (
+            not (self.fold_a and torch.is_grad_enabled())
+            or dtype not in self.fold_dtypes
+            or (type(base) is not nn.Linear or type(w) is not nn.Parameter or w.dtype != dtype)
+        ):
             if "_fold" in self.__dict__ and w.data_ptr() != self.__dict__["_fold"][3]:
                 # W0 was given another storage (e.g. cast to bf16) and this layer no longer
                 # folds: do not keep the old weight-sized buffer alive
@@ -332,8 +390,13 @@ class LoRALinear(AdapterLayer):
         st = self.__dict__.get("_fold")
         # W0 still lives in the buffer: its first element is the buffer's (the buffer is kept
         # alive here, so no other tensor can start at that address), same dtype and rows
-        stale = (st is None or w.data_ptr() != st[3] or w.dtype != st[0].dtype
-                 or w.shape[0] + self.r != st[0].shape[0] or w.shape[1] != st[0].shape[1])
+        stale = (
+            st is None
+            or w.data_ptr() != st[3]
+            or w.dtype != st[0].dtype
+            or w.shape[0] + self.r != st[0].shape[0]
+            or w.shape[1] != st[0].shape[1]
+        )
         if stale or a.requires_grad or st[1] != (a.data_ptr(), a._version):
             if torch.is_inference_mode_enabled() or w.is_inference():
                 return None  # an inference-mode buffer could not be used by autograd later
@@ -359,10 +422,13 @@ class LoRALinear(AdapterLayer):
     def add_branch(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """out + s·x Aᵀ Bᵀ, the scale and the add fused into one addmm (x: already dropped)."""
         h = F.linear(x.to(out.dtype), self.lora_A.to(out.dtype))
-        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r),
-                           self.lora_B.to(out.dtype).t(), alpha=self.scaling)
+        flat = torch.addmm(
+            out.reshape(-1, out.shape[-1]),
+            h.reshape(-1, self.r),
+            self.lora_B.to(out.dtype).t(),
+            alpha=self.scaling,
+        )
         return flat.view(out.shape)
-
 
 
 class LoRAEmbedding(AdapterLayer):
@@ -380,9 +446,10 @@ class LoRAEmbedding(AdapterLayer):
     def new_adapter_parameters(self) -> dict[str, nn.Parameter]:
         vocab, dim = self.base_layer.weight.shape
         dev = self.base_layer.weight.device
-        return {"lora_embedding_A": nn.Parameter(torch.zeros(self.r, vocab, device=dev)),
-                "lora_embedding_B": nn.Parameter(nn.init.normal_(
-                    torch.empty(dim, self.r, device=dev)))}
+        return {
+            "lora_embedding_A": nn.Parameter(torch.zeros(self.r, vocab, device=dev)),
+            "lora_embedding_B": nn.Parameter(nn.init.normal_(torch.empty(dim, self.r, device=dev))),
+        }
 
     def base_weight_matrix(self) -> torch.Tensor:
         return self.base_layer.weight  # (vocab, dim): the layout ΔW is given in
@@ -392,8 +459,11 @@ class LoRAEmbedding(AdapterLayer):
 
     def lora_factors(self):
         # ΔW (vocab, dim) = s·(B_e A_e)ᵀ = s·A_eᵀ B_eᵀ
-        return (self.lora_embedding_A.detach().float().T, self.lora_embedding_B.detach().float().T,
-                self.scaling)
+        return (
+            self.lora_embedding_A.detach().float().T,
+            self.lora_embedding_B.detach().float().T,
+            self.scaling,
+        )
 
     def set_lora_factors(self, b: torch.Tensor, a: torch.Tensor) -> None:
         copy_into(self.lora_embedding_A, b.T)
@@ -404,11 +474,17 @@ class LoRAEmbedding(AdapterLayer):
         if self.bypass():
             return out
         emb = self.base_layer
-        after_a = F.embedding(x, self.lora_embedding_A.T, emb.padding_idx, emb.max_norm,
-                              emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
+        after_a = F.embedding(
+            x,
+            self.lora_embedding_A.T,
+            emb.padding_idx,
+            emb.max_norm,
+            emb.norm_type,
+            emb.scale_grad_by_freq,
+            emb.sparse,
+        )
         b = self.lora_embedding_B.to(after_a.dtype)
         return out + (F.linear(after_a, b) * self.scaling).to(out.dtype)
-
 
 
 #: LoRA's learning rate, at which the LoRA family's papers compare their methods with it
@@ -425,21 +501,29 @@ class LoraConfigCodec:
     ``AdaLoraConfig`` extends ``LoraConfig``, lorakit's AdaLoRA is no LoRA subclass)."""
 
     def peft_fields(self, cfg, model: nn.Module) -> dict:
-        return {**super().peft_fields(cfg, model),
-                "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_dora": False,
-                "use_rslora": cfg.use_rslora, "rank_pattern": dict(cfg.rank_pattern),
-                "alpha_pattern": dict(cfg.alpha_pattern), "init_lora_weights": True}
+        return {
+            **super().peft_fields(cfg, model),
+            "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout,
+            "use_dora": False,
+            "use_rslora": cfg.use_rslora,
+            "rank_pattern": dict(cfg.rank_pattern),
+            "alpha_pattern": dict(cfg.alpha_pattern),
+            "init_lora_weights": True,
+        }
 
     def options_from_peft(self, pc: dict) -> dict:
-        return {**super().options_from_peft(pc),
-                "alpha": pc.get("lora_alpha", 8), "dropout": pc.get("lora_dropout", 0.0) or 0.0,
-                "use_rslora": bool(pc.get("use_rslora", False)),
-                "alpha_pattern": pc.get("alpha_pattern") or {},
-                "rank_pattern": pc.get("rank_pattern") or {}}
+        return {
+            **super().options_from_peft(pc),
+            "alpha": pc.get("lora_alpha", 8),
+            "dropout": pc.get("lora_dropout", 0.0) or 0.0,
+            "use_rslora": bool(pc.get("use_rslora", False)),
+            "alpha_pattern": pc.get("alpha_pattern") or {},
+            "rank_pattern": pc.get("rank_pattern") or {},
+        }
 
     def peft_recorded(self, cfg) -> dict:
-        return {**super().peft_recorded(cfg), "lora_alpha": cfg.alpha,
-                "use_rslora": cfg.use_rslora}
+        return {**super().peft_recorded(cfg), "lora_alpha": cfg.alpha, "use_rslora": cfg.use_rslora}
 
 
 class LoRA(LoraConfigCodec, Method):
@@ -448,8 +532,10 @@ class LoRA(LoraConfigCodec, Method):
     linear = LoRALinear
     embedding = LoRAEmbedding
     dm_dd_figure = True
-    compare_settings = at_lora_rate("Hu et al. 2021 and the QLoRA paper (Dettmers et al. 2023, "
-                                    "App. B: 2e-4 for models up to 13B); PEFT's examples")
+    compare_settings = at_lora_rate(
+        "Hu et al. 2021 and the QLoRA paper (Dettmers et al. 2023, "
+        "App. B: 2e-4 for models up to 13B); PEFT's examples"
+    )
     #: a PEFT LoRA adapter without lorakit.json is this method's; False for a method PEFT
     #: sees as plain LoRA, which only lorakit.json names (LoRA-FA, LoRA-drop)
     reads_plain_lora = True

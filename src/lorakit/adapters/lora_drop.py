@@ -37,16 +37,17 @@ mean(B)·mean(A) is not the mean of the B·A products, so "the average" is not a
 from __future__ import annotations
 
 import math
-from typing import Iterable, Literal, Optional
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..options import MethodOptions
 from ..errors import LorakitError
 from ..files import read_json, write_json
+from ..options import MethodOptions
 from .base import AdapterLayer, MethodHooks, adapter_layers, state_of
 from .lora import LoRA, LoRAEmbedding, at_lora_rate
 
@@ -54,22 +55,38 @@ from .lora import LoRA, LoRAEmbedding, at_lora_rate
 class LoRADropOptions(MethodOptions):
     """``adapter.lora_drop``: the sample phase and the selection (Zhou et al. 2024)."""
 
-    sample_ratio: float = Field(0.1, gt=0, le=1, description="share of the training data "
-                                "used to train LoRA briefly and score the layers")
-    threshold: float = Field(0.9, gt=0, le=1, description="keep the most important layers "
-                             "until their cumulative importance reaches this")
-    top_n: Optional[int] = Field(None, gt=0, description="keep a fixed number of layers "
-                                 "instead of a threshold")
-    carry_over: bool = Field(False, description="kept layers start the main training from "
-                             "their sample-phase weights (default: fresh adapters)")
+    sample_ratio: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="share of the training data used to train LoRA briefly and score the layers",
+    )
+    threshold: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="keep the most important layers until their cumulative importance reaches this",
+    )
+    top_n: int | None = Field(
+        None, gt=0, description="keep a fixed number of layers instead of a threshold"
+    )
+    carry_over: bool = Field(
+        False,
+        description="kept layers start the main training from "
+        "their sample-phase weights (default: fresh adapters)",
+    )
     importance_scope: Literal["global", "module_type"] = Field(
-        "global", description="normalize importance over all adapted layers, or within each "
-        "module type (q_proj, ...) with threshold/top_n applied per type")
+        "global",
+        description="normalize importance over all adapted layers, or within each "
+        "module type (q_proj, ...) with threshold/top_n applied per type",
+    )
+
 
 RECORD_NAME = "lora_drop.json"  # the decision, kept in the run folder for train.resume
 
 
 # ---- 1. the sample --------------------------------------------------------------------------
+
 
 def sample_indices(n: int, ratio: float, per_step: int, seed: int) -> list[int]:
     """``ratio`` of ``n`` examples drawn without replacement (seeded), at least one optimizer
@@ -80,6 +97,7 @@ def sample_indices(n: int, ratio: float, per_step: int, seed: int) -> list[int]:
 
 
 # ---- 2. importance --------------------------------------------------------------------------
+
 
 def branch_output(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
     """The LoRA branch alone, s·B A x, in fp32 (for an embedding: s·B A[ids])."""
@@ -92,15 +110,16 @@ def branch_output(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def layer_output_energy(model: nn.Module, batches: Iterable[dict],
-                        dtype: Optional[torch.dtype] = None) -> dict[str, float]:
+def layer_output_energy(
+    model: nn.Module, batches: Iterable[dict], dtype: torch.dtype | None = None
+) -> dict[str, float]:
     """Raw ``g_i = Σ ||s·B_i A_i x||²`` over the non-padding tokens of ``batches`` (dicts with
     ``input_ids`` and ``attention_mask``, on the model's device), for every adapted layer.
 
     Eval mode (no dropout), no grad; each layer's input is caught by a forward hook and the
     branch recomputed in fp32 outside autocast, so a bf16 run ranks layers as fp32 would."""
     layers = dict(adapter_layers(model))
-    energy = {n: 0.0 for n in layers}
+    energy = dict.fromkeys(layers, 0.0)
     mask: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
@@ -110,9 +129,12 @@ def layer_output_energy(model: nn.Module, batches: Iterable[dict],
                 per_token = branch_output(module, x).pow(2).sum(-1)
             m = mask["now"]
             if per_token.shape != m.shape:
-                raise LorakitError(f"LoRA-drop cannot line up the input of {name!r} (shape "
-                                   f"{list(x.shape)}) with the batch's tokens {list(m.shape)}")
+                raise LorakitError(
+                    f"LoRA-drop cannot line up the input of {name!r} (shape "
+                    f"{list(x.shape)}) with the batch's tokens {list(m.shape)}"
+                )
             energy[name] += float((per_token.double() * m).sum())
+
         return hook
 
     handles = [layer.register_forward_hook(hook_for(n)) for n, layer in layers.items()]
@@ -124,10 +146,12 @@ def layer_output_energy(model: nn.Module, batches: Iterable[dict],
             if b.get("repeat"):  # a repeat a sharded run makes to keep step: counts nothing
                 mask["now"] = torch.zeros_like(mask["now"])
             device = b["input_ids"].device.type
-            with torch.autocast(device, dtype=dtype or torch.float32,
-                                enabled=dtype in (torch.bfloat16, torch.float16)):
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                      use_cache=False)
+            with torch.autocast(
+                device,
+                dtype=dtype or torch.float32,
+                enabled=dtype in (torch.bfloat16, torch.float16),
+            ):
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -139,15 +163,19 @@ def normalize(energy: dict[str, float]) -> dict[str, float]:
     """``I_i = g_i / Σ_j g_j``."""
     total = sum(energy.values())
     if not total > 0:
-        raise LorakitError("every LoRA output was zero after LoRA-drop's sample phase, so no "
-                           "layer ranks above another; raise adapter.lora_drop.sample_ratio or train.lr")
+        raise LorakitError(
+            "every LoRA output was zero after LoRA-drop's sample phase, so no "
+            "layer ranks above another; raise adapter.lora_drop.sample_ratio or train.lr"
+        )
     return {n: g / total for n, g in energy.items()}
 
 
 # ---- 3. selection ---------------------------------------------------------------------------
 
-def select_layers(importance: dict[str, float], threshold: float = 0.9,
-                  top_n: Optional[int] = None) -> list[str]:
+
+def select_layers(
+    importance: dict[str, float], threshold: float = 0.9, top_n: int | None = None
+) -> list[str]:
     """The kept layers, most important first: the ``top_n`` largest, or else the shortest
     prefix of the descending order whose cumulative importance reaches ``threshold``."""
     order = sorted(importance, key=lambda n: -importance[n])  # stable: ties keep model order
@@ -163,6 +191,7 @@ def select_layers(importance: dict[str, float], threshold: float = 0.9,
 
 
 # ---- 4. sharing -----------------------------------------------------------------------------
+
 
 def _shapes(layer: AdapterLayer) -> tuple:
     return tuple(tuple(p.shape) for p in layer.adapter_parameters())
@@ -180,25 +209,30 @@ def sharing_groups(layers: dict[str, AdapterLayer], kept: Iterable[str]) -> dict
     leaves = [k[0] for k in by_type]
     out = {}
     for (leaf, _, shapes), names in by_type.items():
-        label = leaf if leaves.count(leaf) == 1 else \
-            leaf + ":" + ",".join("x".join(map(str, s)) for s in shapes)
+        label = (
+            leaf
+            if leaves.count(leaf) == 1
+            else leaf + ":" + ",".join("x".join(map(str, s)) for s in shapes)
+        )
         out[label] = names
     return out
 
 
-def tie_groups(model: nn.Module, groups: dict[str, list[str]], refresh: Iterable[str] = ()
-               ) -> None:
+def tie_groups(model: nn.Module, groups: dict[str, list[str]], refresh: Iterable[str] = ()) -> None:
     """Give each group one fresh pair, set as the very same Parameters on all its layers; the
     layers named in ``refresh`` get fresh Parameters of their own."""
     layers = dict(adapter_layers(model))
     for names in groups.values():
         missing = [n for n in names if n not in layers]
         if missing:
-            raise LorakitError(f"LoRA-drop shares {missing[0]!r}, which is not an adapted layer "
-                               "of this model (is the adapter for another base model?)")
+            raise LorakitError(
+                f"LoRA-drop shares {missing[0]!r}, which is not an adapted layer "
+                "of this model (is the adapter for another base model?)"
+            )
         if len({_shapes(layers[n]) for n in names}) > 1:
-            raise LorakitError(f"LoRA-drop cannot share one pair among {names[0]!r} and layers "
-                               "of other shapes")
+            raise LorakitError(
+                f"LoRA-drop cannot share one pair among {names[0]!r} and layers of other shapes"
+            )
     todo = [[n] for n in refresh] + list(groups.values())
     for names in todo:
         pair = layers[names[0]].new_adapter_parameters()
@@ -220,21 +254,31 @@ def adapter_numel(model: nn.Module) -> tuple[int, int]:
     return unique, plain
 
 
-def select_per_type(importance: dict[str, float], threshold: float = 0.9,
-                    top_n: Optional[int] = None) -> list[str]:
+def select_per_type(
+    importance: dict[str, float], threshold: float = 0.9, top_n: int | None = None
+) -> list[str]:
     """``importance_scope: module_type``: within each module type (leaf name) renormalize and
     select as :func:`select_layers` does; the union, most important first."""
     types: dict[str, dict[str, float]] = {}
     for n, v in importance.items():
         types.setdefault(n.rsplit(".", 1)[-1], {})[n] = v
-    kept = {n for t in types.values() if sum(t.values()) > 0  # an all-zero type: all share
-            for n in select_layers(normalize(t), threshold, top_n)}
+    kept = {
+        n
+        for t in types.values()
+        if sum(t.values()) > 0  # an all-zero type: all share
+        for n in select_layers(normalize(t), threshold, top_n)
+    }
     return [n for n in sorted(importance, key=lambda n: -importance[n]) if n in kept]
 
 
-def drop_layers(model: nn.Module, importance: dict[str, float], threshold: Optional[float] = None,
-                top_n: Optional[int] = None, carry_over: Optional[bool] = None,
-                scope: Optional[str] = None) -> dict:
+def drop_layers(
+    model: nn.Module,
+    importance: dict[str, float],
+    threshold: float | None = None,
+    top_n: int | None = None,
+    carry_over: bool | None = None,
+    scope: str | None = None,
+) -> dict:
     """Steps 3-5 on a model whose LoRA was trained on the sample: select, share, re-initialize.
 
     Options default to the model's adapter config. Returns the record (also stored under
@@ -254,10 +298,16 @@ def drop_layers(model: nn.Module, importance: dict[str, float], threshold: Optio
     tie_groups(model, groups, refresh=() if carry_over else kept)
     unique, plain = adapter_numel(model)
     record = {
-        "threshold": threshold, "top_n": top_n, "carry_over": carry_over, "scope": scope,
+        "threshold": threshold,
+        "top_n": top_n,
+        "carry_over": carry_over,
+        "scope": scope,
         "importance": {n: importance[n] for n in layers},
-        "kept": kept, "kept_importance": sum(importance[n] for n in kept),
-        "shared": groups, "adapter_params": unique, "lora_adapter_params": plain,
+        "kept": kept,
+        "kept_importance": sum(importance[n] for n in kept),
+        "shared": groups,
+        "adapter_params": unique,
+        "lora_adapter_params": plain,
         "param_ratio": unique / plain if plain else 1.0,
     }
     st.extras["lora_drop"] = record
@@ -270,21 +320,29 @@ def summary_lines(record: dict) -> list[str]:
     types: dict[str, list[str]] = {}
     for n in imp:
         types.setdefault(n.rsplit(".", 1)[-1], []).append(n)
-    how = (f"top_n {record['top_n']}" if record["top_n"] is not None
-           else f"threshold {record['threshold']:g}")
+    how = (
+        f"top_n {record['top_n']}"
+        if record["top_n"] is not None
+        else f"threshold {record['threshold']:g}"
+    )
     if record.get("scope") == "module_type":
         how += " per module type"
-    lines = [f"lora-drop: kept {len(kept)} of {len(imp)} layers ({how}, cumulative importance "
-             f"{record['kept_importance']:.3f}); {record['adapter_params']:,} adapter parameters "
-             f"vs {record['lora_adapter_params']:,} for LoRA ({100 * record['param_ratio']:.1f}%)",
-             f"  {'module':<12}{'layers':>7}{'kept':>6}{'importance':>12}{'max':>8}"]
+    lines = [
+        f"lora-drop: kept {len(kept)} of {len(imp)} layers ({how}, cumulative importance "
+        f"{record['kept_importance']:.3f}); {record['adapter_params']:,} adapter parameters "
+        f"vs {record['lora_adapter_params']:,} for LoRA ({100 * record['param_ratio']:.1f}%)",
+        f"  {'module':<12}{'layers':>7}{'kept':>6}{'importance':>12}{'max':>8}",
+    ]
     for t, names in types.items():
-        lines.append(f"  {t:<12}{len(names):>7}{sum(n in kept for n in names):>6}"
-                     f"{sum(imp[n] for n in names):>12.3f}{max(imp[n] for n in names):>8.3f}")
+        lines.append(
+            f"  {t:<12}{len(names):>7}{sum(n in kept for n in names):>6}"
+            f"{sum(imp[n] for n in names):>12.3f}{max(imp[n] for n in names):>8.3f}"
+        )
     return lines
 
 
 # ---- the training loop's hooks --------------------------------------------------------------
+
 
 class LoRADropHooks(MethodHooks):
     """What ``lorakit train`` calls for ``method: lora-drop``."""
@@ -295,6 +353,7 @@ class LoRADropHooks(MethodHooks):
         opts = run.cfg.adapter.options
         record = self._recorded_decision(run)
         if record is not None:  # resuming: the checkpoint holds the weights, not the decision
+
             def retie(m: nn.Module) -> None:
                 tie_groups(m, record["shared"])
                 state_of(m).extras["lora_drop"] = record
@@ -302,8 +361,9 @@ class LoRADropHooks(MethodHooks):
             run.edit_parameters(retie)  # under FSDP the model is built again around the ties
             run.log(f"lora-drop: reusing the layer selection in {run.out_dir / RECORD_NAME}")
             return
-        idx = sample_indices(len(run.train_examples), opts.sample_ratio, run.examples_per_step,
-                             run.cfg.train.seed)
+        idx = sample_indices(
+            len(run.train_examples), opts.sample_ratio, run.examples_per_step, run.cfg.train.seed
+        )
         sample = [run.train_examples[i] for i in idx]
         steps = max(1, len(sample) // run.examples_per_step)  # one pass over the sample
         run.train_phase(sample, steps, desc="lora-drop sample")
@@ -320,18 +380,23 @@ class LoRADropHooks(MethodHooks):
             write_json(run.out_dir / RECORD_NAME, record)
 
     @staticmethod
-    def _recorded_decision(run) -> Optional[dict]:
+    def _recorded_decision(run) -> dict | None:
         """The decision of an interrupted run that is being resumed, if any."""
         path = run.out_dir / RECORD_NAME
         if not (run.resuming and path.exists()):
             return None
         record = read_json(path)
         o = run.cfg.adapter.options
-        if (record.get("threshold"), record.get("top_n"), record.get("carry_over"),
-                record.get("scope")) != (o.threshold, o.top_n, o.carry_over,
-                                         o.importance_scope):
-            raise LorakitError(f"{path} was made with other LoRA-drop settings than this "
-                               "run's; resume with the original adapter config")
+        if (
+            record.get("threshold"),
+            record.get("top_n"),
+            record.get("carry_over"),
+            record.get("scope"),
+        ) != (o.threshold, o.top_n, o.carry_over, o.importance_scope):
+            raise LorakitError(
+                f"{path} was made with other LoRA-drop settings than this "
+                "run's; resume with the original adapter config"
+            )
         return record
 
     def summary(self, model: nn.Module) -> dict:
@@ -347,27 +412,31 @@ class LoRADropHooks(MethodHooks):
         for names in groups.values():
             first = names[0]
             for key in [k for k in tensors if k.startswith(first + ".")]:
-                suffix = key[len(first) + 1:]
+                suffix = key[len(first) + 1 :]
                 for other in names[1:]:
                     t = tensors.get(f"{other}.{suffix}")
                     if t is not None and not torch.equal(t, tensors[key]):
                         raise LorakitError(
                             f"{other!r} and {first!r} share one LoRA pair in lorakit.json but "
                             f"their saved {suffix} differ; load with method='lora' to keep "
-                            "them separate")
+                            "them separate"
+                        )
         tie_groups(model, groups)
 
 
 class LoRADrop(LoRA):
     name = "lora-drop"
-    summary = ("LoRA-drop: LoRA on the layers whose output matters, the rest share one "
-               "(Zhou et al. 2024)")
+    summary = (
+        "LoRA-drop: LoRA on the layers whose output matters, the rest share one (Zhou et al. 2024)"
+    )
     options = LoRADropOptions
     hooks = LoRADropHooks
     dm_dd_figure = False
-    compare_settings = at_lora_rate("Zhou et al. 2024 (LoRA-drop) keep LoRA's "
-                                    "hyper-parameters; sample ratio 10% and threshold 0.9 are "
-                                    "lorakit's defaults, the paper's")
+    compare_settings = at_lora_rate(
+        "Zhou et al. 2024 (LoRA-drop) keep LoRA's "
+        "hyper-parameters; sample ratio 10% and threshold 0.9 are "
+        "lorakit's defaults, the paper's"
+    )
     heatmaps = {"importance": ("lora_drop_importance", "LoRA-drop importance")}
     reads_plain_lora = False  # saved as plain per-layer LoRA; lorakit.json restores the sharing
 
@@ -382,8 +451,10 @@ class LoRADrop(LoRA):
         if not drop.get("importance"):
             return {}
         kept = set(drop.get("kept") or [])
-        return {"importance": {n: drop["importance"].get(n) for n in layers},
-                "kept": {n: n in kept for n in layers}}
+        return {
+            "importance": {n: drop["importance"].get(n) for n in layers},
+            "kept": {n: n in kept for n in layers},
+        }
 
 
 METHOD = LoRADrop()

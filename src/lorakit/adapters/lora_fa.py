@@ -93,8 +93,15 @@ class LoRAFALinear(LoRALinear):
     necessity, saves x): A frozen is what makes the branch cheap.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False, projection: bool = False):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        projection: bool = False,
+    ):
         super().__init__(base_layer, r, alpha, dropout, use_rslora)
         self.lora_A.requires_grad_(False)  # random projection, kept as initialized
         self.dropout_p = float(dropout)
@@ -121,8 +128,9 @@ class LoRAFALinear(LoRALinear):
         if self.lora_A.requires_grad:
             return super().lora_branch(x)
         p = self.dropout_p if self.training else 0.0
-        return FrozenABranch.apply(x, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype),
-                                   self.scaling, p, self.projection)
+        return FrozenABranch.apply(
+            x, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype), self.scaling, p, self.projection
+        )
 
     def new_adapter_parameters(self) -> dict[str, nn.Parameter]:
         fresh = super().new_adapter_parameters()
@@ -140,8 +148,11 @@ class LoRAFALinear(LoRALinear):
 class LoRAFAOptions(MethodOptions):
     """``adapter.lora_fa``: LoRA-FA's options."""
 
-    projection: bool = Field(False, description="LoRA-FA v2: project B's gradient onto what "
-                             "full fine-tuning would do within A's row space")
+    projection: bool = Field(
+        False,
+        description="LoRA-FA v2: project B's gradient onto what "
+        "full fine-tuning would do within A's row space",
+    )
 
     RENAMED: ClassVar[dict[str, str]] = {"lorafa_projection": "projection"}
 
@@ -153,8 +164,9 @@ class LoRAFA(LoRA):
     embedding = None
     options = LoRAFAOptions
     dm_dd_figure = False
-    compare_settings = at_lora_rate("Zhang et al. 2023 (LoRA-FA) train with LoRA's "
-                                    "hyper-parameters, at LoRA's rank")
+    compare_settings = at_lora_rate(
+        "Zhang et al. 2023 (LoRA-FA) train with LoRA's hyper-parameters, at LoRA's rank"
+    )
     reads_plain_lora = False  # a LoRA-FA adapter is a plain LoRA adapter to PEFT
 
     def layer_kwargs(self, cls: type, cfg) -> dict:

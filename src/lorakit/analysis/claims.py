@@ -26,7 +26,7 @@ Learns Less and Forgets Less).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 HOLDS, FAILS, TIE, NA = "holds", "does not hold", "tie", "not measured"
 #: relative tolerance of a ratio of one run's figures (timing and RSS noise on 2 CPU cores)
@@ -37,7 +37,7 @@ SEVERAL = 2.0
 HALF = 0.6
 
 
-def differs(a: float, sa: Optional[float], b: float, sb: Optional[float]) -> int:
+def differs(a: float, sa: float | None, b: float, sb: float | None) -> int:
     """+1 if a > b beyond the band, -1 if a < b beyond it, 0 within (See Note: what counts
     as a difference)."""
     band = 2 * math.sqrt((sa or 0.0) ** 2 + (sb or 0.0) ** 2)
@@ -64,18 +64,19 @@ def combine(verdicts: list[str]) -> str:
     return HOLDS
 
 
-def _q(row: dict) -> tuple[Optional[float], Optional[float]]:
+def _q(row: dict) -> tuple[float | None, float | None]:
     return row.get("quality"), (row.get("spread") or {}).get("quality")
 
 
 def _fmt_q(name: str, row: dict) -> str:
     q, s = _q(row)
     return f"{name} {row.get('quality_metric', 'quality')} {q:.3f}" + (
-        f" ± {s:.3f}" if s is not None else "")
+        f" ± {s:.3f}" if s is not None else ""
+    )
 
 
 def similar_quality(a: dict, b: dict) -> str:
-    """"a's quality is similar to (or better than) b's"."""
+    """ "a's quality is similar to (or better than) b's"."""
     qa, sa = _q(a)
     qb, sb = _q(b)
     if qa is None or qb is None:
@@ -83,7 +84,7 @@ def similar_quality(a: dict, b: dict) -> str:
     return FAILS if differs(qa, sa, qb, sb) < 0 else HOLDS
 
 
-def _needs(rows: dict, *names: str) -> Optional[dict]:
+def _needs(rows: dict, *names: str) -> dict | None:
     missing = [n for n in names if n not in rows]
     if missing:
         return {"verdict": NA, "figures": f"no row for {', '.join(missing)}"}
@@ -105,18 +106,22 @@ def _needs(rows: dict, *names: str) -> Optional[dict]:
 def _memory(a: dict, b: dict, names: tuple[str, str]) -> tuple[float, str]:
     """(a's memory over b's, the figures): by exact memory when both rows have it, else by
     peak memory (See Note: which memory)."""
-    peak = (f"peak memory {names[0]} {a['peak_memory_mb']:.0f} MB vs {names[1]} "
-            f"{b['peak_memory_mb']:.0f} MB: {a['peak_memory_mb'] / b['peak_memory_mb']:.2f}x")
+    peak = (
+        f"peak memory {names[0]} {a['peak_memory_mb']:.0f} MB vs {names[1]} "
+        f"{b['peak_memory_mb']:.0f} MB: {a['peak_memory_mb'] / b['peak_memory_mb']:.2f}x"
+    )
     if a.get("exact_memory_mib") and b.get("exact_memory_mib"):
         r = a["exact_memory_mib"] / b["exact_memory_mib"]
-        return r, (f"by exact memory (params + grads + optimizer state + saved for backward): "
-                   f"{names[0]} {a['exact_memory_mib']:.0f} MiB vs {names[1]} "
-                   f"{b['exact_memory_mib']:.0f} MiB: {r:.2f}x; {peak}")
+        return r, (
+            f"by exact memory (params + grads + optimizer state + saved for backward): "
+            f"{names[0]} {a['exact_memory_mib']:.0f} MiB vs {names[1]} "
+            f"{b['exact_memory_mib']:.0f} MiB: {r:.2f}x; {peak}"
+        )
     return a["peak_memory_mb"] / b["peak_memory_mb"], f"by {peak}"
 
 
 def full_ft_memory(rows: dict, dm_dd: dict) -> dict:
-    if (miss := _needs(rows, "full", "lora")):
+    if miss := _needs(rows, "full", "lora"):
         return miss
     r, fig = _memory(rows["full"], rows["lora"], ("full", "lora"))
     v = HOLDS if r >= SEVERAL * (1 - TOLERANCE["memory"]) else FAILS
@@ -124,23 +129,29 @@ def full_ft_memory(rows: dict, dm_dd: dict) -> dict:
 
 
 def full_ft_forgets_more(rows: dict, dm_dd: dict) -> dict:
-    if (miss := _needs(rows, "full", "lora")):
+    if miss := _needs(rows, "full", "lora"):
         return miss
     f, lo = rows["full"].get("forgetting"), rows["lora"].get("forgetting")
     if f is None or lo is None:
         return {"verdict": NA, "figures": "no forgetting figure (general-text loss)"}
     sf, sl = ((rows[m].get("spread") or {}).get("forgetting") for m in ("full", "lora"))
     d = differs(f, sf, lo, sl)
-    return {"verdict": {1: HOLDS, 0: TIE, -1: FAILS}[d],
-            "figures": f"Δ general-text loss full {f:+.4f}" + (f" ± {sf:.4f}" if sf else "")
-            + f" vs lora {lo:+.4f}" + (f" ± {sl:.4f}" if sl else "")}
+    return {
+        "verdict": {1: HOLDS, 0: TIE, -1: FAILS}[d],
+        "figures": f"Δ general-text loss full {f:+.4f}"
+        + (f" ± {sf:.4f}" if sf else "")
+        + f" vs lora {lo:+.4f}"
+        + (f" ± {sl:.4f}" if sl else ""),
+    }
 
 
 def lora_close_to_full(rows: dict, dm_dd: dict) -> dict:
-    if (miss := _needs(rows, "full", "lora")):
+    if miss := _needs(rows, "full", "lora"):
         return miss
-    return {"verdict": similar_quality(rows["lora"], rows["full"]),
-            "figures": f"{_fmt_q('lora', rows['lora'])} vs {_fmt_q('full', rows['full'])}"}
+    return {
+        "verdict": similar_quality(rows["lora"], rows["full"]),
+        "figures": f"{_fmt_q('lora', rows['lora'])} vs {_fmt_q('full', rows['full'])}",
+    }
 
 
 #: the QLoRA row at LoRA's rank, alpha, dropout and targets (registry: compare_equal)
@@ -150,49 +161,57 @@ QLORA_EQUAL = "qlora.lora-settings"
 def qlora_less_memory(rows: dict, dm_dd: dict) -> dict:
     """Judged at equal adapter settings (the row :data:`QLORA_EQUAL`): the claim is about
     the 4-bit base's storage, not about the preset's r 64 on every layer."""
-    if (miss := _needs(rows, QLORA_EQUAL, "lora")):
+    if miss := _needs(rows, QLORA_EQUAL, "lora"):
         return miss
     r, fig = _memory(rows[QLORA_EQUAL], rows["lora"], ("qlora", "lora"))
-    return {"verdict": ratio_verdict(r, 1.0, TOLERANCE["memory"]),
-            "figures": f"{fig} (QLoRA at LoRA's rank, alpha and targets)"}
+    return {
+        "verdict": ratio_verdict(r, 1.0, TOLERANCE["memory"]),
+        "figures": f"{fig} (QLoRA at LoRA's rank, alpha and targets)",
+    }
 
 
 def smoothed(curve: list[float]) -> list[float]:
     """The moving average the report plots (window: 1/20 of the run)."""
     w = max(1, len(curve) // 20)
-    return [sum(curve[max(0, i - w + 1):i + 1]) / len(curve[max(0, i - w + 1):i + 1])
-            for i in range(len(curve))]
+    return [
+        sum(curve[max(0, i - w + 1) : i + 1]) / len(curve[max(0, i - w + 1) : i + 1])
+        for i in range(len(curve))
+    ]
 
 
-def steps_to(curve: list[float], target: float) -> Optional[int]:
+def steps_to(curve: list[float], target: float) -> int | None:
     """The first step (1-based) whose smoothed loss is at most ``target``; None if never."""
     return next((i + 1 for i, v in enumerate(smoothed(curve)) if v <= target), None)
 
 
 def loraplus_faster(rows: dict, dm_dd: dict) -> dict:
-    if (miss := _needs(rows, "lora+", "lora")):
+    if miss := _needs(rows, "lora+", "lora"):
         return miss
     base, plus = rows["lora"].get("loss_curve") or [], rows["lora+"].get("loss_curve") or []
     if not base or not plus:
         return {"verdict": NA, "figures": "no loss curve"}
     target = smoothed(base)[-1]
     n_lora, n_plus = steps_to(base, target), steps_to(plus, target)
-    fig = (f"steps to LoRA's final training loss {target:.3f} (moving average): lora {n_lora}, "
-           f"lora+ {n_plus if n_plus else 'never'}; {_fmt_q('lora+', rows['lora+'])} vs "
-           f"{_fmt_q('lora', rows['lora'])}")
+    fig = (
+        f"steps to LoRA's final training loss {target:.3f} (moving average): lora {n_lora}, "
+        f"lora+ {n_plus if n_plus else 'never'}; {_fmt_q('lora+', rows['lora+'])} vs "
+        f"{_fmt_q('lora', rows['lora'])}"
+    )
     if n_plus is None:
         return {"verdict": FAILS, "figures": fig}
     speed = n_lora / n_plus
-    v = HOLDS if speed > 1 + TOLERANCE["time"] else (FAILS if speed < 1 - TOLERANCE["time"]
-                                                      else TIE)
+    v = (
+        HOLDS
+        if speed > 1 + TOLERANCE["time"]
+        else (FAILS if speed < 1 - TOLERANCE["time"] else TIE)
+    )
     return {"verdict": v, "figures": fig + f"; {speed:.2f}x as fast"}
 
 
-def _smaller_at_similar_quality(rows: dict, name: str, max_params: float,
-                                faster: bool) -> dict:
+def _smaller_at_similar_quality(rows: dict, name: str, max_params: float, faster: bool) -> dict:
     """``name`` has at most ``max_params`` times LoRA's trainable parameters (strictly fewer
     when 1), a quality within the band or better, and (``faster``) a shorter median step."""
-    if (miss := _needs(rows, name, "lora")):
+    if miss := _needs(rows, name, "lora"):
         return miss
     m, lo = rows[name], rows["lora"]
     pr = m["trainable_params"] / lo["trainable_params"]
@@ -202,8 +221,10 @@ def _smaller_at_similar_quality(rows: dict, name: str, max_params: float,
         tr = m["median_step_time_s"] / lo["median_step_time_s"]
         parts.append(ratio_verdict(tr, 1.0, TOLERANCE["time"]))
         fig += f", median step {tr:.2f}x"
-    return {"verdict": combine(parts),
-            "figures": f"{fig}; {_fmt_q(name, m)} vs {_fmt_q('lora', lo)}"}
+    return {
+        "verdict": combine(parts),
+        "figures": f"{fig}; {_fmt_q(name, m)} vs {_fmt_q('lora', lo)}",
+    }
 
 
 def lorafa_half_params(rows: dict, dm_dd: dict) -> dict:
@@ -215,20 +236,28 @@ def loradrop_keeps_quality(rows: dict, dm_dd: dict) -> dict:
 
 
 def adalora_beats_lora(rows: dict, dm_dd: dict) -> dict:
-    if (miss := _needs(rows, "adalora", "lora")):
+    if miss := _needs(rows, "adalora", "lora"):
         return miss
     a, lo = rows["adalora"], rows["lora"]
-    if a.get("final_rank") is not None and lo.get("rank") is not None \
-            and a["final_rank"] != lo["rank"]:
-        return {"verdict": NA, "figures": f"budgets differ: AdaLoRA's final average rank "
-                f"{a['final_rank']} vs LoRA's r {lo['rank']}"}
+    if (
+        a.get("final_rank") is not None
+        and lo.get("rank") is not None
+        and a["final_rank"] != lo["rank"]
+    ):
+        return {
+            "verdict": NA,
+            "figures": f"budgets differ: AdaLoRA's final average rank "
+            f"{a['final_rank']} vs LoRA's r {lo['rank']}",
+        }
     qa, sa = _q(a)
     ql, sl = _q(lo)
     if qa is None or ql is None:
         return {"verdict": NA, "figures": "no quality metric"}
     d = differs(qa, sa, ql, sl)
-    return {"verdict": {1: HOLDS, 0: TIE, -1: FAILS}[d],
-            "figures": f"{_fmt_q('adalora', a)} vs {_fmt_q('lora', lo)} at the same final rank"}
+    return {
+        "verdict": {1: HOLDS, 0: TIE, -1: FAILS}[d],
+        "figures": f"{_fmt_q('adalora', a)} vs {_fmt_q('lora', lo)} at the same final rank",
+    }
 
 
 def dora_ft_like(rows: dict, dm_dd: dict) -> dict:
@@ -238,11 +267,12 @@ def dora_ft_like(rows: dict, dm_dd: dict) -> dict:
     def sign(m: str) -> int:  # the correlation's sign, 0 when not significant
         c, n = dm_dd[m]["corr"], dm_dd[m]["layers"]
         z = 1.96 / math.sqrt(max(1, n - 3))  # Fisher: |atanh r| beyond 1.96 SE
-        return 0 if abs(math.atanh(max(-0.999999, min(0.999999, c)))) <= z else (
-            1 if c > 0 else -1)
+        return 0 if abs(math.atanh(max(-0.999999, min(0.999999, c)))) <= z else (1 if c > 0 else -1)
 
-    fig = ", ".join(f"{m} {dm_dd[m]['corr']:+.2f}" for m in ("lora", "dora", "full")
-                    if m in dm_dd) + f" (corr(ΔD, ΔM) over {dm_dd['dora']['layers']} layers)"
+    fig = (
+        ", ".join(f"{m} {dm_dd[m]['corr']:+.2f}" for m in ("lora", "dora", "full") if m in dm_dd)
+        + f" (corr(ΔD, ΔM) over {dm_dd['dora']['layers']} layers)"
+    )
     if sign("lora") <= 0:
         return {"verdict": FAILS, "figures": fig + "; LoRA's is not positive"}
     return {"verdict": {-1: HOLDS, 0: TIE, 1: FAILS}[sign("dora")], "figures": fig}
@@ -250,15 +280,17 @@ def dora_ft_like(rows: dict, dm_dd: dict) -> dict:
 
 def s2_attn_cheaper(rows: dict, dm_dd: dict) -> dict:
     s2, full = "long.longlora", "long.longlora.full-attn"
-    if (miss := _needs(rows, s2, full)):
+    if miss := _needs(rows, s2, full):
         return miss
     tr = rows[s2]["median_step_time_s"] / rows[full]["median_step_time_s"]
     mr = rows[s2]["peak_memory_mb"] / rows[full]["peak_memory_mb"]
     parts = [ratio_verdict(tr, 1.0, TOLERANCE["time"]), similar_quality(rows[s2], rows[full])]
-    return {"verdict": combine(parts),
-            "figures": f"median step {tr:.2f}x full attention's, peak memory {mr:.2f}x; "
-            f"{_fmt_q('S2-Attn', rows[s2])} vs {_fmt_q('full attention', rows[full])} "
-            "(evaluated with full attention)"}
+    return {
+        "verdict": combine(parts),
+        "figures": f"median step {tr:.2f}x full attention's, peak memory {mr:.2f}x; "
+        f"{_fmt_q('S2-Attn', rows[s2])} vs {_fmt_q('full attention', rows[full])} "
+        "(evaluated with full attention)",
+    }
 
 
 #: (id, the claim as the literature makes it, its test)
@@ -268,15 +300,28 @@ CLAIMS: list[tuple[str, str, Callable[[dict, dict], dict]]] = [
     ("lora-quality", "LoRA's quality is close to full fine-tuning's", lora_close_to_full),
     ("qlora-memory", "QLoRA needs less memory than LoRA", qlora_less_memory),
     ("loraplus-speed", "LoRA+ learns faster than LoRA", loraplus_faster),
-    ("lorafa-params", "LoRA-FA halves the trainable parameters at similar quality",
-     lorafa_half_params),
-    ("loradrop", "LoRA-drop keeps LoRA's quality with fewer parameters and less time",
-     loradrop_keeps_quality),
+    (
+        "lorafa-params",
+        "LoRA-FA halves the trainable parameters at similar quality",
+        lorafa_half_params,
+    ),
+    (
+        "loradrop",
+        "LoRA-drop keeps LoRA's quality with fewer parameters and less time",
+        loradrop_keeps_quality,
+    ),
     ("adalora", "AdaLoRA beats LoRA at the same parameter budget", adalora_beats_lora),
-    ("dora-dm-dd", "DoRA's magnitude/direction updates correlate negatively, like full "
-     "fine-tuning's, where LoRA's correlate positively", dora_ft_like),
-    ("s2-attn", "S2-Attn trains long context at a fraction of full attention's cost with "
-     "similar quality", s2_attn_cheaper),
+    (
+        "dora-dm-dd",
+        "DoRA's magnitude/direction updates correlate negatively, like full "
+        "fine-tuning's, where LoRA's correlate positively",
+        dora_ft_like,
+    ),
+    (
+        "s2-attn",
+        "S2-Attn trains long context at a fraction of full attention's cost with similar quality",
+        s2_attn_cheaper,
+    ),
 ]
 
 

@@ -37,9 +37,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import yaml
@@ -48,11 +48,11 @@ from ..config import load_run_config, parse_overrides, split_config_args
 from ..errors import LorakitError
 from ..files import check_output, file_errors, read_json, write_json
 from ..registry import METHODS, PRESETS, all_methods, get_method, preset_options
-from ..training.evaluation import PREDICTIONS
 from ..training.distributed import Strategy
+from ..training.evaluation import PREDICTIONS
 from ..training.loop import base_metrics, prepare_data
-from ..training.session import ModelBuild, assemble, inference_device
 from ..training.runtime import resolve_precision
+from ..training.session import ModelBuild, assemble, inference_device
 from .report import best_lr_factors, write_report
 from .settings import Budget, settings_for
 
@@ -69,14 +69,23 @@ QUICK_DEFAULTS = {"train.max_steps": 30, "eval.limit": 30}
 #: The long-context suite (LongLoRA, Chen et al. 2023): the pass-key task, the same budget
 #: for S2-Attn and full attention. These keys are the suite's own (the user's short-task
 #: overrides do not change them); ``--long-steps`` and ``--long-len`` do.
-LONG_DEFAULTS = {"data.train": "task:passkey", "data.max_seq_len": 2048, "train.batch_size": 1,
-                 "train.grad_accum": 1, "train.max_steps": 30, "eval.limit": 30,
-                 "eval.batch_size": 4}
+LONG_DEFAULTS = {
+    "data.train": "task:passkey",
+    "data.max_seq_len": 2048,
+    "train.batch_size": 1,
+    "train.grad_accum": 1,
+    "train.max_steps": 30,
+    "eval.limit": 30,
+    "eval.batch_size": 4,
+}
 LONG_QUICK = {"data.max_seq_len": 1024, "train.max_steps": 6, "eval.limit": 8}
 LONG_PREFIX = "long."
 #: the long suite's rows: each long preset as it is, and with full attention in training
-LONG_RUNS = {f"{LONG_PREFIX}{n}{tail}": (n, extra) for n in LONG_PRESETS
-             for tail, extra in (("", []), (".full-attn", ["adapter.s2_attn=false"]))}
+LONG_RUNS = {
+    f"{LONG_PREFIX}{n}{tail}": (n, extra)
+    for n in LONG_PRESETS
+    for tail, extra in (("", []), (".full-attn", ["adapter.s2_attn=false"]))
+}
 #: learning-rate multipliers of ``--lr-sweep`` (1 is the row's own run)
 LR_GRID = (0.5, 1.0, 2.0)
 STATE_NAME = "compare.json"
@@ -86,12 +95,13 @@ Log = Callable[[str], None]
 
 # ---- which methods can run here ------------------------------------------------------------
 
-def unavailable_reason(cfg) -> Optional[str]:
+
+def unavailable_reason(cfg) -> str | None:
     """Why the method of run config ``cfg`` cannot run on this machine, or None."""
     if cfg.adapter.quantize:
         try:
             importlib.import_module("bitsandbytes")
-        except Exception as e:  # noqa: BLE001 - any import failure means "not here"
+        except Exception as e:
             return f"4-bit base weights need bitsandbytes, which does not import ({e})"
     try:
         get_method(cfg.adapter.method)
@@ -108,7 +118,7 @@ def _has_key(data: dict, dotted: str) -> bool:
     return True
 
 
-def _user_settings(config: Optional[str], overrides: list[str]) -> tuple[dict, dict]:
+def _user_settings(config: str | None, overrides: list[str]) -> tuple[dict, dict]:
     """(the YAML config's data, the overrides as a nested dict): what the user set."""
     user: dict = {}
     if config:
@@ -119,10 +129,15 @@ def _user_settings(config: Optional[str], overrides: list[str]) -> tuple[dict, d
     return user, parse_overrides(overrides)
 
 
-def method_overrides(config: Optional[str], overrides: list[str], method: str,
-                     run_dir: Path, defaults: Optional[dict] = None,
-                     forced: Optional[dict] = None, extra: Optional[list[str]] = None
-                     ) -> tuple[list[str], list[tuple[str, object, str]]]:
+def method_overrides(
+    config: str | None,
+    overrides: list[str],
+    method: str,
+    run_dir: Path,
+    defaults: dict | None = None,
+    forced: dict | None = None,
+    extra: list[str] | None = None,
+) -> tuple[list[str], list[tuple[str, object, str]]]:
     """The ``lorakit train`` overrides of one method's run, and the compare settings it got.
 
     In order: the compare budget (``defaults``) and the method's paper settings
@@ -139,17 +154,30 @@ def method_overrides(config: Optional[str], overrides: list[str], method: str,
     forced = forced or {}
     budget = [f"{k}={v}" for k, v in defaults.items() if unset(k) and k not in forced]
     base = preset_options(method)["method"] if method in PRESETS else method
-    others = {f"adapter.{m.options_key}." for m in all_methods()
-              if m.options is not None and m.name != base}
-    own = [o for o in overrides if not o.startswith(tuple(others))
-           and o.split("=", 1)[0].strip() not in forced]
-    tail = [*[f"{k}={v}" for k, v in forced.items()], *(extra or []),
-            f"adapter.method={method}", f"output_dir={run_dir}", "train.resume=true"]
+    others = {
+        f"adapter.{m.options_key}."
+        for m in all_methods()
+        if m.options is not None and m.name != base
+    }
+    own = [
+        o
+        for o in overrides
+        if not o.startswith(tuple(others)) and o.split("=", 1)[0].strip() not in forced
+    ]
+    tail = [
+        *[f"{k}={v}" for k, v in forced.items()],
+        *(extra or []),
+        f"adapter.method={method}",
+        f"output_dir={run_dir}",
+        "train.resume=true",
+    ]
     # the paper settings depend on the budget (steps, LoRA's rank): resolve it first
     cfg = load_run_config(config, [*budget, *own, *tail])
-    applied = [(k, v, src) for k, v, src in settings_for(method, Budget(_steps(cfg),
-                                                                        cfg.adapter.r))
-               if unset(k) and k not in forced]
+    applied = [
+        (k, v, src)
+        for k, v, src in settings_for(method, Budget(_steps(cfg), cfg.adapter.r))
+        if unset(k) and k not in forced
+    ]
     paper = [f"{k}={_yaml_value(v)}" for k, v, _ in applied]
     return [*budget, *paper, *own, *tail], applied
 
@@ -164,8 +192,10 @@ def _steps(cfg) -> int:
         return cfg.train.max_steps
     from ..training.data import read_rows
 
-    n = sum(len(read_rows(f, "train", cfg.data.max_seq_len).rows) * w for f, w in
-            zip(cfg.data.train_files, cfg.data.weights or [1.0] * len(cfg.data.train_files)))
+    n = sum(
+        len(read_rows(f, "train", cfg.data.max_seq_len).rows) * w
+        for f, w in zip(cfg.data.train_files, cfg.data.weights or [1.0] * len(cfg.data.train_files))
+    )
     if cfg.data.limit:
         n = min(n, cfg.data.limit)
     per = cfg.train.batch_size * cfg.train.grad_accum
@@ -175,21 +205,30 @@ def _steps(cfg) -> int:
 def _base_key(cfg) -> str:
     """Runs with equal keys measure the same base model (See Note: the base model ...)."""
     a = cfg.adapter
-    return json.dumps({"model": cfg.model, "quantize": a.quantize, "dtype": a.quant_compute_dtype,
-                       "context_length": a.context_length, "data": cfg.data.model_dump(),
-                       "eval": cfg.eval.model_dump(), "precision": cfg.train.precision},
-                      sort_keys=True)
+    return json.dumps(
+        {
+            "model": cfg.model,
+            "quantize": a.quantize,
+            "dtype": a.quant_compute_dtype,
+            "context_length": a.context_length,
+            "data": cfg.data.model_dump(),
+            "eval": cfg.eval.model_dump(),
+            "precision": cfg.train.precision,
+        },
+        sort_keys=True,
+    )
 
 
 def _last_error(text: str) -> str:
     lines = [ln.strip() for ln in re.split(r"[\r\n]+", text) if ln.strip()]
     for ln in reversed(lines):
         if ln.startswith("lorakit: error:"):
-            return ln[len("lorakit: error:"):].strip()
+            return ln[len("lorakit: error:") :].strip()
     return lines[-1] if lines else "the run failed without a message"
 
 
 # ---- running -------------------------------------------------------------------------------
+
 
 @dataclass
 class Plan:
@@ -208,10 +247,20 @@ class Plan:
     extra: list = field(default_factory=list)  # the row's own overrides (its seeds get them)
 
 
-def compare(config: Optional[str], overrides: list[str], methods: list[str], out: str | Path,
-            log: Log = print, python: str = sys.executable, seeds: int = 1,
-            lr_sweep: bool = False, long_context: bool = False, quick: bool = False,
-            long_steps: Optional[int] = None, long_len: Optional[int] = None) -> dict:
+def compare(
+    config: str | None,
+    overrides: list[str],
+    methods: list[str],
+    out: str | Path,
+    log: Log = print,
+    python: str = sys.executable,
+    seeds: int = 1,
+    lr_sweep: bool = False,
+    long_context: bool = False,
+    quick: bool = False,
+    long_steps: int | None = None,
+    long_len: int | None = None,
+) -> dict:
     """Train each method (skipping finished runs) and write the report; returns the report's
     data (also ``report.json``).
 
@@ -256,30 +305,49 @@ class _Spec:
         if long_len:
             self.long["data.max_seq_len"] = long_len
 
-    def plan(self, name: str, method: str, row: str, extra: list[str], long: bool = False,
-             lr_factor: float = 1.0, seed_index: int = 0) -> Plan:
+    def plan(
+        self,
+        name: str,
+        method: str,
+        row: str,
+        extra: list[str],
+        long: bool = False,
+        lr_factor: float = 1.0,
+        seed_index: int = 0,
+    ) -> Plan:
         run_dir = self.out / name
-        args, applied = method_overrides(self.config, self.overrides, method, run_dir,
-                                         {} if long else self.defaults,
-                                         self.long if long else None, extra)
+        args, applied = method_overrides(
+            self.config,
+            self.overrides,
+            method,
+            run_dir,
+            {} if long else self.defaults,
+            self.long if long else None,
+            extra,
+        )
         cfg = load_run_config(self.config, args)
         old = run_dir / "config.yaml"
         if old.exists() and yaml.safe_load(old.read_text()) != cfg.model_dump(mode="json"):
-            raise LorakitError(f"{run_dir} was run with other settings; use another --out or "
-                               "delete that folder")
-        return Plan(name, method, row, run_dir, args, cfg, applied, lr_factor, seed_index,
-                    list(extra))
+            raise LorakitError(
+                f"{run_dir} was run with other settings; use another --out or delete that folder"
+            )
+        return Plan(
+            name, method, row, run_dir, args, cfg, applied, lr_factor, seed_index, list(extra)
+        )
 
     def equal_settings(self, preset: str) -> list[str]:
         """Overrides that give ``preset`` its method's values of the preset's
         ``compare_equal`` keys, as the user's config and overrides resolve them (QLoRA at
         LoRA's rank, alpha, dropout and targets)."""
         base = PRESETS[preset]["method"]
-        args, _ = method_overrides(self.config, self.overrides, base, self.out / base,
-                                   self.defaults)
+        args, _ = method_overrides(
+            self.config, self.overrides, base, self.out / base, self.defaults
+        )
         adapter = load_run_config(self.config, args).adapter
-        return [f"adapter.{k}={json.dumps(getattr(adapter, k))}"
-                for k in PRESETS[preset]["compare_equal"]["keys"]]
+        return [
+            f"adapter.{k}={json.dumps(getattr(adapter, k))}"
+            for k in PRESETS[preset]["compare_equal"]["keys"]
+        ]
 
     def first_plans(self, methods: list[str], lr_sweep: bool, long_context: bool) -> list:
         if not methods:
@@ -298,11 +366,14 @@ class _Spec:
         for row, method, extra, long in rows:
             main = self.plan(row, method, row, extra, long)
             plans.append(main)
-            for f in (LR_GRID if lr_sweep else ()):
+            for f in LR_GRID if lr_sweep else ():
                 if f != 1.0:
                     lr = main.cfg.train.lr * f
-                    plans.append(self.plan(f"{row}.lr{lr:g}", method, row,
-                                           [*extra, f"train.lr={lr:g}"], long, f))
+                    plans.append(
+                        self.plan(
+                            f"{row}.lr{lr:g}", method, row, [*extra, f"train.lr={lr:g}"], long, f
+                        )
+                    )
         return plans
 
     def seed_plans(self, plans: list, seeds: int, best: dict) -> list:
@@ -313,14 +384,30 @@ class _Spec:
             if factor != 1.0:
                 extra.append(f"train.lr={p.cfg.train.lr * factor:g}")
             for k in range(1, seeds):
-                more.append(self.plan(f"{p.row}.seed{k}", p.method, p.row,
-                                      [*extra, f"train.seed={p.cfg.train.seed + k}"],
-                                      p.row.startswith(LONG_PREFIX), factor, k))
+                more.append(
+                    self.plan(
+                        f"{p.row}.seed{k}",
+                        p.method,
+                        p.row,
+                        [*extra, f"train.seed={p.cfg.train.seed + k}"],
+                        p.row.startswith(LONG_PREFIX),
+                        factor,
+                        k,
+                    )
+                )
         return more
 
 
-def _run_plans(plans: list, state: dict, state_path: Path, config, out: Path, log: Log,
-               python: str, only: Optional[list] = None) -> None:
+def _run_plans(
+    plans: list,
+    state: dict,
+    state_path: Path,
+    config,
+    out: Path,
+    log: Log,
+    python: str,
+    only: list | None = None,
+) -> None:
     todo = plans if only is None else only
     for i, p in enumerate(todo, 1):
         tag = f"[{i}/{len(todo)}] {p.name}"
@@ -346,16 +433,22 @@ def _run_one(tag: str, p: Plan, plans: list, config, out: Path, log: Log, python
     if not _reuse_base(p.run_dir, p.cfg, plans):
         log(f"{tag}: measuring the base model")
         with open(logs / f"{p.name}.base.log", "w", encoding="utf-8") as fh:
-            subprocess.run([python, "-m", "lorakit.analysis.compare", "--measure-base",
-                            *cfg_arg, *p.args], stdout=fh, stderr=subprocess.STDOUT)
+            subprocess.run(
+                [python, "-m", "lorakit.analysis.compare", "--measure-base", *cfg_arg, *p.args],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+            )
         # on failure the training run measures the base itself (and reports the error)
     log_file = logs / f"{p.name}.log"
     log(f"{tag}: training (log: {log_file})")
     t0 = time.perf_counter()
     with open(log_file, "w", encoding="utf-8") as fh:
-        rc = subprocess.run([python, "-m", "lorakit", "train", *cfg_arg, *p.args], stdout=fh,
-                            stderr=subprocess.STDOUT,
-                            env=dict(os.environ, TOKENIZERS_PARALLELISM="false")).returncode
+        rc = subprocess.run(
+            [python, "-m", "lorakit", "train", *cfg_arg, *p.args],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
+        ).returncode
     wall = time.perf_counter() - t0
     if rc == 0 and (p.run_dir / "summary.json").exists():
         log(f"{tag}: done in {wall:.0f} s")
@@ -393,15 +486,22 @@ def measure_base(cfg, log: Log = print) -> dict:
     torch.manual_seed(cfg.train.seed)
     # the model as the run builds it: read once in the compute dtype, on the device
     build = ModelBuild(cfg, Strategy("single", 1), dtype, inference_device())
-    model, tok, (_, heldout, _) = assemble(build, lambda tok: prepare_data(cfg, tok, log),
-                                           adapt=get_method(cfg.adapter.method).wraps_layers)
+    model, tok, (_, heldout, _) = assemble(
+        build,
+        lambda tok: prepare_data(cfg, tok, log),
+        adapt=get_method(cfg.adapter.method).wraps_layers,
+    )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     return base_metrics(cfg, model, tok, heldout, dtype, out, log)
 
 
-if __name__ == "__main__":  # python -m lorakit.analysis.compare --measure-base [CONFIG] key=value ...
+if (
+    __name__ == "__main__"
+):  # python -m lorakit.analysis.compare --measure-base [CONFIG] key=value ...
     if sys.argv[1:2] != ["--measure-base"]:
         sys.exit("usage: python -m lorakit.analysis.compare --measure-base [CONFIG] key=value ...")
-    measure_base(load_run_config(*split_config_args(sys.argv[2:])),
-                 log=lambda s: print(s, file=sys.stderr, flush=True))
+    measure_base(
+        load_run_config(*split_config_args(sys.argv[2:])),
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )

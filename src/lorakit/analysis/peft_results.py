@@ -35,7 +35,6 @@ import importlib.metadata
 import json
 import platform
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -43,7 +42,7 @@ import torch
 PACKAGES = ("transformers", "peft", "datasets", "bitsandbytes", "torch", "lorakit")
 
 
-def _version(pkg: str) -> Optional[str]:
+def _version(pkg: str) -> str | None:
     try:
         return importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
@@ -63,61 +62,92 @@ def meta_info(cfg: dict) -> dict:
     data = (cfg.get("data") or {}).get("train")
     return {
         "model_info": {"sha": None, "created_at": None},
-        "dataset_info": {str(d): {"sha": None, "created_at": None}
-                         for d in (data if isinstance(data, list) else [data])},
-        "package_info": {k: v for pkg in PACKAGES for k, v in
-                         ((f"{pkg}-version", _version(pkg)), (f"{pkg}-commit-hash", None))},
-        "system_info": {"system": platform.system(), "release": platform.release(),
-                        "version": platform.version(), "machine": platform.machine(),
-                        "processor": platform.processor(),
-                        "accelerator": (torch.cuda.get_device_name(0)
-                                        if torch.cuda.is_available() else _cpu_name())},
+        "dataset_info": {
+            str(d): {"sha": None, "created_at": None}
+            for d in (data if isinstance(data, list) else [data])
+        },
+        "package_info": {
+            k: v
+            for pkg in PACKAGES
+            for k, v in ((f"{pkg}-version", _version(pkg)), (f"{pkg}-commit-hash", None))
+        },
+        "system_info": {
+            "system": platform.system(),
+            "release": platform.release(),
+            "version": platform.version(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "accelerator": (
+                torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
+            ),
+        },
         "pytorch_info": torch.__config__.show(),
     }
 
 
-def _file_size(adapter_dir: Path) -> Optional[int]:
+def _file_size(adapter_dir: Path) -> int | None:
     """Bytes of the saved weights (PEFT: the adapter file; full fine-tuning: the model)."""
     files = sorted(adapter_dir.glob("*.safetensors"))
     return sum(f.stat().st_size for f in files) if files else None
 
 
-def peft_result(name: str, row: str, run_dir: Path, summary: dict, cfg: dict,
-                wall_s: Optional[float], meta: dict) -> dict:
+def peft_result(
+    name: str, row: str, run_dir: Path, summary: dict, cfg: dict, wall_s: float | None, meta: dict
+) -> dict:
     """One run (folder ``run_dir``, report row ``row``) in PEFT's result-file layout."""
     tc, dc, ec = (cfg.get(k) or {} for k in ("train", "data", "eval"))
     tuned, base = summary.get("tuned") or {}, summary.get("base") or {}
     metric = tuned.get("metric")
-    forgetting = (tuned["general_text_loss"] - base["general_text_loss"]
-                  if "general_text_loss" in tuned and "general_text_loss" in base else None)
+    forgetting = (
+        tuned["general_text_loss"] - base["general_text_loss"]
+        if "general_text_loss" in tuned and "general_text_loss" in base
+        else None
+    )
     per_step = tc.get("batch_size", 0) * tc.get("grad_accum", 1) * summary.get("processes", 1)
     adapter_cfg = run_dir / "adapter" / "adapter_config.json"
     done = run_dir / "summary.json"
-    created = (_dt.datetime.fromtimestamp(done.stat().st_mtime, _dt.timezone.utc)
-               .isoformat(timespec="seconds") if done.exists() else None)
+    created = (
+        _dt.datetime.fromtimestamp(done.stat().st_mtime, _dt.timezone.utc).isoformat(
+            timespec="seconds"
+        )
+        if done.exists()
+        else None
+    )
     precision = summary.get("precision")
     peak = summary.get("peak_memory_mb")
     return {
         "run_info": {
-            "created_at": created, "total_time": wall_s,
-            "experiment_name": f"{summary.get('method')}/{name}", "peft_branch": None,
+            "created_at": created,
+            "total_time": wall_s,
+            "experiment_name": f"{summary.get('method')}/{name}",
+            "peft_branch": None,
             "train_config": {
-                "model_id": cfg.get("model"), "dtype": precision,
-                "max_seq_length": dc.get("max_seq_len"), "batch_size": per_step,
-                "batch_size_eval": ec.get("batch_size"), "max_steps": summary.get("total_steps"),
-                "eval_steps": tc.get("eval_every"), "compile": tc.get("compile"),
+                "model_id": cfg.get("model"),
+                "dtype": precision,
+                "max_seq_length": dc.get("max_seq_len"),
+                "batch_size": per_step,
+                "batch_size_eval": ec.get("batch_size"),
+                "max_steps": summary.get("total_steps"),
+                "eval_steps": tc.get("eval_every"),
+                "compile": tc.get("compile"),
                 "use_gc": tc.get("gradient_checkpointing"),
-                "query_template": dc.get("prompt_template"), "seed": tc.get("seed"),
-                "grad_norm_clip": tc.get("max_grad_norm"), "optimizer_type": "AdamW",
+                "query_template": dc.get("prompt_template"),
+                "seed": tc.get("seed"),
+                "grad_norm_clip": tc.get("max_grad_norm"),
+                "optimizer_type": "AdamW",
                 "optimizer_kwargs": {"lr": tc.get("lr"), "weight_decay": tc.get("weight_decay")},
-                "lr_scheduler": tc.get("schedule"), "use_amp": precision != "float32",
+                "lr_scheduler": tc.get("schedule"),
+                "use_amp": precision != "float32",
                 "autocast_adapter_dtype": True,  # lorakit keeps trainable weights in fp32
-                "generation_kwargs": {"max_new_tokens": (tuned.get("generation") or {})
-                                      .get("max_new_tokens")},
-                "attn_implementation": None, "init_kv_cache_prefix": None},
-            "peft_config": (json.loads(adapter_cfg.read_text()) if adapter_cfg.exists()
-                            else None),
-            "error_msg": ""},
+                "generation_kwargs": {
+                    "max_new_tokens": (tuned.get("generation") or {}).get("max_new_tokens")
+                },
+                "attn_implementation": None,
+                "init_kv_cache_prefix": None,
+            },
+            "peft_config": (json.loads(adapter_cfg.read_text()) if adapter_cfg.exists() else None),
+            "error_msg": "",
+        },
         "train_info": {
             "accelerator_memory_reserved_avg": None,
             "accelerator_memory_max": round(peak * 2**20) if peak is not None else None,
@@ -127,15 +157,27 @@ def peft_result(name: str, row: str, run_dir: Path, summary: dict, cfg: dict,
             "num_trainable_params": summary.get("trainable_params"),
             "num_total_params": summary.get("total_params"),
             "status": "success",
-            "metrics": [{"step": summary.get("total_steps"),
-                         "test accuracy": tuned.get(metric) if metric else None,
-                         "train loss": summary.get("final_train_loss"),
-                         "train samples": (summary.get("total_steps") or 0) * per_step,
-                         "train total tokens": summary.get("train_tokens"),
-                         "forgetting": forgetting}]},
+            "metrics": [
+                {
+                    "step": summary.get("total_steps"),
+                    "test accuracy": tuned.get(metric) if metric else None,
+                    "train loss": summary.get("final_train_loss"),
+                    "train samples": (summary.get("total_steps") or 0) * per_step,
+                    "train total tokens": summary.get("train_tokens"),
+                    "forgetting": forgetting,
+                }
+            ],
+        },
         "meta_info": meta,
-        "lorakit": {"run": name, "row": row, "test_accuracy_metric": metric,
-                    "accelerator_memory_max": ("CUDA allocator peak" if torch.cuda.is_available()
-                                               else "max RSS of the training process (CPU)"),
-                    "exact_memory": summary.get("exact_memory")},
+        "lorakit": {
+            "run": name,
+            "row": row,
+            "test_accuracy_metric": metric,
+            "accelerator_memory_max": (
+                "CUDA allocator peak"
+                if torch.cuda.is_available()
+                else "max RSS of the training process (CPU)"
+            ),
+            "exact_memory": summary.get("exact_memory"),
+        },
     }

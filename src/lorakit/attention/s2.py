@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +43,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import (ALL_ATTENTION_FUNCTIONS, AttentionInterface,
-                                         PreTrainedModel)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface, PreTrainedModel
 
 from ..errors import LorakitError
 from ..module_tree import set_submodule
@@ -54,12 +54,14 @@ SUPPORTED = ("sdpa", "eager")  # the implementations S2-Attn can stand in for
 
 # ---- the attention pattern ------------------------------------------------------------------
 
+
 def groups_per_sequence(ratio: float) -> int:
     """k = 1 / ratio, which must be a whole number (groups of G = N / k tokens)."""
     k = round(1.0 / ratio)
     if k < 1 or abs(k * ratio - 1.0) > 1e-6:
-        raise LorakitError(f"adapter.s2_group_ratio must be 1/k for a whole number k "
-                           f"(e.g. 0.25), not {ratio}")
+        raise LorakitError(
+            f"adapter.s2_group_ratio must be 1/k for a whole number k (e.g. 0.25), not {ratio}"
+        )
     return k
 
 
@@ -127,7 +129,7 @@ class _Call(NamedTuple):
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    mask: Optional[torch.Tensor]
+    mask: torch.Tensor | None
     gqa: bool
 
 
@@ -146,9 +148,13 @@ def _regions(h: int, n: int, g: int) -> list[_Region]:
 def _take(x, region: _Region) -> torch.Tensor:
     """The grouped (B', h', g, d) tensor of ``region`` from (b, h', N, d) ``x``, or from the
     list of its token ranges' pieces that :func:`_token_pieces` makes."""
-    parts = [_to_groups(next(p for sp, p in x if sp == (s, e)) if isinstance(x, list)
-                        else x[:, :, s:e], region.g)
-             for s, e in region.spans]
+    parts = [
+        _to_groups(
+            next(p for sp, p in x if sp == (s, e)) if isinstance(x, list) else x[:, :, s:e],
+            region.g,
+        )
+        for s, e in region.spans
+    ]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -175,7 +181,7 @@ def _put(out: torch.Tensor, region: _Region, y: torch.Tensor) -> None:
     b = out.shape[0]
     y = _from_groups(y, b * len(region.spans))
     for j, (s, e) in enumerate(region.spans):
-        out[:, s:e, region.heads] = y[j * b:(j + 1) * b]
+        out[:, s:e, region.heads] = y[j * b : (j + 1) * b]
 
 
 def _block_mask(mask: torch.Tensor, region: _Region) -> torch.Tensor:
@@ -203,17 +209,37 @@ def _calls(q, k, v, mask, g: int, n_pad: int) -> list[tuple[_Region, _Call]]:
     *ks, gqa = _split_kv(k, hs, h, mask is None)
     *vs, _ = _split_kv(v, hs, h, mask is None)
     qs = q.split([hs, h - hs], dim=1)
-    qkv = [[_token_pieces(x[part], [r for r in regions if r.part == part]) for x in (qs, ks, vs)]
-           if hs or part else None for part in (0, 1)]
+    qkv = [
+        [_token_pieces(x[part], [r for r in regions if r.part == part]) for x in (qs, ks, vs)]
+        if hs or part
+        else None
+        for part in (0, 1)
+    ]
     full = None if mask is None else mask.expand(b, -1, -1, -1)
-    return [(r, _Call(*(_take(x, r) for x in qkv[r.part]),
-                      None if full is None else _block_mask(full, r), gqa)) for r in regions]
+    return [
+        (
+            r,
+            _Call(
+                *(_take(x, r) for x in qkv[r.part]),
+                None if full is None else _block_mask(full, r),
+                gqa,
+            ),
+        )
+        for r in regions
+    ]
 
 
 def _sdpa(c: _Call, scaling, dropout: float) -> torch.Tensor:
-    return F.scaled_dot_product_attention(c.q, c.k, c.v, attn_mask=c.mask, dropout_p=dropout,
-                                          is_causal=c.mask is None, scale=scaling,
-                                          enable_gqa=c.gqa)
+    return F.scaled_dot_product_attention(
+        c.q,
+        c.k,
+        c.v,
+        attn_mask=c.mask,
+        dropout_p=dropout,
+        is_causal=c.mask is None,
+        scale=scaling,
+        enable_gqa=c.gqa,
+    )
 
 
 # Note: S2-Attn's backward keeps what full attention's keeps
@@ -235,16 +261,22 @@ _FLASH = int(SDPBackend.FLASH_ATTENTION)
 
 def _cpu_flash(c: _Call, scaling) -> bool:
     """Whether SDPA would run this call with PyTorch's CPU flash kernel."""
-    return c.q.device.type == "cpu" and torch._fused_sdp_choice(
-        c.q, c.k, c.v, c.mask, 0.0, c.mask is None, scale=scaling, enable_gqa=c.gqa) == _FLASH
+    return (
+        c.q.device.type == "cpu"
+        and torch._fused_sdp_choice(
+            c.q, c.k, c.v, c.mask, 0.0, c.mask is None, scale=scaling, enable_gqa=c.gqa
+        )
+        == _FLASH
+    )
 
 
-def _additive(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A boolean mask as SDPA hands it to its kernels: 0 where allowed, -inf elsewhere."""
     if mask is None or mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-        ~mask, float("-inf"))
+        ~mask, float("-inf")
+    )
 
 
 class S2Function(torch.autograd.Function):
@@ -260,8 +292,14 @@ class S2Function(torch.autograd.Function):
         for region, c in _calls(q, k, v, mask, g, n_pad):
             if _cpu_flash(c, scaling):
                 y, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    c.q, c.k, c.v, 0.0, c.mask is None, attn_mask=_additive(c.mask, q.dtype),
-                    scale=scaling)
+                    c.q,
+                    c.k,
+                    c.v,
+                    0.0,
+                    c.mask is None,
+                    attn_mask=_additive(c.mask, q.dtype),
+                    scale=scaling,
+                )
             else:
                 y, lse = _sdpa(c, scaling, 0.0), None
             _put(out, region, y)
@@ -290,9 +328,17 @@ class S2Function(torch.autograd.Function):
                     continue
                 roots += [c.q, c.k, c.v]
                 grads += torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    dy, c.q.detach(), c.k.detach(), c.v.detach(),
-                    _take(out[:, region.heads], region), lse, 0.0, c.mask is None,
-                    attn_mask=_additive(c.mask, q.dtype), scale=scaling)
+                    dy,
+                    c.q.detach(),
+                    c.k.detach(),
+                    c.v.detach(),
+                    _take(out[:, region.heads], region),
+                    lse,
+                    0.0,
+                    c.mask is None,
+                    attn_mask=_additive(c.mask, q.dtype),
+                    scale=scaling,
+                )
             dq, dk, dv = torch.autograd.grad(roots, leaves, grads, allow_unused=True)
         return dq, dk, dv, None, None, None, None
 
@@ -308,12 +354,19 @@ def _autocast_inputs(*ts: torch.Tensor) -> tuple:
     if not torch.is_autocast_enabled(device):
         return ts
     dt = torch.get_autocast_dtype(device)
-    return tuple(t.to(dt) if t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in ts)
+    return tuple(t.to(dt) if t.is_floating_point() and t.dtype != torch.float64 else t for t in ts)
 
 
-def _s2(query, key, value, group_size: int, n_pad: int, attention_mask=None, scaling=None,
-        dropout: float = 0.0) -> torch.Tensor:
+def _s2(
+    query,
+    key,
+    value,
+    group_size: int,
+    n_pad: int,
+    attention_mask=None,
+    scaling=None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
     """S2-Attn of (b, h, n, d) inputs padded to ``n_pad`` tokens: (b, n, h, d)."""
     query, key, value = _autocast_inputs(query, key, value)
     # compiled (train.compile): the plain SDPA calls, which dynamo traces and inductor
@@ -323,8 +376,16 @@ def _s2(query, key, value, group_size: int, n_pad: int, attention_mask=None, sca
     return s2_autograd(query, key, value, group_size, n_pad, attention_mask, scaling, dropout)
 
 
-def s2_autograd(query, key, value, group_size: int, n_pad: int, attention_mask=None,
-                scaling=None, dropout: float = 0.0) -> torch.Tensor:
+def s2_autograd(
+    query,
+    key,
+    value,
+    group_size: int,
+    n_pad: int,
+    attention_mask=None,
+    scaling=None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
     """:func:`_s2` by plain autograd through the SDPA calls, which keeps each call's inputs:
     the path of attention dropout and of compiled layers, and what :class:`S2Function` is
     tested against."""
@@ -336,9 +397,15 @@ def s2_autograd(query, key, value, group_size: int, n_pad: int, attention_mask=N
     return out[:, :n]
 
 
-def s2_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 group_size: int, attention_mask: Optional[torch.Tensor] = None,
-                 scaling: Optional[float] = None, dropout: float = 0.0) -> torch.Tensor:
+def s2_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    group_size: int,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
     """S2-Attn on (b, heads, N, d) query and (b, kv_heads, N, d) key/value, after RoPE.
 
     ``attention_mask``: None (causal) or a (b|1, 1, N, N) mask as transformers builds it,
@@ -347,8 +414,10 @@ def s2_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """
     n, g = query.shape[2], group_size
     if g <= 0 or g % 2 or n % g:
-        raise LorakitError(f"S2-Attn needs an even group size dividing the length; "
-                           f"got group size {g} for {n} tokens")
+        raise LorakitError(
+            f"S2-Attn needs an even group size dividing the length; "
+            f"got group size {g} for {n} tokens"
+        )
     return _s2(query, key, value, g, n, attention_mask, scaling, dropout)
 
 
@@ -360,7 +429,7 @@ def _pad_to(x: torch.Tensor, n: int, dim: int, value=0.0) -> torch.Tensor:
     return F.pad(x, pad, value=value)
 
 
-def _pad_mask(mask: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+def _pad_mask(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """A (b, 1, L, L) mask padded to (b, 1, n, n): padded positions see and are seen by
     nothing (the rows that see nothing get their own key in :func:`_block_mask`)."""
     if mask is None:
@@ -371,13 +440,16 @@ def _pad_mask(mask: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
 
 # ---- transformers attention-interface function ------------------------------------------------
 
+
 def _full_attention(module: nn.Module, inner: str) -> Callable:
     """The attention the model had: transformers' "sdpa", or the model file's own eager."""
     if inner == "eager":
         fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if fn is None:
-            raise LorakitError(f"{type(module).__name__} has no eager_attention_forward; load the "
-                               "model with attn_implementation='sdpa' to use S2-Attn")
+            raise LorakitError(
+                f"{type(module).__name__} has no eager_attention_forward; load the "
+                "model with attn_implementation='sdpa' to use S2-Attn"
+            )
         return fn
     return ALL_ATTENTION_FUNCTIONS[inner]
 
@@ -396,7 +468,7 @@ RATIO_ATTR = "lorakit_s2_group_ratio"
 # :func:`disable_s2_attention` (called before export) removes it.
 
 
-def make_attention_function(inner: str, ratio: Optional[float] = None) -> Callable:
+def make_attention_function(inner: str, ratio: float | None = None) -> Callable:
     """An ``AttentionInterface`` function: S2-Attn while ``module.training``, else ``inner``.
 
     The group ratio is the calling module's ``RATIO_ATTR``; ``ratio`` (for a function used
@@ -404,25 +476,41 @@ def make_attention_function(inner: str, ratio: Optional[float] = None) -> Callab
     if ratio is not None:
         groups_per_sequence(ratio)  # fail now, not in the first forward
 
-    def s2_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
-                             scaling=None, **kwargs):
+    def s2_attention_forward(
+        module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+    ):
         n = query.shape[2]
         r = getattr(module, RATIO_ATTR, ratio)
-        if (not module.training or n != key.shape[2] or n < 2
-                or not getattr(module, "is_causal", True)):
+        if (
+            not module.training
+            or n != key.shape[2]
+            or n < 2
+            or not getattr(module, "is_causal", True)
+        ):
             # inference, cached decoding or a non-causal layer: the model's full attention
-            return _full_attention(module, inner)(module, query, key, value, attention_mask,
-                                                  dropout=dropout, scaling=scaling, **kwargs)
+            return _full_attention(module, inner)(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                **kwargs,
+            )
         if r is None:
             # Raise rather than fall back to the default 0.25: a module without a ratio was not
             # set up by enable_s2_attention (or has been through disable_s2_attention since), and
             # silently training with a ratio nobody chose would be worse than stopping.
-            raise LorakitError(f"{type(module).__name__} was not set up for S2-Attn (no group "
-                               "ratio); use lorakit.apply with s2_attn")
+            raise LorakitError(
+                f"{type(module).__name__} was not set up for S2-Attn (no group "
+                "ratio); use lorakit.apply with s2_attn"
+            )
         n_pad = padded_length(n, r)
         mask = None if attention_mask is None else attention_mask[:, :, :, :n]
-        return _s2(query, key, value, n_pad // groups_per_sequence(r), n_pad, mask, scaling,
-                   dropout), None
+        return _s2(
+            query, key, value, n_pad // groups_per_sequence(r), n_pad, mask, scaling, dropout
+        ), None
 
     s2_attention_forward.__name__ = f"{PREFIX}{inner}"
     return s2_attention_forward
@@ -434,14 +522,18 @@ def enable_s2_attention(model: nn.Module, ratio: float = 0.25) -> str:
     Returns the registered name (``lorakit_s2_sdpa`` or ``lorakit_s2_eager``)."""
     config = getattr(model, "config", None)
     if not isinstance(model, PreTrainedModel) or config is None:
-        raise LorakitError("adapter.s2_attn needs a transformers model whose attention goes "
-                           "through transformers' AttentionInterface")
+        raise LorakitError(
+            "adapter.s2_attn needs a transformers model whose attention goes "
+            "through transformers' AttentionInterface"
+        )
     current = config._attn_implementation or "sdpa"
-    inner = current[len(PREFIX):] if current.startswith(PREFIX) else current
+    inner = current[len(PREFIX) :] if current.startswith(PREFIX) else current
     if inner not in SUPPORTED:
-        raise LorakitError(f"adapter.s2_attn works with the 'sdpa' or 'eager' attention "
-                           f"implementation, not {inner!r}; load the model with "
-                           "attn_implementation='sdpa'")
+        raise LorakitError(
+            f"adapter.s2_attn works with the 'sdpa' or 'eager' attention "
+            f"implementation, not {inner!r}; load the model with "
+            "attn_implementation='sdpa'"
+        )
     groups_per_sequence(ratio)
     name = PREFIX + inner
     # One function per name for the whole process; the ratio stays with this model (See
@@ -452,8 +544,10 @@ def enable_s2_attention(model: nn.Module, ratio: float = 0.25) -> str:
         setattr(m, RATIO_ATTR, float(ratio))
     model.set_attn_implementation(name)
     if config._attn_implementation != name:  # transformers only warns when it cannot
-        raise LorakitError(f"adapter.s2_attn: {type(model).__name__}'s attention does not go "
-                           "through transformers' AttentionInterface, so S2-Attn cannot be used")
+        raise LorakitError(
+            f"adapter.s2_attn: {type(model).__name__}'s attention does not go "
+            "through transformers' AttentionInterface, so S2-Attn cannot be used"
+        )
     return name
 
 
@@ -463,14 +557,15 @@ def disable_s2_attention(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None) or ""
     if current.startswith(PREFIX):
-        model.set_attn_implementation(current[len(PREFIX):])
+        model.set_attn_implementation(current[len(PREFIX) :])
     for m in model.modules():
         m.__dict__.pop(RATIO_ATTR, None)
 
 
 # ---- RoPE position interpolation ----------------------------------------------------------------
 
-def interpolate_rope(model: nn.Module, context_length: int) -> Optional[int]:
+
+def interpolate_rope(model: nn.Module, context_length: int) -> int | None:
     """Linear RoPE position interpolation (Chen et al. 2023, "Extending Context Window ... via
     Positional Interpolation"; LongLoRA's recipe): positions are divided by
     ``ceil(context_length / max_position_embeddings)``.
@@ -483,19 +578,25 @@ def interpolate_rope(model: nn.Module, context_length: int) -> Optional[int]:
     original = getattr(config, "max_position_embeddings", None)
     rope = getattr(config, "rope_parameters", None)
     if not original or not isinstance(rope, dict):
-        raise LorakitError("adapter.context_length needs a model with rotary position "
-                           "embeddings (config.rope_parameters and max_position_embeddings)")
+        raise LorakitError(
+            "adapter.context_length needs a model with rotary position "
+            "embeddings (config.rope_parameters and max_position_embeddings)"
+        )
     if context_length <= original:
         return None
     if rope.get("rope_type", "default") != "default":
-        raise LorakitError(f"adapter.context_length: the model already uses "
-                           f"rope_type={rope['rope_type']!r}; only plain RoPE is interpolated")
+        raise LorakitError(
+            f"adapter.context_length: the model already uses "
+            f"rope_type={rope['rope_type']!r}; only plain RoPE is interpolated"
+        )
     factor = math.ceil(context_length / original)
     config.rope_parameters = {**rope, "rope_type": "linear", "factor": float(factor)}
     config.max_position_embeddings = original * factor
-    rotaries = [(n, m) for n, m in model.named_modules()
-                if type(m).__name__.endswith("RotaryEmbedding") and getattr(m, "config", None)
-                is not None]
+    rotaries = [
+        (n, m)
+        for n, m in model.named_modules()
+        if type(m).__name__.endswith("RotaryEmbedding") and getattr(m, "config", None) is not None
+    ]
     if not rotaries:
         raise LorakitError("adapter.context_length: found no rotary embedding module to rescale")
     for name, old in rotaries:

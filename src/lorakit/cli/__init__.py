@@ -11,38 +11,52 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional
 
-from ..version import __version__
 from ..errors import LorakitError
 from ..files import file_error
+from ..version import __version__
 from . import analysis, commands
 
 #: lorakit NAME -> (module with NAME_args and run_NAME, one-line help)
 COMMANDS = {
     "train": (commands, "fine-tune a model: lorakit train [CONFIG.yaml] [section.key=value ...]"),
-    "eval": (commands, "evaluate an adapter (or --base MODEL): loss and generation metrics, "
-             "as JSON"),
-    "generate": (commands, "generate a completion: lorakit generate ADAPTER \"prompt\""),
+    "eval": (
+        commands,
+        "evaluate an adapter (or --base MODEL): loss and generation metrics, as JSON",
+    ),
+    "generate": (commands, 'generate a completion: lorakit generate ADAPTER "prompt"'),
     "chat": (commands, "chat with an adapter in the terminal (empty line or Ctrl-D ends)"),
-    "merge": (commands, "merge an adapter into its base and save a plain transformers model "
-              "folder"),
-    "export": (commands, "write an adapter of any method as plain LoRA for serving: a PEFT "
-               "folder (--to lora), vLLM-checked (--to vllm) or a llama.cpp GGUF (--to gguf)"),
-    "compare": (analysis, "train several methods on the same model, data, seed and budget, and "
-                "write a report (Markdown + HTML with plots)"),
-    "inspect": (analysis, "per-layer analysis of an adapter: ||ΔW||, effective rank and each "
-                "method's own figures; text and PNG plots"),
+    "merge": (
+        commands,
+        "merge an adapter into its base and save a plain transformers model folder",
+    ),
+    "export": (
+        commands,
+        "write an adapter of any method as plain LoRA for serving: a PEFT "
+        "folder (--to lora), vLLM-checked (--to vllm) or a llama.cpp GGUF (--to gguf)",
+    ),
+    "compare": (
+        analysis,
+        "train several methods on the same model, data, seed and budget, and "
+        "write a report (Markdown + HTML with plots)",
+    ),
+    "inspect": (
+        analysis,
+        "per-layer analysis of an adapter: ||ΔW||, effective rank and each "
+        "method's own figures; text and PNG plots",
+    ),
     "methods": (commands, "list the available methods and presets, one line each"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lorakit", description="Fine-tune causal LMs with LoRA, QLoRA, LoRA+, LoRA-FA, "
+        prog="lorakit",
+        description="Fine-tune causal LMs with LoRA, QLoRA, LoRA+, LoRA-FA, "
         "LoRA-drop, AdaLoRA, DoRA and LongLoRA; adapters load in PEFT and lorakit; `lorakit export` "
         "writes any of them as plain LoRA (checked against vLLM's rules) or as a llama.cpp "
-        "GGUF adapter.")
+        "GGUF adapter.",
+    )
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
@@ -51,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -65,8 +79,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        more = ("; the run folder is kept: train.resume=true continues from its last "
-                "checkpoint" if args.command == "train" else "")
+        more = (
+            "; the run folder is kept: train.resume=true continues from its last checkpoint"
+            if args.command == "train"
+            else ""
+        )
         print(f"lorakit: interrupted{more}", file=sys.stderr)
         return 130
     except Exception as e:

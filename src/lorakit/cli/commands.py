@@ -6,19 +6,19 @@ Each parses its arguments and calls one library function.
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from .. import peft_format
 from ..config import METRIC_NAMES, RunConfig, config_reference, load_run_config, split_config_args
 from ..errors import LorakitError
+from ..export import OUTTYPES, TARGETS, export
+from ..export import describe as describe_export
 from ..files import check_output
-from ..export import OUTTYPES, TARGETS, describe as describe_export, export
 from ..registry import describe
 from ..training.evaluation import _device, generate_answers, measure, stop_token_ids
 from ..training.formats import render
@@ -36,12 +36,17 @@ def _stderr(line: str) -> None:
 
 # ---- train --------------------------------------------------------------------------------
 
+
 def train_args(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = config_reference()
-    p.add_argument("items", nargs="*", metavar="CONFIG|key=value",
-                   help="an optional YAML run config, then dotted overrides such as "
-                        "adapter.method=dora train.max_steps=200 data.train=my.jsonl")
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG|key=value",
+        help="an optional YAML run config, then dotted overrides such as "
+        "adapter.method=dora train.max_steps=200 data.train=my.jsonl",
+    )
 
 
 def run_train(args) -> int:
@@ -56,13 +61,18 @@ def run_train(args) -> int:
 
 
 #: rows of the before/after table, in order, with their number format
-TABLE_KEYS = (("exact_match", "{:.4f}"), ("normalized_match", "{:.4f}"), ("f1", "{:.4f}"),
-              ("number", "{:.4f}"),
-              ("valid_loss", "{:.4f}"), ("valid_perplexity", "{:.3f}"),
-              ("general_text_loss", "{:.4f}"))
+TABLE_KEYS = (
+    ("exact_match", "{:.4f}"),
+    ("normalized_match", "{:.4f}"),
+    ("f1", "{:.4f}"),
+    ("number", "{:.4f}"),
+    ("valid_loss", "{:.4f}"),
+    ("valid_perplexity", "{:.3f}"),
+    ("general_text_loss", "{:.4f}"),
+)
 
 
-def before_after_table(summary: dict, run_dir: Optional[Path] = None) -> str:
+def before_after_table(summary: dict, run_dir: Path | None = None) -> str:
     """The base and tuned metrics side by side, how answers were generated and scored, any
     answers cut by the cap, and where the predictions behind the figures are."""
     base, tuned = summary.get("base") or {}, summary.get("tuned") or {}
@@ -76,16 +86,23 @@ def before_after_table(summary: dict, run_dir: Optional[Path] = None) -> str:
         rows.append(f"{name:<24}{b:>10}{fmt.format(tuned[k]):>10}")
     gen = tuned.get("generation")
     if gen:
-        rows.append(f"* headline metric. Answers: greedy, until the model's end-of-turn token "
-                    f"(at most {gen['max_new_tokens']} new tokens), on {gen['examples']} "
-                    "held-out examples.")
+        rows.append(
+            f"* headline metric. Answers: greedy, until the model's end-of-turn token "
+            f"(at most {gen['max_new_tokens']} new tokens), on {gen['examples']} "
+            "held-out examples."
+        )
         for label, m in (("base", base), ("tuned", tuned)):
             note = (m.get("generation") or {}).get("cut_note")
             if note:
-                rows.append(f"WARNING ({label}): {note}; those answers count as generated "
-                            "so far (raise eval.max_new_tokens).")
-        where = [f"{label} {run_dir / m['predictions'] if run_dir else m['predictions']}"
-                 for label, m in (("base", base), ("tuned", tuned)) if m.get("predictions")]
+                rows.append(
+                    f"WARNING ({label}): {note}; those answers count as generated "
+                    "so far (raise eval.max_new_tokens)."
+                )
+        where = [
+            f"{label} {run_dir / m['predictions'] if run_dir else m['predictions']}"
+            for label, m in (("base", base), ("tuned", tuned))
+            if m.get("predictions")
+        ]
         if where:
             rows.append("predictions: " + ", ".join(where))
     return "\n".join(rows)
@@ -93,45 +110,74 @@ def before_after_table(summary: dict, run_dir: Optional[Path] = None) -> str:
 
 # ---- loading an adapter for inference -----------------------------------------------------
 
-def _add_model_arg(p: argparse.ArgumentParser, dtype_default: Optional[str] = "fp32",
-                   dtype_help: str = "weights dtype for inference") -> None:
+
+def _add_model_arg(
+    p: argparse.ArgumentParser,
+    dtype_default: str | None = "fp32",
+    dtype_help: str = "weights dtype for inference",
+) -> None:
     p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
-    p.add_argument("--dtype", default=dtype_default, choices=["fp32", "bf16", "fp16"],
-                   help=dtype_help)
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let transformers run the model repository's code")
+    p.add_argument(
+        "--dtype", default=dtype_default, choices=["fp32", "bf16", "fp16"], help=dtype_help
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let transformers run the model repository's code",
+    )
 
 
-def load_for_inference(adapter: Optional[str], model_name: Optional[str], dtype,
-                       trust_remote_code: bool = False):
+def load_for_inference(
+    adapter: str | None, model_name: str | None, dtype, trust_remote_code: bool = False
+):
     """(model, tokenizer) for an adapter folder (or a full fine-tuned model folder), or the
     base model alone when ``adapter`` is None, read once in ``dtype`` onto the GPU when there
     is one. A QLoRA adapter goes onto the 16-bit base."""
     folder = adapter_folder(adapter) if adapter is not None else None
-    return AdapterBuild(RunConfig(), dtype, inference_device(), folder, model_name,
-                        trust_remote_code).load()
+    return AdapterBuild(
+        RunConfig(), dtype, inference_device(), folder, model_name, trust_remote_code
+    ).load()
 
 
 # ---- eval ---------------------------------------------------------------------------------
 
+
 def eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapter", nargs="?", help="adapter folder, or a run folder (omit with "
-                   "--base)")
+    p.add_argument("adapter", nargs="?", help="adapter folder, or a run folder (omit with --base)")
     p.add_argument("--base", help="evaluate this base model alone")
-    p.add_argument("--data", help="a data file or task:NAME (default: the run's own held-out "
-                   "rows, recorded in <run>/heldout.json: never rows it trained on)")
-    p.add_argument("--metric", choices=[*METRIC_NAMES, "none"], default=None,
-                   help="headline metric (default: the run's eval.metric); all are reported")
-    p.add_argument("--limit", type=int, default=None,
-                   help="examples for the generation metric (default: the run's eval.limit)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="cap on generated tokens per answer (default: longest reference + 16)")
-    p.add_argument("--predictions", metavar="FILE",
-                   help="write every answer (prompt, reference, prediction, metrics, cut) "
-                        "to FILE as JSON lines")
+    p.add_argument(
+        "--data",
+        help="a data file or task:NAME (default: the run's own held-out "
+        "rows, recorded in <run>/heldout.json: never rows it trained on)",
+    )
+    p.add_argument(
+        "--metric",
+        choices=[*METRIC_NAMES, "none"],
+        default=None,
+        help="headline metric (default: the run's eval.metric); all are reported",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="examples for the generation metric (default: the run's eval.limit)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="cap on generated tokens per answer (default: longest reference + 16)",
+    )
+    p.add_argument(
+        "--predictions",
+        metavar="FILE",
+        help="write every answer (prompt, reference, prediction, metrics, cut) "
+        "to FILE as JSON lines",
+    )
     p.add_argument("--max-seq-len", type=int, default=None)
-    _add_model_arg(p, dtype_default=None,
-                   dtype_help="compute precision (default: the run's, else fp32)")
+    _add_model_arg(
+        p, dtype_default=None, dtype_help="compute precision (default: the run's, else fp32)"
+    )
 
 
 def adapter_folder(arg: str) -> str:
@@ -140,22 +186,26 @@ def adapter_folder(arg: str) -> str:
     return peft_format.adapter_folder(arg)
 
 
-def _run_folder(adapter: Optional[str]) -> Optional[Path]:
+def _run_folder(adapter: str | None) -> Path | None:
     """The run folder an adapter belongs to (it holds config.yaml), if any."""
     return peft_format.run_folder(adapter)
 
 
-def _eval_config(run_dir: Optional[Path], args):
+def _eval_config(run_dir: Path | None, args):
     """The run's config (or the defaults) with the command line's eval settings on top."""
     cfg = load_run_config(str(run_dir / "config.yaml"), recorded=True) if run_dir else RunConfig()
-    ev = {"metric": None if args.metric == "none" else args.metric,
-          "limit": args.limit, "max_new_tokens": args.max_new_tokens}
+    ev = {
+        "metric": None if args.metric == "none" else args.metric,
+        "limit": args.limit,
+        "max_new_tokens": args.max_new_tokens,
+    }
     upd = {k: v for k, v in ev.items() if v is not None or (k == "metric" and args.metric)}
     if upd:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update=upd)})
     if args.max_seq_len:
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
-            update={"max_seq_len": args.max_seq_len})})
+        cfg = cfg.model_copy(
+            update={"data": cfg.data.model_copy(update={"max_seq_len": args.max_seq_len})}
+        )
     return cfg
 
 
@@ -168,22 +218,31 @@ def run_eval(args) -> int:
     run_dir = _run_folder(args.adapter)
     cfg = _eval_config(run_dir, args)
     dtype = resolve_precision(args.dtype or (cfg.train.precision if run_dir else "fp32"))
-    build = AdapterBuild(cfg, dtype, inference_device(), adapter, args.base or args.model,
-                         args.trust_remote_code)
+    build = AdapterBuild(
+        cfg, dtype, inference_device(), adapter, args.base or args.model, args.trust_remote_code
+    )
     print(json.dumps(evaluate(build, args.data, run_dir, args.predictions, _stderr)))
     return 0
 
 
 # ---- generate / chat ----------------------------------------------------------------------
 
+
 def _gen_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256,
-                   help="at most this many tokens; the answer ends at the model's end-of-turn "
-                   "token before that")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        help="at most this many tokens; the answer ends at the model's end-of-turn "
+        "token before that",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--no-chat-template", action="store_true",
-                   help="render the prompt as 'role: content' lines (as lorakit trains on a "
-                   "tokenizer without a chat template) instead of the chat template")
+    p.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="render the prompt as 'role: content' lines (as lorakit trains on a "
+        "tokenizer without a chat template) instead of the chat template",
+    )
     _add_model_arg(p)
 
 
@@ -198,29 +257,36 @@ def _complete(model, tok, messages: list[dict], args) -> str:
     (the chat template, or ``role: content`` lines without one), generated until the stop
     tokens evaluation stops on; greedy through evaluation's own generation function, so it
     is the answer ``lorakit eval --predictions`` records."""
-    prompt = render(tok, messages, add_generation_prompt=True,
-                    use_template=not args.no_chat_template)
+    prompt = render(
+        tok, messages, add_generation_prompt=True, use_template=not args.no_chat_template
+    )
     if args.temperature <= 0:
         return generate_answers(model, tok, [prompt], args.max_new_tokens, batch_size=1)[0].text
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(_device(model))
     stops = stop_token_ids(model, tok)
     model.eval()
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=True,
-                             temperature=args.temperature, eos_token_id=stops or None,
-                             pad_token_id=tok.pad_token_id)
-    row = out[0, enc["input_ids"].shape[1]:].tolist()
+        out = model.generate(
+            **enc,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=True,
+            temperature=args.temperature,
+            eos_token_id=stops or None,
+            pad_token_id=tok.pad_token_id,
+        )
+    row = out[0, enc["input_ids"].shape[1] :].tolist()
     end = next((i for i, t in enumerate(row) if t in stops), len(row))
     return tok.decode(row[:end], skip_special_tokens=True)
 
 
-def _adapter_or_none(a: str) -> Optional[str]:
+def _adapter_or_none(a: str) -> str | None:
     return None if a == "none" else a
 
 
 def run_generate(args) -> int:
-    model, tok = load_for_inference(_adapter_or_none(args.adapter), args.model, args.dtype,
-                                    args.trust_remote_code)
+    model, tok = load_for_inference(
+        _adapter_or_none(args.adapter), args.model, args.dtype, args.trust_remote_code
+    )
     print(_complete(model, tok, [{"role": "user", "content": args.prompt}], args))
     return 0
 
@@ -231,8 +297,9 @@ def chat_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_chat(args) -> int:
-    model, tok = load_for_inference(_adapter_or_none(args.adapter), args.model, args.dtype,
-                                    args.trust_remote_code)
+    model, tok = load_for_inference(
+        _adapter_or_none(args.adapter), args.model, args.dtype, args.trust_remote_code
+    )
     history: list[dict] = []
     while True:
         try:
@@ -249,6 +316,7 @@ def run_chat(args) -> int:
 
 
 # ---- merge --------------------------------------------------------------------------------
+
 
 def merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="adapter folder")
@@ -271,25 +339,45 @@ def run_merge(args) -> int:
 
 # ---- export -------------------------------------------------------------------------------
 
+
 def export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="adapter folder, or a run folder")
-    p.add_argument("--to", required=True, choices=list(TARGETS),
-                   help="lora: a PEFT LoRA adapter folder; vllm: the same, checked against "
-                        "vLLM's rules; gguf: a llama.cpp LoRA adapter file")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=list(TARGETS),
+        help="lora: a PEFT LoRA adapter folder; vllm: the same, checked against "
+        "vLLM's rules; gguf: a llama.cpp LoRA adapter file",
+    )
     p.add_argument("--out", required=True, help="the folder (lora, vllm) or .gguf file to write")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--rank", type=int, help="rank of the SVD for updates that are not B·A "
-                      "(DoRA); also caps exact layers (default: each layer's own rank)")
-    size.add_argument("--energy", type=float, help="instead of --rank: per layer, the "
-                      "smallest rank keeping this fraction of the update's spectrum, e.g. 0.999")
-    p.add_argument("--outtype", default="f32", choices=list(OUTTYPES),
-                   help="tensor type of a GGUF file")
-    p.add_argument("--no-heldout", action="store_true", help="given a run folder, skip the "
-                   "held-out metric of the original and the export")
+    size.add_argument(
+        "--rank",
+        type=int,
+        help="rank of the SVD for updates that are not B·A "
+        "(DoRA); also caps exact layers (default: each layer's own rank)",
+    )
+    size.add_argument(
+        "--energy",
+        type=float,
+        help="instead of --rank: per layer, the "
+        "smallest rank keeping this fraction of the update's spectrum, e.g. 0.999",
+    )
+    p.add_argument(
+        "--outtype", default="f32", choices=list(OUTTYPES), help="tensor type of a GGUF file"
+    )
+    p.add_argument(
+        "--no-heldout",
+        action="store_true",
+        help="given a run folder, skip the held-out metric of the original and the export",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let transformers run the model repository's code")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let transformers run the model repository's code",
+    )
 
 
 def _heldout_evaluator(run_dir: Path):
@@ -299,9 +387,18 @@ def _heldout_evaluator(run_dir: Path):
 
     def evaluate(model, tok) -> dict:
         _, heldout = eval_rows(None, run_dir, cfg, tok, _stderr)
-        m = measure(model, tok, heldout, cfg.eval, cfg.data.max_seq_len, torch.float32,
-                    next(labels, "export"), _stderr)
+        m = measure(
+            model,
+            tok,
+            heldout,
+            cfg.eval,
+            cfg.data.max_seq_len,
+            torch.float32,
+            next(labels, "export"),
+            _stderr,
+        )
         return {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
+
     return evaluate
 
 
@@ -310,14 +407,23 @@ def run_export(args) -> int:
     evaluate = None
     if run_dir is not None and not args.no_heldout and (run_dir / "heldout.json").is_file():
         evaluate = _heldout_evaluator(run_dir)
-    report = export(args.adapter, args.out, args.to, args.rank, args.energy,
-                           args.outtype, args.model, evaluate=evaluate,
-                           trust_remote_code=args.trust_remote_code)
+    report = export(
+        args.adapter,
+        args.out,
+        args.to,
+        args.rank,
+        args.energy,
+        args.outtype,
+        args.model,
+        evaluate=evaluate,
+        trust_remote_code=args.trust_remote_code,
+    )
     print(json.dumps(report.to_dict()) if args.json else "\n".join(describe_export(report)))
     return 0
 
 
 # ---- methods ------------------------------------------------------------------------------
+
 
 def methods_args(p: argparse.ArgumentParser) -> None:
     pass

@@ -24,7 +24,6 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -67,8 +66,11 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if p.is_dir() and (m := _STEP.match(p.name)) and (p / "state.json").exists()]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if p.is_dir() and (m := _STEP.match(p.name)) and (p / "state.json").exists()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -79,8 +81,7 @@ def resume_hint(out_dir: Path) -> str:
     if not done:
         return "run the same command again (no checkpoint had been written yet)"
     step = int(_STEP.match(done[-1].name).group(1))
-    return (f"continue with train.resume=true (from the checkpoint of step {step}, which is "
-            "intact)")
+    return f"continue with train.resume=true (from the checkpoint of step {step}, which is intact)"
 
 
 def stopped_by_files(e: BaseException, out_dir: Path) -> None:
@@ -96,18 +97,31 @@ def foreign_checkpoints(out_dir: Path) -> None:
     """Refuse to resume a folder whose checkpoints another tool wrote (a Hugging Face
     Trainer's ``checkpoint-N`` folders): lorakit resumes only its own."""
     out_dir = Path(out_dir)
-    theirs = sorted(p.name for p in out_dir.glob("checkpoint-*") if p.is_dir()) \
-        if out_dir.is_dir() else []
+    theirs = (
+        sorted(p.name for p in out_dir.glob("checkpoint-*") if p.is_dir())
+        if out_dir.is_dir()
+        else []
+    )
     if theirs and not list_checkpoints(out_dir):
-        raise LorakitError(f"{out_dir} holds checkpoints another tool wrote ({theirs[0]}, a "
-                           "Hugging Face Trainer's layout); lorakit resumes only its own "
-                           "(checkpoints/step-N): choose another output_dir")
+        raise LorakitError(
+            f"{out_dir} holds checkpoints another tool wrote ({theirs[0]}, a "
+            "Hugging Face Trainer's layout); lorakit resumes only its own "
+            "(checkpoints/step-N): choose another output_dir"
+        )
 
 
-def save_checkpoint(out_dir: Path, step: int, model: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler, hooks=None,
-                    keep: int = 2, extra: Optional[dict] = None, rank: int = 0,
-                    world: int = 1) -> Optional[Path]:
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    hooks=None,
+    keep: int = 2,
+    extra: dict | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> Path | None:
     """Write checkpoint ``step``. With several processes every one calls this (sharded tensors
     are gathered, and each process's RNG state is collected); process ``rank`` 0 writes."""
     params = {n: _whole(p) for n, p in model.named_parameters() if p.requires_grad}
@@ -120,8 +134,9 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module,
     path = Path(out_dir) / "checkpoints" / f"step-{step:06d}"
     # a failed write (a full disk) leaves no trace and the previous checkpoints whole: the
     # folder is renamed into place complete (atomic_dir), and only then are old ones deleted
-    _write_checkpoint(path, params, opt_tensors, opt_meta, method_state, rngs, scheduler,
-                      step, extra)
+    _write_checkpoint(
+        path, params, opt_tensors, opt_meta, method_state, rngs, scheduler, step, extra
+    )
     for old in list_checkpoints(out_dir)[:-keep]:
         # rename first (atomic): a kill during the deletion leaves a '.'-folder, never a
         # checkpoint with missing files that would look complete
@@ -162,8 +177,9 @@ def remove_partial(out_dir: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _write_checkpoint(path, params, opt_tensors, opt_meta, method_state, rngs, scheduler,
-                      step, extra):
+def _write_checkpoint(
+    path, params, opt_tensors, opt_meta, method_state, rngs, scheduler, step, extra
+):
     with atomic_dir(path) as tmp:
         save_file(params, str(tmp / "trainable.safetensors"))
         kill_point("checkpoint-write", step)  # tests only (lorakit.faults)
@@ -177,14 +193,27 @@ def _write_checkpoint(path, params, opt_tensors, opt_meta, method_state, rngs, s
             if "cuda" in r:
                 rng[f"cuda.rank{i}"] = r["cuda"]
         save_file(rng, str(tmp / "rng.safetensors"))
-        write_json(tmp / "state.json", {
-            "step": step, "scheduler": scheduler.state_dict(),
-            "python_rng": rngs[0]["python"], "python_rng_ranks": [r["python"] for r in rngs],
-            "processes": len(rngs), **(extra or {})})
+        write_json(
+            tmp / "state.json",
+            {
+                "step": step,
+                "scheduler": scheduler.state_dict(),
+                "python_rng": rngs[0]["python"],
+                "python_rng_ranks": [r["python"] for r in rngs],
+                "processes": len(rngs),
+                **(extra or {}),
+            },
+        )
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                    hooks=None, rank: int = 0) -> dict:
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    hooks=None,
+    rank: int = 0,
+) -> dict:
     """Restore everything :func:`save_checkpoint` wrote; returns state.json's content. Each
     process restores its own RNG states (process ``rank``'s, or the first process's when the
     checkpoint was written by fewer processes) and cuts its shards out of the whole tensors."""
@@ -199,8 +228,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     own = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(own) != set(params):
         diff = sorted(set(own) ^ set(params))[0]
-        raise LorakitError(f"checkpoint {path} does not fit this run (parameter {diff!r} "
-                           "differs); was the config changed?")
+        raise LorakitError(
+            f"checkpoint {path} does not fit this run (parameter {diff!r} "
+            "differs); was the config changed?"
+        )
     with torch.no_grad():
         for n, p in own.items():
             p.copy_(like(params[n].to(p.dtype), p))
@@ -209,8 +240,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     try:
         optimizer.load_state_dict(_laid_out(_unflatten_optimizer(opt_t, opt_meta), optimizer))
     except (ValueError, KeyError) as e:
-        raise LorakitError(f"checkpoint {path}: its optimizer state does not fit this run "
-                           f"({e}); resume with the settings it was made with") from None
+        raise LorakitError(
+            f"checkpoint {path}: its optimizer state does not fit this run "
+            f"({e}); resume with the settings it was made with"
+        ) from None
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(rng.get(f"torch.rank{rank}", rng["torch"]) if rank else rng["torch"])
     cuda = rng.get(f"cuda.rank{rank}") if f"cuda.rank{rank}" in rng else rng.get("cuda.rank0")

@@ -19,14 +19,20 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from ..errors import LorakitError
 from ..files import file_errors
-from .formats import (assistant_spans, check_row, conversation, detect_format,
-                      prompt_and_answer, render)
+from .formats import (
+    assistant_spans,
+    check_row,
+    conversation,
+    detect_format,
+    prompt_and_answer,
+    render,
+)
 from .tasks import get_task
 
 IGNORE = -100
@@ -41,7 +47,7 @@ class Rows:
     skipped: list[tuple[int, str]] = field(default_factory=list)
     source: str = ""
 
-    def report(self) -> Optional[str]:
+    def report(self) -> str | None:
         if not self.skipped:
             return None
         shown = "; ".join(f"line {n}: {why}" for n, why in self.skipped[:5])
@@ -77,8 +83,10 @@ def _read_jsonl(path: Path) -> Rows:
         with open(path, "rb") as f:
             first = f.readline().decode("utf-8", "replace")
         if "," in first and not first.lstrip().startswith(("{", "[")):
-            raise LorakitError(f"data file {str(path)!r} holds comma-separated values, not JSON "
-                               "lines; name it .csv (its header row names the fields)")
+            raise LorakitError(
+                f"data file {str(path)!r} holds comma-separated values, not JSON "
+                "lines; name it .csv (its header row names the fields)"
+            )
     return Rows(rows, skipped, str(path))
 
 
@@ -102,8 +110,10 @@ def _read_txt(path: Path) -> Rows:
 
 #: what a Hugging Face Hub dataset id looks like (``name`` or ``org/name``), with an optional
 #: configuration (``:main``) and split (``@test``): ``openai/gsm8k:main@test``
-HUB_ID = re.compile(r"(?P<id>[A-Za-z0-9][\w.-]*(/[\w.-]+)?)(:(?P<config>[\w.-]+))?"
-                    r"(@(?P<split>[\w.-]+))?")
+HUB_ID = re.compile(
+    r"(?P<id>[A-Za-z0-9][\w.-]*(/[\w.-]+)?)(:(?P<config>[\w.-]+))?"
+    r"(@(?P<split>[\w.-]+))?"
+)
 
 
 def _read_hub(spec: str, split: str) -> Rows:
@@ -120,15 +130,18 @@ def _read_hub(spec: str, split: str) -> Rows:
     except Exception as e:  # datasets raises many types: offline, not found, gated
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
-        why = ("it is not in the local Hugging Face datasets cache and the Hub is offline"
-               if offline or "offline" in first.lower() or "connect" in first.lower()
-               else first)
-        raise LorakitError(f"{spec!r} is not a local file, and as a Hub dataset it cannot be "
-                           f"loaded: {why}") from None
+        why = (
+            "it is not in the local Hugging Face datasets cache and the Hub is offline"
+            if offline or "offline" in first.lower() or "connect" in first.lower()
+            else first
+        )
+        raise LorakitError(
+            f"{spec!r} is not a local file, and as a Hub dataset it cannot be loaded: {why}"
+        ) from None
     return Rows([dict(r, _line=i + 1) for i, r in enumerate(ds)], [], spec)
 
 
-def read_rows(spec: str, split: str = "train", max_len: Optional[int] = None) -> Rows:
+def read_rows(spec: str, split: str = "train", max_len: int | None = None) -> Rows:
     """Rows of a built-in task split or of a local data file; ``max_len`` (the run's
     ``data.max_seq_len``) sets the lengths of a task whose rows follow it (``passkey``)."""
     if spec.startswith("task:"):
@@ -139,8 +152,9 @@ def read_rows(spec: str, split: str = "train", max_len: Optional[int] = None) ->
         if HUB_ID.fullmatch(spec) and not path.suffix and not path.exists():
             return _read_hub(spec, split)
         if path.is_dir():
-            raise LorakitError(f"data file {spec!r} is a folder; name a .jsonl, .json, .csv, "
-                               ".parquet or .txt file")
+            raise LorakitError(
+                f"data file {spec!r} is a folder; name a .jsonl, .json, .csv, .parquet or .txt file"
+            )
         raise LorakitError(f"data file {spec!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -160,17 +174,30 @@ def read_rows(spec: str, split: str = "train", max_len: Optional[int] = None) ->
             raise LorakitError(f"cannot read {spec}: {str(e).splitlines()[0][:200]}") from None
         out = Rows([dict(r, _line=i + 1) for i, r in enumerate(ds)], [], str(path))
     else:
-        raise LorakitError(f"data file {spec!r} has an unknown format; use .jsonl, .json, .csv, "
-                           ".parquet or .txt")
+        raise LorakitError(
+            f"data file {spec!r} has an unknown format; use .jsonl, .json, .csv, .parquet or .txt"
+        )
     if not out.rows:
-        raise LorakitError(f"data file {spec!r} has no usable rows"
-                           + (f" ({out.report()})" if out.skipped else ""))
+        raise LorakitError(
+            f"data file {spec!r} has no usable rows" + (f" ({out.report()})" if out.skipped else "")
+        )
     return out
 
 
 #: fields ``data.columns`` may rename: a row's own, and those of each message in it
-ROW_FIELDS = ("messages", "conversations", "instruction", "input", "output", "system",
-              "history", "prompt", "completion", "text", "tools")
+ROW_FIELDS = (
+    "messages",
+    "conversations",
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "history",
+    "prompt",
+    "completion",
+    "text",
+    "tools",
+)
 MESSAGE_FIELDS = ("role", "content", "from", "value")
 
 
@@ -201,13 +228,19 @@ def remap(rows: Rows, columns: dict, roles: dict[str, str]) -> Rows:
     ``data.roles``: the file's role -> user/assistant/...)."""
     unknown = sorted(set(columns) - set(ROW_FIELDS) - set(MESSAGE_FIELDS))
     if unknown:
-        raise LorakitError(f"data.columns: {unknown[0]!r} is not a field lorakit reads; "
-                           f"map one of {', '.join(ROW_FIELDS + MESSAGE_FIELDS)}")
+        raise LorakitError(
+            f"data.columns: {unknown[0]!r} is not a field lorakit reads; "
+            f"map one of {', '.join(ROW_FIELDS + MESSAGE_FIELDS)}"
+        )
     if not columns and not roles:
         return rows
     top = {ours: theirs for ours, theirs in columns.items() if ours in ROW_FIELDS}
-    inner = {t: ours for ours, theirs in columns.items() if ours in MESSAGE_FIELDS
-             for t in _alternatives(theirs)}
+    inner = {
+        t: ours
+        for ours, theirs in columns.items()
+        if ours in MESSAGE_FIELDS
+        for t in _alternatives(theirs)
+    }
 
     def message(m: Any) -> Any:
         if not isinstance(m, dict):
@@ -231,8 +264,14 @@ def remap(rows: Rows, columns: dict, roles: dict[str, str]) -> Rows:
     return Rows(out, rows.skipped, rows.source)
 
 
-def encode_row(row: dict, fmt: str, tokenizer, max_len: int, train_on: str = "all_assistant",
-               truncation: str = "right") -> Optional[dict]:
+def encode_row(
+    row: dict,
+    fmt: str,
+    tokenizer,
+    max_len: int,
+    train_on: str = "all_assistant",
+    truncation: str = "right",
+) -> dict | None:
     """input_ids and labels: the loss is on every assistant turn (``all_assistant``), the last
     one (``last_assistant``) or every token (``all``); None if nothing to learn survives
     truncation. Prompt tokens get the label -100. A row longer than ``max_len`` loses its
@@ -243,8 +282,13 @@ def encode_row(row: dict, fmt: str, tokenizer, max_len: int, train_on: str = "al
         marked = assistant_spans(tokenizer, *conv)
         if marked is not None:
             full, spans = marked
-            return _labelled(tokenizer, full, spans[-1:] if train_on == "last_assistant"
-                             else spans, max_len, truncation)
+            return _labelled(
+                tokenizer,
+                full,
+                spans[-1:] if train_on == "last_assistant" else spans,
+                max_len,
+                truncation,
+            )
     prompt, answer = prompt_and_answer(row, fmt, tokenizer)
     full = prompt + answer + (tokenizer.eos_token or "")
     if conv is not None and getattr(tokenizer, "chat_template", None):
@@ -255,20 +299,23 @@ def encode_row(row: dict, fmt: str, tokenizer, max_len: int, train_on: str = "al
     return _labelled(tokenizer, full, span, max_len, truncation)
 
 
-def _labelled(tokenizer, text: str, spans: list[tuple[int, int]], max_len: int,
-              truncation: str = "right") -> Optional[dict]:
+def _labelled(
+    tokenizer, text: str, spans: list[tuple[int, int]], max_len: int, truncation: str = "right"
+) -> dict | None:
     """Tokenize ``text``; a token is labelled when it starts inside one of ``spans``."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if not ids:
         return None
-    labels = [t if any(a <= s < b for a, b in spans) else IGNORE
-              for t, (s, _) in zip(ids, offsets)]
-    bos = (tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)
-           and ids[0] != tokenizer.bos_token_id)
+    labels = [t if any(a <= s < b for a, b in spans) else IGNORE for t, (s, _) in zip(ids, offsets)]
+    bos = (
+        tokenizer.bos_token_id is not None
+        and getattr(tokenizer, "add_bos_token", False)
+        and ids[0] != tokenizer.bos_token_id
+    )
     if truncation == "left" and len(ids) + bos > max_len:
         keep = max_len - bos  # the last tokens, after the BOS token the model expects first
-        ids, labels = ids[len(ids) - keep:], labels[len(labels) - keep:]
+        ids, labels = ids[len(ids) - keep :], labels[len(labels) - keep :]
     if bos:
         ids, labels = [tokenizer.bos_token_id] + ids, [IGNORE] + labels
     ids, labels = ids[:max_len], labels[:max_len]
@@ -285,13 +332,19 @@ class Encoded:
     skipped: list[tuple[int, str]]
     source: str
 
-    def report(self) -> Optional[str]:
+    def report(self) -> str | None:
         return Rows(self.rows, self.skipped, self.source).report()
 
 
-def encode(rows: Rows, tokenizer, fmt: str = "auto", max_len: int = 512,
-           train_on: str = "all_assistant", packing: bool = False,
-           truncation: str = "right") -> Encoded:
+def encode(
+    rows: Rows,
+    tokenizer,
+    fmt: str = "auto",
+    max_len: int = 512,
+    train_on: str = "all_assistant",
+    packing: bool = False,
+    truncation: str = "right",
+) -> Encoded:
     """Check, render and tokenize rows; bad rows are skipped and reported with line numbers."""
     fmt = detect_format(rows.rows[0]) if fmt == "auto" else fmt
     examples, kept, skipped = [], [], list(rows.skipped)
@@ -304,8 +357,10 @@ def encode(rows: Rows, tokenizer, fmt: str = "auto", max_len: int = 512,
         examples.append(ex)
         kept.append(row)
     if not examples:
-        raise LorakitError(f"{rows.source}: no usable rows in format {fmt!r}"
-                           + (f" ({Rows([], skipped, rows.source).report()})" if skipped else ""))
+        raise LorakitError(
+            f"{rows.source}: no usable rows in format {fmt!r}"
+            + (f" ({Rows([], skipped, rows.source).report()})" if skipped else "")
+        )
     if packing:
         examples = pack(examples, max_len)
     return Encoded(examples, fmt, kept, sorted(skipped), rows.source)
@@ -318,8 +373,10 @@ def pack(examples: list[dict], max_len: int) -> list[dict]:
     for ex in examples:
         ids += ex["input_ids"]
         labels += ex["labels"]
-    return [{"input_ids": ids[i:i + max_len], "labels": labels[i:i + max_len]}
-            for i in range(0, len(ids), max_len)]
+    return [
+        {"input_ids": ids[i : i + max_len], "labels": labels[i : i + max_len]}
+        for i in range(0, len(ids), max_len)
+    ]
 
 
 def split_rows(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -330,12 +387,11 @@ def split_rows(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], l
         return rows, []
     idx = list(range(len(rows)))
     random.Random(seed).shuffle(idx)
-    held = set(idx[:max(1, int(len(rows) * ratio))])
-    return ([r for i, r in enumerate(rows) if i not in held],
-            [rows[i] for i in sorted(held)])
+    held = set(idx[: max(1, int(len(rows) * ratio))])
+    return ([r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)])
 
 
-def select_lines(rows: Rows, lines: Optional[list[int]]) -> Rows:
+def select_lines(rows: Rows, lines: list[int] | None) -> Rows:
     """The rows whose ``_line`` is in ``lines`` (all rows when ``lines`` is None)."""
     if lines is None:
         return rows
@@ -345,8 +401,14 @@ def select_lines(rows: Rows, lines: Optional[list[int]]) -> Rows:
 
 # ---- the held-out rows of a run ---------------------------------------------------------
 
-def heldout_record(train_spec: str, valid_spec: Optional[str], fmt: str,
-                   valid_lines: Optional[list[int]], mapping: Optional[dict] = None) -> dict:
+
+def heldout_record(
+    train_spec: str,
+    valid_spec: str | None,
+    fmt: str,
+    valid_lines: list[int] | None,
+    mapping: dict | None = None,
+) -> dict:
     """Which rows a run holds out, as written to ``<run>/heldout.json``.
 
     ``valid``: the rows of the validation loss; ``metric``: the rows the generation metric
@@ -359,11 +421,15 @@ def heldout_record(train_spec: str, valid_spec: Optional[str], fmt: str,
     else:
         valid = {"data": train_spec, "split": "train", "lines": valid_lines}
     if train_spec.startswith("task:") and not valid_spec:
-        metric: Optional[dict] = {"data": train_spec, "split": "test", "lines": None}
+        metric: dict | None = {"data": train_spec, "split": "test", "lines": None}
     else:
         metric = dict(valid) if fmt != "text" and (valid_spec or valid_lines) else None
-    return {"format": fmt, "valid": valid, "metric": metric,
-            **({"mapping": mapping} if mapping else {})}
+    return {
+        "format": fmt,
+        "valid": valid,
+        "metric": metric,
+        **({"mapping": mapping} if mapping else {}),
+    }
 
 
 def merge_records(records: list[dict]) -> dict:
@@ -379,22 +445,28 @@ def weighted(examples: list[dict], weight: float, seed: int) -> list[dict]:
     return examples * whole + extra
 
 
-def build_heldout(record: dict, tokenizer, max_len: int, train_on: str = "all_assistant",
-                  truncation: str = "right") -> tuple[list[dict], list[dict]]:
+def build_heldout(
+    record: dict,
+    tokenizer,
+    max_len: int,
+    train_on: str = "all_assistant",
+    truncation: str = "right",
+) -> tuple[list[dict], list[dict]]:
     """(validation examples, rows for the generation metric) of a held-out record; the
     same call serves the training run and a later ``lorakit eval`` of its adapter. A record
     of several training files lists each file's held-out rows."""
     fmt, mapping = record["format"], record.get("mapping") or {}
 
-    def encoded(part: Optional[dict | list]) -> list[Encoded]:
+    def encoded(part: dict | list | None) -> list[Encoded]:
         out = []
-        for p in (part if isinstance(part, list) else [part] if part else []):
+        for p in part if isinstance(part, list) else [part] if part else []:
             if p["lines"] is None or p["lines"]:
                 rows = select_lines(read_rows(p["data"], p["split"], max_len), p["lines"])
                 rows = remap(rows, mapping.get("columns", {}), mapping.get("roles", {}))
                 if rows.rows:
-                    out.append(encode(rows, tokenizer, fmt, max_len, train_on,
-                                      truncation=truncation))
+                    out.append(
+                        encode(rows, tokenizer, fmt, max_len, train_on, truncation=truncation)
+                    )
         return out
 
     valid = [ex for e in encoded(record["valid"]) for ex in e.examples]
@@ -425,8 +497,10 @@ class StepSampler:
 
     def __init__(self, n: int, per_step: int, seed: int):
         if n < per_step:
-            raise LorakitError(f"the training data has {n} examples, fewer than one optimizer "
-                               f"step needs ({per_step} = batch_size x grad_accum x processes)")
+            raise LorakitError(
+                f"the training data has {n} examples, fewer than one optimizer "
+                f"step needs ({per_step} = batch_size x grad_accum x processes)"
+            )
         self.n, self.per_step, self.seed = n, per_step, seed
         self.steps_per_epoch = n // per_step
         self._perm_epoch, self._perm = -1, None
@@ -436,4 +510,4 @@ class StepSampler:
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
-        return self._perm[k * self.per_step:(k + 1) * self.per_step]
+        return self._perm[k * self.per_step : (k + 1) * self.per_step]

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -81,24 +81,36 @@ def resolve_strategy(requested: str, processes: int) -> Strategy:
     else one process. Asking for FSDP and getting anything else is an error, never silent."""
     wants_fsdp = requested == "fsdp" or (requested == "auto" and launcher_asks_fsdp())
     if requested == "ddp" and launcher_asks_fsdp():
-        raise LorakitError("train.distributed=ddp, but accelerate was launched with an FSDP "
-                           "config; drop one of the two")
+        raise LorakitError(
+            "train.distributed=ddp, but accelerate was launched with an FSDP "
+            "config; drop one of the two"
+        )
     if not wants_fsdp:
         return Strategy("ddp" if processes > 1 else "single", processes)
     version = os.environ.get("FSDP_VERSION", "2")
     if launcher_asks_fsdp() and version != "2":
-        raise LorakitError(f"accelerate's FSDP config asks for fsdp_version {version}; lorakit "
-                           "shards with FSDP2 only: set fsdp_version: 2")
+        raise LorakitError(
+            f"accelerate's FSDP config asks for fsdp_version {version}; lorakit "
+            "shards with FSDP2 only: set fsdp_version: 2"
+        )
     if processes < 2:
-        raise LorakitError("train.distributed=fsdp shards the model over several processes, "
-                           "but this run has one; start it with `accelerate launch "
-                           "--num_processes N -m lorakit train ...` (or torchrun)")
-    wrap = tuple(c.strip() for c in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",")
-                 if c.strip())
-    return Strategy("fsdp", processes,
-                    reshard_after_forward=_env_flag("FSDP_RESHARD_AFTER_FORWARD", True),
-                    sharded_loading=_env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING", True),
-                    wrap_classes=wrap)
+        raise LorakitError(
+            "train.distributed=fsdp shards the model over several processes, "
+            "but this run has one; start it with `accelerate launch "
+            "--num_processes N -m lorakit train ...` (or torchrun)"
+        )
+    wrap = tuple(
+        c.strip()
+        for c in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",")
+        if c.strip()
+    )
+    return Strategy(
+        "fsdp",
+        processes,
+        reshard_after_forward=_env_flag("FSDP_RESHARD_AFTER_FORWARD", True),
+        sharded_loading=_env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING", True),
+        wrap_classes=wrap,
+    )
 
 
 def fsdp_units(model: nn.Module, strategy: Strategy) -> list[nn.Module]:
@@ -107,15 +119,19 @@ def fsdp_units(model: nn.Module, strategy: Strategy) -> list[nn.Module]:
     if strategy.wrap_classes:
         units = [m for m in model.modules() if type(m).__name__ in strategy.wrap_classes]
         if not units:
-            raise LorakitError(f"fsdp_transformer_layer_cls_to_wrap names "
-                               f"{', '.join(strategy.wrap_classes)}, but {type(model).__name__} "
-                               "has no module of that class")
+            raise LorakitError(
+                f"fsdp_transformer_layer_cls_to_wrap names "
+                f"{', '.join(strategy.wrap_classes)}, but {type(model).__name__} "
+                "has no module of that class"
+            )
         return units
     units = decoder_layers(model)
     if not units:
-        raise LorakitError(f"FSDP needs the model's decoder layers to shard, but "
-                           f"{type(model).__name__} has none that transformers marks as such; "
-                           "train it with train.distributed=ddp")
+        raise LorakitError(
+            f"FSDP needs the model's decoder layers to shard, but "
+            f"{type(model).__name__} has none that transformers marks as such; "
+            "train it with train.distributed=ddp"
+        )
     return units
 
 
@@ -130,8 +146,9 @@ def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(shared.values())
 
 
-def shard_model(model: nn.Module, strategy: Strategy, device: torch.device,
-                state: Optional[dict] = None) -> nn.Module:
+def shard_model(
+    model: nn.Module, strategy: Strategy, device: torch.device, state: dict | None = None
+) -> nn.Module:
     """Apply ``fully_shard`` to each unit and the root. ``state``: with sharded loading, the
     full state dict and buffers of process 0 (``{"params": ..., "buffers": ...}``; None on the
     others, whose model is on the meta device); they are then broadcast into the shards."""
@@ -148,8 +165,11 @@ def shard_model(model: nn.Module, strategy: Strategy, device: torch.device,
     shared = shared_parameters(model)  # in model order: the same on every process
     ignored = set(shared)
     for unit in fsdp_units(model, strategy):
-        fully_shard(unit, reshard_after_forward=strategy.reshard_after_forward,
-                    ignored_params=ignored or None)
+        fully_shard(
+            unit,
+            reshard_after_forward=strategy.reshard_after_forward,
+            ignored_params=ignored or None,
+        )
     # the root (embeddings, final norm, output head) stays gathered between forward and
     # backward: backward needs it first, and the fused loss reads the head after forward
     fully_shard(model, reshard_after_forward=False, ignored_params=ignored or None)
@@ -157,8 +177,10 @@ def shard_model(model: nn.Module, strategy: Strategy, device: torch.device,
     if strategy.sharded_loading and (meta or state is not None):
         if meta:
             # to_empty gives each module its own new Parameter: tie the shared ones again
-            uses = [[(m, n) for m in model.modules() for n, q in m._parameters.items()
-                     if q is p] for p in shared]
+            uses = [
+                [(m, n) for m in model.modules() for n, q in m._parameters.items() if q is p]
+                for p in shared
+            ]
             model.to_empty(device=device)
             for places in uses:
                 first = places[0][0]._parameters[places[0][1]]
@@ -167,8 +189,9 @@ def shard_model(model: nn.Module, strategy: Strategy, device: torch.device,
             shared = [places[0][0]._parameters[places[0][1]] for places in uses]
         rank0 = dist.get_rank() == 0
         params = (state or {}).get("params", {}) if rank0 else {}
-        set_model_state_dict(model, params, options=StateDictOptions(
-            full_state_dict=True, broadcast_from_rank0=True))
+        set_model_state_dict(
+            model, params, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        )
         buffers = (state or {}).get("buffers", {}) if rank0 else {}
         for name, buf in model.named_buffers():
             if rank0:
@@ -182,8 +205,10 @@ def shard_model(model: nn.Module, strategy: Strategy, device: torch.device,
 
 def full_state(model: nn.Module) -> dict:
     """Process 0's state for :func:`shard_model`: parameters and buffers, whole."""
-    return {"params": model.state_dict(),
-            "buffers": {n: b.detach().clone() for n, b in model.named_buffers()}}
+    return {
+        "params": model.state_dict(),
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+    }
 
 
 def sync_replicated_grads(model: nn.Module) -> None:
@@ -241,9 +266,14 @@ def whole_parameters(model: nn.Module, trainable_only: bool = True) -> Iterator[
     from ..adapters.base import AdapterLayer
 
     # what an adapter file holds: trainable weights and adapter layers' own (LoRA-FA's A)
-    sharded = [(m, n, p) for m in model.modules() for n, p in m._parameters.items()
-               if p is not None and is_sharded(p)
-               and (p.requires_grad or not trainable_only or isinstance(m, AdapterLayer))]
+    sharded = [
+        (m, n, p)
+        for m in model.modules()
+        for n, p in m._parameters.items()
+        if p is not None
+        and is_sharded(p)
+        and (p.requires_grad or not trainable_only or isinstance(m, AdapterLayer))
+    ]
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if not sharded:
         yield rank0
@@ -254,8 +284,7 @@ def whole_parameters(model: nn.Module, trainable_only: bool = True) -> Iterator[
         for module, name, p in sharded:
             if id(p) not in swapped:
                 whole = p.detach().full_tensor().cpu()
-                swapped[id(p)] = nn.Parameter(whole, requires_grad=p.requires_grad) \
-                    if rank0 else p
+                swapped[id(p)] = nn.Parameter(whole, requires_grad=p.requires_grad) if rank0 else p
             if rank0:
                 module._parameters[name] = swapped[id(p)]
                 done.append((module, name, p))
@@ -292,8 +321,12 @@ def process_bytes(model: nn.Module, optimizer=None) -> dict:
     if optimizer is not None:
         for st in optimizer.state.values():
             opt += sum(local_bytes(v) for v in st.values() if torch.is_tensor(v))
-    return {"frozen_param_bytes": frozen, "trainable_param_bytes": trainable,
-            "grad_bytes": grads, "optimizer_bytes": opt}
+    return {
+        "frozen_param_bytes": frozen,
+        "trainable_param_bytes": trainable,
+        "grad_bytes": grads,
+        "optimizer_bytes": opt,
+    }
 
 
 def gather_objects(obj, world: int) -> list:
@@ -317,12 +350,24 @@ def any_process(flag: bool, device) -> bool:
 def requires_gradient_sync(model: nn.Module, on: bool) -> None:
     """FSDP2: skip (False) or do (True) the gradient reduce-scatter of the next backward, for
     gradient accumulation (DDP's ``no_sync``)."""
-    fn: Optional[Callable] = getattr(model, "set_requires_gradient_sync", None)
+    fn: Callable | None = getattr(model, "set_requires_gradient_sync", None)
     if fn is not None:
         fn(on)
 
 
-__all__ = ["Strategy", "resolve_strategy", "shard_model", "full_state", "whole_parameters",
-           "load_whole", "process_bytes", "clip_grad_norm_", "split_param_groups",
-           "sync_replicated_grads", "gather_objects", "any_process", "requires_gradient_sync",
-           "fsdp_units"]
+__all__ = [
+    "Strategy",
+    "resolve_strategy",
+    "shard_model",
+    "full_state",
+    "whole_parameters",
+    "load_whole",
+    "process_bytes",
+    "clip_grad_norm_",
+    "split_param_groups",
+    "sync_replicated_grads",
+    "gather_objects",
+    "any_process",
+    "requires_gradient_sync",
+    "fsdp_units",
+]

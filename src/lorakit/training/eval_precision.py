@@ -23,22 +23,26 @@ cost in eval time: docs/evaluation.md (Precision).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 
 @contextlib.contextmanager
-def evaluation_precision(model: nn.Module, precision: str,
-                         run_dtype: Optional[torch.dtype]) -> Iterator[Optional[torch.dtype]]:
+def evaluation_precision(
+    model: nn.Module, precision: str, run_dtype: torch.dtype | None
+) -> Iterator[torch.dtype | None]:
     """Within the block, the model computes in the evaluation's precision; yields the dtype
     to autocast to (None: fp32, no autocast). See Note: why evaluation is fp32."""
     if precision == "train" or run_dtype in (None, torch.float32):
         yield run_dtype
         return
-    changed = [(p, p.dtype) for p in model.parameters()
-               if p.is_floating_point() and p.dtype != torch.float32]
+    changed = [
+        (p, p.dtype)
+        for p in model.parameters()
+        if p.is_floating_point() and p.dtype != torch.float32
+    ]
     for p, _ in changed:
         p.data = p.data.float()
     try:

@@ -26,7 +26,6 @@ import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -78,8 +77,12 @@ def f1_score(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-SCORERS = {"exact_match": exact_match_score, "normalized_match": normalized_match_score,
-           "f1": f1_score, "number": number_score}
+SCORERS = {
+    "exact_match": exact_match_score,
+    "normalized_match": normalized_match_score,
+    "f1": f1_score,
+    "number": number_score,
+}
 METRICS = tuple(SCORERS)
 assert METRICS == METRIC_NAMES, "the config's metric names and the scorers must agree"
 
@@ -91,7 +94,8 @@ def score(prediction: str, reference: str) -> dict[str, float]:
 
 # ---- the loss -----------------------------------------------------------------------------
 
-def autocast_for(model: nn.Module, dtype: Optional[torch.dtype]):
+
+def autocast_for(model: nn.Module, dtype: torch.dtype | None):
     """torch.autocast on the model's device for bf16/fp16, a no-op context for fp32."""
     if dtype in (None, torch.float32):
         return contextlib.nullcontext()
@@ -100,9 +104,15 @@ def autocast_for(model: nn.Module, dtype: Optional[torch.dtype]):
 
 
 @torch.no_grad()
-def loss_sums(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int = 16,
-              dtype: Optional[torch.dtype] = None, progress: Optional[str] = None,
-              share: "Share | None" = None) -> list[tuple[float, int]]:
+def loss_sums(
+    model: nn.Module,
+    examples: list[dict],
+    pad_id: int,
+    batch_size: int = 16,
+    dtype: torch.dtype | None = None,
+    progress: str | None = None,
+    share: Share | None = None,
+) -> list[tuple[float, int]]:
     """(sum of next-token losses, labelled tokens) of each batch of ``examples``
     (``batch_size=1``: of each example). Computed by the training loss
     (:func:`~lorakit.training.loss.loss_sum`): only labelled positions get logits, so a long
@@ -119,7 +129,7 @@ def loss_sums(model: nn.Module, examples: list[dict], pad_id: int, batch_size: i
     results: dict[int, tuple[float, int]] = {}
     for k in _bar(mine, progress, len(mine)):
         i = starts[k if k is not None else 0]  # a repeat: any batch
-        b = {k2: v.to(device) for k2, v in collate(examples[i:i + batch_size], pad_id).items()}
+        b = {k2: v.to(device) for k2, v in collate(examples[i : i + batch_size], pad_id).items()}
         with autocast_for(model, dtype):
             loss, n = loss_sum(model, b)
         if k is not None:
@@ -134,15 +144,21 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def eval_loss(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int = 16,
-              dtype: Optional[torch.dtype] = None, progress: Optional[str] = None,
-              share: Optional[Share] = None) -> float:
+def eval_loss(
+    model: nn.Module,
+    examples: list[dict],
+    pad_id: int,
+    batch_size: int = 16,
+    dtype: torch.dtype | None = None,
+    progress: str | None = None,
+    share: Share | None = None,
+) -> float:
     """Mean next-token loss over every labelled token of ``examples`` (token-weighted)."""
     sums = loss_sums(model, examples, pad_id, batch_size, dtype, progress, share)
     return sum(s for s, _ in sums) / max(1, sum(n for _, n in sums))
 
 
-def _bar(it, desc: Optional[str], n_batches: int):
+def _bar(it, desc: str | None, n_batches: int):
     """A tqdm bar over this process's batches; silent when ``desc`` is None."""
     if desc is None:
         return it
@@ -155,10 +171,12 @@ def _bar(it, desc: Optional[str], n_batches: int):
                 bar.update(1)
         finally:
             bar.close()
+
     return gen()
 
 
 # ---- several processes ----------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Share:
@@ -173,9 +191,9 @@ class Share:
     world: int = 1
     lockstep: bool = False
 
-    def batches(self, n: int) -> list[Optional[int]]:
+    def batches(self, n: int) -> list[int | None]:
         """The batch numbers this process runs (None: a repeat whose result is dropped)."""
-        mine: list[Optional[int]] = list(range(self.rank, n, self.world))
+        mine: list[int | None] = list(range(self.rank, n, self.world))
         if self.lockstep:
             mine += [None] * (-(-n // self.world) - len(mine))
         return mine
@@ -199,13 +217,14 @@ ONE_PROCESS = Share()
 
 # ---- generation ---------------------------------------------------------------------------
 
+
 def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
     """Every id that ends an answer: the tokenizer's EOS and the generation config's
     ``eos_token_id`` (a list for chat models: end-of-turn tokens such as ``<|im_end|>``)."""
     ids: list[int] = []
     gen_cfg = getattr(model, "generation_config", None)
     for v in (getattr(gen_cfg, "eos_token_id", None), tokenizer.eos_token_id):
-        for i in (v if isinstance(v, (list, tuple)) else [v]):
+        for i in v if isinstance(v, (list, tuple)) else [v]:
             if i is not None and int(i) not in ids:
                 ids.append(int(i))
     return ids
@@ -214,8 +233,9 @@ def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
 def default_max_new_tokens(tokenizer, references: list[str]) -> int:
     """The longest reference in tokens + CAP_MARGIN (room for the end-of-turn token and a
     little more), at most MAX_NEW_TOKENS_CAP."""
-    longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"])
-                   for r in references), default=0)
+    longest = max(
+        (len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references), default=0
+    )
     return min(MAX_NEW_TOKENS_CAP, longest + CAP_MARGIN)
 
 
@@ -227,10 +247,16 @@ class Answer:
 
 
 @torch.no_grad()
-def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int,
-                     batch_size: int = 32, dtype: Optional[torch.dtype] = None,
-                     progress: Optional[str] = None, share: Optional[Share] = None
-                     ) -> list[Answer]:
+def generate_answers(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    dtype: torch.dtype | None = None,
+    progress: str | None = None,
+    share: Share | None = None,
+) -> list[Answer]:
     """Greedy answers to ``prompts``, each generated until a stop token or the cap.
 
     Batched with the KV cache; prompts are sorted by length so that a batch holds prompts of
@@ -251,27 +277,43 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_to
     try:
         for k in _bar(mine, progress, len(mine)):
             s = starts[k if k is not None else 0]  # a repeat: any batch
-            idx = order[s:s + batch_size]
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
+            idx = order[s : s + batch_size]
+            enc = tokenizer(
+                [prompts[i] for i in idx],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(device)
             with autocast_for(model, dtype):
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=stops or None,
-                                     pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                                     **({"synced_gpus": True} if share.lockstep else {}))
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=stops or None,
+                    pad_token_id=tokenizer.pad_token_id,
+                    use_cache=True,
+                    **({"synced_gpus": True} if share.lockstep else {}),
+                )
             if k is None:
                 continue
             found[k] = []
-            for i, row in zip(idx, gen[:, enc["input_ids"].shape[1]:].tolist()):
+            for i, row in zip(idx, gen[:, enc["input_ids"].shape[1] :].tolist()):
                 end = next((j for j, t in enumerate(row) if t in stops), None)
                 body = row if end is None else row[:end]
-                found[k].append((i, Answer(tokenizer.decode(body, skip_special_tokens=True),
-                                           len(body),
-                                           cut=end is None and len(row) >= max_new_tokens)))
+                found[k].append(
+                    (
+                        i,
+                        Answer(
+                            tokenizer.decode(body, skip_special_tokens=True),
+                            len(body),
+                            cut=end is None and len(row) >= max_new_tokens,
+                        ),
+                    )
+                )
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    answers: list[Optional[Answer]] = [None] * len(prompts)
+    answers: list[Answer | None] = [None] * len(prompts)
     for part in share.gather(found).values():
         for i, ans in part:
             answers[i] = ans
@@ -290,38 +332,58 @@ class GenerationResult:
     extra: dict = field(default_factory=dict)
 
     @property
-    def cut_note(self) -> Optional[str]:
+    def cut_note(self) -> str | None:
         if not self.cut:
             return None
-        return (f"{self.cut} of {len(self.predictions)} answers were cut at "
-                f"{self.max_new_tokens} tokens")
+        return (
+            f"{self.cut} of {len(self.predictions)} answers were cut at "
+            f"{self.max_new_tokens} tokens"
+        )
 
     def as_dict(self) -> dict:
-        return {"examples": len(self.predictions),
-                "max_new_tokens": self.max_new_tokens, "cut_answers": self.cut,
-                "generation_s": round(self.seconds, 3),
-                **({"cut_note": self.cut_note} if self.cut else {})}
+        return {
+            "examples": len(self.predictions),
+            "max_new_tokens": self.max_new_tokens,
+            "cut_answers": self.cut,
+            "generation_s": round(self.seconds, 3),
+            **({"cut_note": self.cut_note} if self.cut else {}),
+        }
 
 
-def generation_metrics(model: nn.Module, tokenizer, rows: list[dict], fmt: str,
-                       limit: Optional[int] = None, batch_size: int = 32,
-                       max_new_tokens: Optional[int] = None,
-                       dtype: Optional[torch.dtype] = None,
-                       progress: Optional[str] = None,
-                       share: Optional[Share] = None) -> GenerationResult:
+def generation_metrics(
+    model: nn.Module,
+    tokenizer,
+    rows: list[dict],
+    fmt: str,
+    limit: int | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    dtype: torch.dtype | None = None,
+    progress: str | None = None,
+    share: Share | None = None,
+) -> GenerationResult:
     """Generate an answer for each row (greedy, to its end) and score it against the row's
     reference with every metric in METRICS (means over the rows)."""
     pairs = [prompt_and_answer(r, fmt, tokenizer) for r in rows[:limit]]
     refs = [ref for _, ref in pairs]
     cap = max_new_tokens or default_max_new_tokens(tokenizer, refs)
     t0 = time.perf_counter()
-    answers = generate_answers(model, tokenizer, [p for p, _ in pairs], cap, batch_size,
-                               dtype, progress, share)
+    answers = generate_answers(
+        model, tokenizer, [p for p, _ in pairs], cap, batch_size, dtype, progress, share
+    )
     seconds = time.perf_counter() - t0
     preds = []
     for (prompt, ref), ans in zip(pairs, answers):
-        preds.append({"prompt": prompt, "reference": ref, "prediction": ans.text,
-                      **score(ans.text, ref), "tokens": ans.n_tokens, "cut": ans.cut})
+        preds.append(
+            {
+                "prompt": prompt,
+                "reference": ref,
+                "prediction": ans.text,
+                **score(ans.text, ref),
+                "tokens": ans.n_tokens,
+                "cut": ans.cut,
+            }
+        )
     n = max(1, len(preds))
     metrics = {m: sum(p[m] for p in preds) / n for m in METRICS}
     return GenerationResult(metrics, preds, cap, sum(p["cut"] for p in preds), seconds)
@@ -340,6 +402,7 @@ def write_predictions(path: Path, predictions: list[dict]) -> None:
 
 # ---- a model's figures on a run's held-out rows --------------------------------------------
 
+
 @dataclass
 class HeldOut:
     """What a model is evaluated on: validation examples (encoded) and rows with references
@@ -350,21 +413,40 @@ class HeldOut:
     fmt: str
 
 
-def measure(model: nn.Module, tokenizer, heldout: HeldOut, ec, max_seq_len: int,
-            dtype: Optional[torch.dtype], label: str, log=print,
-            predictions: Optional[Path] = None, share: Optional[Share] = None) -> dict:
+def measure(
+    model: nn.Module,
+    tokenizer,
+    heldout: HeldOut,
+    ec,
+    max_seq_len: int,
+    dtype: torch.dtype | None,
+    label: str,
+    log=print,
+    predictions: Path | None = None,
+    share: Share | None = None,
+) -> dict:
     """:func:`measure_in` in the evaluation's precision (``ec.precision``; fp32 by default:
     See Note: why evaluation is fp32, in eval_precision.py); ``dtype``: the run's. A sharded
     (FSDP) model is evaluated in the run's precision: its shards cannot change dtype."""
     precision = "train" if share is not None and share.lockstep else ec.precision
     with evaluation_precision(model, precision, dtype) as eval_dtype:
-        return measure_in(model, tokenizer, heldout, ec, max_seq_len, eval_dtype, label, log,
-                          predictions, share)
+        return measure_in(
+            model, tokenizer, heldout, ec, max_seq_len, eval_dtype, label, log, predictions, share
+        )
 
 
-def measure_in(model: nn.Module, tokenizer, heldout: HeldOut, ec, max_seq_len: int,
-               dtype: Optional[torch.dtype], label: str, log=print,
-               predictions: Optional[Path] = None, share: Optional[Share] = None) -> dict:
+def measure_in(
+    model: nn.Module,
+    tokenizer,
+    heldout: HeldOut,
+    ec,
+    max_seq_len: int,
+    dtype: torch.dtype | None,
+    label: str,
+    log=print,
+    predictions: Path | None = None,
+    share: Share | None = None,
+) -> dict:
     """Validation loss (and perplexity for plain text), the forgetting loss on general text
     and the generation metrics (``ec``: the run's EvalConfig); every answer goes to
     ``predictions`` (JSON lines). The one function behind the base and tuned figures of
@@ -375,20 +457,35 @@ def measure_in(model: nn.Module, tokenizer, heldout: HeldOut, ec, max_seq_len: i
     pad = tokenizer.pad_token_id
     out: dict = {}
     if heldout.valid_examples:
-        out["valid_loss"] = eval_loss(model, heldout.valid_examples, pad, dtype=dtype,
-                                      progress=f"{label}: loss", share=share)
+        out["valid_loss"] = eval_loss(
+            model, heldout.valid_examples, pad, dtype=dtype, progress=f"{label}: loss", share=share
+        )
         if heldout.fmt == "text":
             out["valid_perplexity"] = perplexity(out["valid_loss"])
-    general = encode(Rows(get_task("general-text").rows("test"), [], "general-text"),
-                     tokenizer, "text", max_seq_len, train_on="all")
+    general = encode(
+        Rows(get_task("general-text").rows("test"), [], "general-text"),
+        tokenizer,
+        "text",
+        max_seq_len,
+        train_on="all",
+    )
     # per paragraph, so that a forgetting figure can carry its standard error
     per = loss_sums(model, general.examples, pad, batch_size=1, dtype=dtype, share=share)
     out["general_text_loss"] = sum(s for s, _ in per) / max(1, sum(n for _, n in per))
     out["general_text_losses"] = [s / max(1, n) for s, n in per]
     if ec.metric and heldout.metric_rows:
-        res = generation_metrics(model, tokenizer, heldout.metric_rows, heldout.fmt, ec.limit,
-                                 ec.batch_size, ec.max_new_tokens, dtype=dtype,
-                                 progress=f"{label}: answers", share=share)
+        res = generation_metrics(
+            model,
+            tokenizer,
+            heldout.metric_rows,
+            heldout.fmt,
+            ec.limit,
+            ec.batch_size,
+            ec.max_new_tokens,
+            dtype=dtype,
+            progress=f"{label}: answers",
+            share=share,
+        )
         out.update(res.metrics)
         out["metric"] = ec.metric
         out["generation"] = res.as_dict()
@@ -398,6 +495,10 @@ def measure_in(model: nn.Module, tokenizer, heldout: HeldOut, ec, max_seq_len: i
         if res.cut_note:
             log(f"{label}: {res.cut_note} (raise eval.max_new_tokens to let them finish)")
     out["eval_time_s"] = time.perf_counter() - t0
-    log(f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()
-                                 if isinstance(v, float) and k != "eval_time_s"))
+    log(
+        f"{label}: "
+        + ", ".join(
+            f"{k} {v:.4f}" for k, v in out.items() if isinstance(v, float) and k != "eval_time_s"
+        )
+    )
     return out

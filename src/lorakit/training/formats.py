@@ -21,16 +21,28 @@ the chat template, which renders it where the model's template has a place for i
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import LorakitError
 
-FORMAT_FIELDS = {"chat": ("messages",), "sharegpt": ("conversations",),
-                 "alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
-                 "text": ("text",)}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "system": "system", "function_call": "assistant",
-                  "observation": "tool", "tool": "tool"}
+FORMAT_FIELDS = {
+    "chat": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
 
 
 class RowError(ValueError):
@@ -42,8 +54,10 @@ def detect_format(row: dict) -> str:
         if all(f in row for f in fields):
             return fmt
     keys = ", ".join(sorted(k for k in row if k != "_line"))
-    raise LorakitError(f"cannot tell the data format from the fields ({keys}); expected "
-                       "messages, conversations, instruction/output, prompt/completion or text")
+    raise LorakitError(
+        f"cannot tell the data format from the fields ({keys}); expected "
+        "messages, conversations, instruction/output, prompt/completion or text"
+    )
 
 
 def _text(content: Any) -> str:
@@ -55,8 +69,11 @@ def _text(content: Any) -> str:
     for part in content:
         if isinstance(part, str):
             texts.append(part)
-        elif isinstance(part, dict) and part.get("type") == "text" and isinstance(
-                part.get("text"), str):
+        elif (
+            isinstance(part, dict)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
+        ):
             texts.append(part["text"])
         else:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
@@ -64,10 +81,14 @@ def _text(content: Any) -> str:
     return "".join(texts)
 
 
-def _messages(msgs: Any, role_key: str = "role", content_key: str = "content",
-              roles: Optional[dict] = None) -> list[dict]:
-    if not isinstance(msgs, list) or not msgs or not all(
-            isinstance(m, dict) and role_key in m and content_key in m for m in msgs):
+def _messages(
+    msgs: Any, role_key: str = "role", content_key: str = "content", roles: dict | None = None
+) -> list[dict]:
+    if (
+        not isinstance(msgs, list)
+        or not msgs
+        or not all(isinstance(m, dict) and role_key in m and content_key in m for m in msgs)
+    ):
         raise RowError(f"messages must be a list of {{{role_key}, {content_key}}}")
     out = []
     for m in msgs:
@@ -78,7 +99,7 @@ def _messages(msgs: Any, role_key: str = "role", content_key: str = "content",
     return out
 
 
-def conversation(row: dict, fmt: str) -> Optional[tuple[list[dict], Optional[list]]]:
+def conversation(row: dict, fmt: str) -> tuple[list[dict], list | None] | None:
     """(messages, tools) of a conversational row, or None for plain text formats."""
     if fmt == "chat":
         msgs = _messages(row["messages"])
@@ -89,11 +110,15 @@ def conversation(row: dict, fmt: str) -> Optional[tuple[list[dict], Optional[lis
         for turn in row.get("history") or []:
             if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
                 raise RowError("history must be a list of [question, answer] pairs")
-            msgs += [{"role": "user", "content": _text(turn[0])},
-                     {"role": "assistant", "content": _text(turn[1])}]
+            msgs += [
+                {"role": "user", "content": _text(turn[0])},
+                {"role": "assistant", "content": _text(turn[1])},
+            ]
         user = _text(row["instruction"]) + (f"\n\n{row['input']}" if row.get("input") else "")
-        msgs += [{"role": "user", "content": user},
-                 {"role": "assistant", "content": _text(row["output"])}]
+        msgs += [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": _text(row["output"])},
+        ]
     elif fmt == "prompt_completion" and isinstance(row["prompt"], list):
         msgs = _messages(row["prompt"]) + _messages(row["completion"])
     else:
@@ -105,7 +130,7 @@ def conversation(row: dict, fmt: str) -> Optional[tuple[list[dict], Optional[lis
     return msgs, _tools(row.get("tools"))
 
 
-def _tools(tools: Any) -> Optional[list]:
+def _tools(tools: Any) -> list | None:
     if not tools:
         return None
     if isinstance(tools, str):
@@ -118,7 +143,7 @@ def _tools(tools: Any) -> Optional[list]:
     return tools
 
 
-def check_row(row: dict, fmt: str) -> Optional[str]:
+def check_row(row: dict, fmt: str) -> str | None:
     """Why ``row`` cannot be used in format ``fmt`` (None: it can)."""
     for f in FORMAT_FIELDS[fmt]:
         if f not in row or row[f] is None:
@@ -132,13 +157,19 @@ def check_row(row: dict, fmt: str) -> Optional[str]:
     return None
 
 
-def render(tokenizer, messages: list[dict], tools: Optional[list] = None,
-           add_generation_prompt: bool = False, use_template: bool = True) -> str:
+def render(
+    tokenizer,
+    messages: list[dict],
+    tools: list | None = None,
+    add_generation_prompt: bool = False,
+    use_template: bool = True,
+) -> str:
     """The conversation as the model sees it: its chat template, or ``role: content`` lines
     for a tokenizer without one (or with ``use_template=False``)."""
     if use_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     return text + ("assistant: " if add_generation_prompt else "")
 
@@ -149,15 +180,15 @@ def prompt_and_answer(row: dict, fmt: str, tokenizer) -> tuple[str, str]:
     conv = conversation(row, fmt)
     if conv is not None:
         msgs, tools = conv
-        return render(tokenizer, msgs[:-1], tools, add_generation_prompt=True), \
-            msgs[-1]["content"]
+        return render(tokenizer, msgs[:-1], tools, add_generation_prompt=True), msgs[-1]["content"]
     if fmt == "prompt_completion":
         return row["prompt"], row["completion"]
     return "", row["text"]
 
 
-def assistant_spans(tokenizer, messages: list[dict], tools: Optional[list] = None
-                    ) -> Optional[tuple[str, list[tuple[int, int]]]]:
+def assistant_spans(
+    tokenizer, messages: list[dict], tools: list | None = None
+) -> tuple[str, list[tuple[int, int]]] | None:
     """(rendered conversation, character spans of every assistant turn, its end-of-turn
     marker included), or None when the template rewrites earlier turns (each prefix of the
     conversation must render as a prefix of the whole)."""
@@ -169,7 +200,7 @@ def assistant_spans(tokenizer, messages: list[dict], tools: Optional[list] = Non
         if m["role"] != "assistant":
             continue
         before = render(tokenizer, messages[:i], tools, add_generation_prompt=True)
-        upto = render(tokenizer, messages[:i + 1], tools)
+        upto = render(tokenizer, messages[: i + 1], tools)
         if not (full.startswith(before) and full.startswith(upto) and len(upto) > len(before)):
             return None
         spans.append((len(before), len(upto)))

@@ -23,9 +23,10 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import yaml
@@ -39,24 +40,60 @@ from ..adapters.base import MethodHooks
 from ..config import RunConfig
 from ..errors import LorakitError
 from ..faults import kill_point
-from ..files import (atomic_dir, check_output, file_errors, read_json, write_json,
-                     write_text)
+from ..files import atomic_dir, check_output, file_errors, read_json, write_json, write_text
+from ..quant import compute_dtype_of
 from ..registry import get_method
-from .checkpoint import (foreign_checkpoints, list_checkpoints, load_checkpoint, remove_partial,
-                         save_checkpoint, stopped_by_files)
-from .distributed import (Strategy, any_process, clip_grad_norm_, load_whole, process_bytes,
-                          requires_gradient_sync, resolve_strategy, sync_replicated_grads,
-                          whole_parameters)
-from .data import (IGNORE, StepSampler, build_heldout, collate, encode, heldout_record,
-                   merge_records, pack, read_rows, remap, split_rows, weighted)
+from .checkpoint import (
+    foreign_checkpoints,
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial,
+    save_checkpoint,
+    stopped_by_files,
+)
+from .data import (
+    IGNORE,
+    StepSampler,
+    build_heldout,
+    collate,
+    encode,
+    heldout_record,
+    merge_records,
+    pack,
+    read_rows,
+    remap,
+    split_rows,
+    weighted,
+)
+from .distributed import (
+    Strategy,
+    any_process,
+    clip_grad_norm_,
+    load_whole,
+    process_bytes,
+    requires_gradient_sync,
+    resolve_strategy,
+    sync_replicated_grads,
+    whole_parameters,
+)
 from .evaluation import PREDICTIONS, HeldOut, Share, eval_loss, measure
 from .loss import loss_sum
 from .memory import run_exact_memory
 from .optim import build_optimizer, build_scheduler
-from ..quant import compute_dtype_of
-from .runtime import (AUTO_PROBE_STEPS, PeakMemory, activation_checkpointing, cast_frozen,
-                      compile_decision, compile_error_reason, compiled_layers, dtype_name,
-                      is_compile_error, make_accelerator, resolve_precision, tracker_config)
+from .runtime import (
+    AUTO_PROBE_STEPS,
+    PeakMemory,
+    activation_checkpointing,
+    cast_frozen,
+    compile_decision,
+    compile_error_reason,
+    compiled_layers,
+    dtype_name,
+    is_compile_error,
+    make_accelerator,
+    resolve_precision,
+    tracker_config,
+)
 from .session import ModelBuild
 
 Log = Callable[[str], None]
@@ -80,7 +117,7 @@ class Run:
     hooks: MethodHooks = field(default_factory=MethodHooks)
     strategy: Strategy = field(default_factory=lambda: Strategy("single", 1))
     #: rebuilds the model for :meth:`edit_parameters` under FSDP (:meth:`ModelBuild.rebuild`)
-    rebuild: Optional[Callable[..., tuple[nn.Module, Any]]] = None
+    rebuild: Callable[..., tuple[nn.Module, Any]] | None = None
 
     @property
     def is_main(self) -> bool:
@@ -126,8 +163,10 @@ class Run:
         starts = list(range(0, len(examples), bs))
         for k in self.share.batches(len(starts)):
             i = starts[k if k is not None else 0]
-            b = {key: v.to(acc.device) for key, v in collate(
-                examples[i:i + bs], self.tokenizer.pad_token_id).items()}
+            b = {
+                key: v.to(acc.device)
+                for key, v in collate(examples[i : i + bs], self.tokenizer.pad_token_id).items()
+            }
             yield {**b, "repeat": True} if k is None else b
 
     def reduce_sum(self, values: list[float]) -> list[float]:
@@ -141,6 +180,7 @@ class Run:
 
 # ---- optimization ---------------------------------------------------------------------------
 
+
 class BestTracker:
     """The validation loss of the main training, every ``train.eval_every`` steps: the best so
     far, early stopping after ``train.early_stopping_patience`` evaluations without an
@@ -149,17 +189,17 @@ class BestTracker:
 
     BEST = "best"
 
-    def __init__(self, run: Run, state: Optional[dict] = None):
+    def __init__(self, run: Run, state: dict | None = None):
         self.run = run
         s = (state or {}).get("best") or {}
-        self.loss: Optional[float] = s.get("loss")
-        self.step: Optional[int] = s.get("step")
+        self.loss: float | None = s.get("loss")
+        self.step: int | None = s.get("step")
         self.bad: int = s.get("bad", 0)
 
     def state(self) -> dict:
         return {"best": {"loss": self.loss, "step": self.step, "bad": self.bad}}
 
-    def update(self, step: int, valid_loss: Optional[float]) -> bool:
+    def update(self, step: int, valid_loss: float | None) -> bool:
         """Record an evaluation (``valid_loss`` is None on the other processes); True when
         training should stop, the same answer on every process."""
         run, tc = self.run, self.run.cfg.train
@@ -169,9 +209,14 @@ class BestTracker:
             with whole_parameters(run.model) as holder:  # gathered under FSDP
                 if holder:
                     with atomic_dir(run.out_dir / self.BEST) as tmp:
-                        save_file({n: p.detach().cpu().contiguous()
-                                   for n, p in run.model.named_parameters() if p.requires_grad},
-                                  str(tmp / "trainable.safetensors"))
+                        save_file(
+                            {
+                                n: p.detach().cpu().contiguous()
+                                for n, p in run.model.named_parameters()
+                                if p.requires_grad
+                            },
+                            str(tmp / "trainable.safetensors"),
+                        )
         if run.is_main and valid_loss is not None:
             if better:
                 self.loss, self.step, self.bad = valid_loss, step, 0
@@ -179,8 +224,10 @@ class BestTracker:
                 self.bad += 1
             pat = tc.early_stopping_patience
             if pat and self.bad >= pat:
-                run.log(f"early stopping at step {step}: no better validation loss in {pat} "
-                        f"evaluations (best {self.loss:.4f} at step {self.step})")
+                run.log(
+                    f"early stopping at step {step}: no better validation loss in {pat} "
+                    f"evaluations (best {self.loss:.4f} at step {self.step})"
+                )
                 stop = 1.0
         flag = torch.tensor([stop], device=run.accelerator.device)
         if run.accelerator.num_processes > 1:
@@ -198,12 +245,15 @@ class BestTracker:
         best = load_file(str(path))
         load_whole({n: p for n, p in run.model.named_parameters() if p.requires_grad}, best)
         if self.step is not None and self.step != last_step:
-            run.log(f"kept the best weights: step {self.step} (validation loss "
-                    f"{self.loss:.4f}), not the last step's ({last_step})")
+            run.log(
+                f"kept the best weights: step {self.step} (validation loss "
+                f"{self.loss:.4f}), not the last step's ({last_step})"
+            )
 
 
-def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool = False,
-             desc: str = "train") -> dict:
+def optimize(
+    run: Run, examples: list[dict], total_steps: int, checkpoints: bool = False, desc: str = "train"
+) -> dict:
     """Train ``run.model`` for ``total_steps`` optimizer steps on ``examples``.
 
     With ``checkpoints`` the run saves every ``train.save_every`` steps and resumes from the
@@ -211,20 +261,25 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
     tc, acc, model = run.cfg.train, run.accelerator, run.model
     sampler = StepSampler(len(examples), run.examples_per_step, tc.seed)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
-    scheduler = build_scheduler(optimizer, tc.schedule, int(tc.warmup_ratio * total_steps),
-                                total_steps)
+    scheduler = build_scheduler(
+        optimizer, tc.schedule, int(tc.warmup_ratio * total_steps), total_steps
+    )
     if run.strategy.fsdp:  # sharded by shard_model already; autocast comes from the step
         ddp_model = model
     else:
         ddp_model, optimizer = acc.prepare(model, optimizer)
     state = _resume(run, optimizer, scheduler, total_steps, desc) if checkpoints else {}
     start = state.get("step", 0)
-    tracker = (BestTracker(run, state) if checkpoints and (tc.keep_best or
-                                                           tc.early_stopping_patience) else None)
+    tracker = (
+        BestTracker(run, state)
+        if checkpoints and (tc.keep_best or tc.early_stopping_patience)
+        else None
+    )
     times, losses, tokens_seen = [], [], 0
     done = start
-    bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not run.is_main,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps, initial=start, desc=desc, disable=not run.is_main, dynamic_ncols=True
+    )
     model.train()
     compiled = contextlib.ExitStack()  # See Note: compiling the decoder layers (runtime.py)
     layers = compiled.enter_context(compiled_layers(model, tc.compile is True, run.log))
@@ -234,25 +289,30 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
             t0 = time.perf_counter()
             idx = sampler.indices(step)
             try:
-                loss = _optimizer_step(run, ddp_model, optimizer, scheduler, examples, idx, step,
-                                       total_steps)
+                loss = _optimizer_step(
+                    run, ddp_model, optimizer, scheduler, examples, idx, step, total_steps
+                )
             except Exception as exc:
                 if not layers or not is_compile_error(exc):
                     raise
                 if acc.num_processes > 1:
                     # the other processes are inside the step's collectives: a retry here
                     # alone would pair this process's collectives with theirs wrongly
-                    raise LorakitError(f"train.compile failed ({compile_error_reason(exc)}); "
-                                       "with several processes lorakit does not fall back to "
-                                       "eager training: set train.compile=false (the last "
-                                       "good checkpoint is kept)") from None
-                run.log(f"warning: train.compile failed ({compile_error_reason(exc)}); "
-                        "training eagerly")
+                    raise LorakitError(
+                        f"train.compile failed ({compile_error_reason(exc)}); "
+                        "with several processes lorakit does not fall back to "
+                        "eager training: set train.compile=false (the last "
+                        "good checkpoint is kept)"
+                    ) from None
+                run.log(
+                    f"warning: train.compile failed ({compile_error_reason(exc)}); training eagerly"
+                )
                 compiled.close()
                 layers = []
                 optimizer.zero_grad(set_to_none=True)  # it failed before optimizer.step()
-                loss = _optimizer_step(run, ddp_model, optimizer, scheduler, examples, idx, step,
-                                       total_steps)
+                loss = _optimizer_step(
+                    run, ddp_model, optimizer, scheduler, examples, idx, step, total_steps
+                )
             dt = time.perf_counter() - t0
             step_tokens = sum(len(examples[i]["input_ids"]) for i in idx)
             times.append(dt)
@@ -264,14 +324,29 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}")
             bar.update(1)
             done = step + 1
-            vl = _log_step(run, desc, done, total_steps, {"loss": loss, "lr": lr,
-                                                         "step_time_s": dt, "tokens": tokens_seen})
-            stop = (tracker is not None and tc.eval_every and done % tc.eval_every == 0
-                    and tracker.update(done, vl))
+            vl = _log_step(
+                run,
+                desc,
+                done,
+                total_steps,
+                {"loss": loss, "lr": lr, "step_time_s": dt, "tokens": tokens_seen},
+            )
+            stop = (
+                tracker is not None
+                and tc.eval_every
+                and done % tc.eval_every == 0
+                and tracker.update(done, vl)
+            )
             kill_point("after-step", done)  # tests only (lorakit.faults)
             if checkpoints and not stop:
-                _maybe_checkpoint(run, done, total_steps, optimizer, scheduler,
-                                  tracker.state() if tracker else None)
+                _maybe_checkpoint(
+                    run,
+                    done,
+                    total_steps,
+                    optimizer,
+                    scheduler,
+                    tracker.state() if tracker else None,
+                )
             if stop:
                 break
     finally:
@@ -281,19 +356,28 @@ def optimize(run: Run, examples: list[dict], total_steps: int, checkpoints: bool
     if tracker is not None:
         if tc.keep_best:
             tracker.restore(done)
-        best = {"best_step": tracker.step, "best_valid_loss": tracker.loss,
-                "stopped_at": done if done < total_steps else None}
+        best = {
+            "best_step": tracker.step,
+            "best_valid_loss": tracker.loss,
+            "stopped_at": done if done < total_steps else None,
+        }
     # drop DDP and the autocast wrapper accelerate put on forward; run.model is what we keep
     if not run.strategy.fsdp:
         acc.unwrap_model(ddp_model, keep_fp32_wrapper=False)
     run.process_bytes = process_bytes(model, optimizer)
     acc.free_memory()
     # "compiled": what ran (not when compiling failed and the run fell back to eager)
-    return {"steps": done - start, **best, "compiled": bool(layers),
-            "median_step_time_s": statistics.median(times) if times else None,
-            "tokens_per_s": tokens_seen / sum(times) if times else None,
-            "train_time_s": sum(times), "train_tokens": tokens_seen,
-            "final_train_loss": losses[-1] if losses else None, "loss_curve": losses}
+    return {
+        "steps": done - start,
+        **best,
+        "compiled": bool(layers),
+        "median_step_time_s": statistics.median(times) if times else None,
+        "tokens_per_s": tokens_seen / sum(times) if times else None,
+        "train_time_s": sum(times),
+        "train_tokens": tokens_seen,
+        "final_train_loss": losses[-1] if losses else None,
+        "loss_curve": losses,
+    }
 
 
 class _AutoCompile:
@@ -302,8 +386,7 @@ class _AutoCompile:
 
     def __init__(self, run: Run, steps: int):
         self.run, self.choice = run, False
-        on, why = compile_decision(run.accelerator.device, run.dtype,
-                                   run.accelerator.num_processes)
+        on, why = compile_decision(run.accelerator.device, run.dtype, run.accelerator.num_processes)
         self.pending = on is None and steps > AUTO_PROBE_STEPS
         if not self.pending:
             run.log(f"train.compile auto: eager ({why or 'too few steps to time'})")
@@ -313,29 +396,47 @@ class _AutoCompile:
         if not self.pending or len(times) < AUTO_PROBE_STEPS:
             return False
         self.pending = False
-        on, why = compile_decision(self.run.accelerator.device, self.run.dtype,
-                                   self.run.accelerator.num_processes,
-                                   statistics.median(times[1:]), steps_left)
+        on, why = compile_decision(
+            self.run.accelerator.device,
+            self.run.dtype,
+            self.run.accelerator.num_processes,
+            statistics.median(times[1:]),
+            steps_left,
+        )
         self.run.log(f"train.compile auto: {'compiled' if on else 'eager'} ({why})")
         self.choice = bool(on)
         return self.choice
 
 
-def _optimizer_step(run: Run, ddp_model: nn.Module, optimizer, scheduler, examples: list[dict],
-                    idx: list[int], step: int, total_steps: int) -> float:
+def _optimizer_step(
+    run: Run,
+    ddp_model: nn.Module,
+    optimizer,
+    scheduler,
+    examples: list[dict],
+    idx: list[int],
+    step: int,
+    total_steps: int,
+) -> float:
     """One optimizer step over the global batch ``idx`` (See Note: the loss is normalized by
     the global token count); returns the batch's token-mean loss."""
     tc, acc, model = run.cfg.train, run.accelerator, run.model
     world = acc.num_processes
     n_tokens = sum(sum(1 for t in examples[i]["labels"][1:] if t != IGNORE) for i in idx)
-    micro = [idx[(j * world + acc.process_index) * tc.batch_size:
-                 (j * world + acc.process_index + 1) * tc.batch_size]
-             for j in range(tc.grad_accum)]
+    micro = [
+        idx[
+            (j * world + acc.process_index) * tc.batch_size : (j * world + acc.process_index + 1)
+            * tc.batch_size
+        ]
+        for j in range(tc.grad_accum)
+    ]
     fsdp = run.strategy.fsdp
     step_loss = torch.zeros((), device=acc.device)
     for j, mb in enumerate(micro):
-        batch = {k: v.to(acc.device) for k, v in collate([examples[i] for i in mb],
-                                                         run.tokenizer.pad_token_id).items()}
+        batch = {
+            k: v.to(acc.device)
+            for k, v in collate([examples[i] for i in mb], run.tokenizer.pad_token_id).items()
+        }
         last = j == len(micro) - 1
         if fsdp:  # FSDP2: reduce-scatter the gradients on the last micro-batch only
             requires_gradient_sync(model, last)
@@ -356,12 +457,13 @@ def _optimizer_step(run: Run, ddp_model: nn.Module, optimizer, scheduler, exampl
         sync_replicated_grads(model)
     value = acc.reduce(step_loss, reduction="sum").item() / max(1, n_tokens)
     if not math.isfinite(value):
-        raise LorakitError(f"the loss became {value} at step {step + 1}; stopping "
-                           "(lower train.lr or use fp32); the last good checkpoint is kept")
+        raise LorakitError(
+            f"the loss became {value} at step {step + 1}; stopping "
+            "(lower train.lr or use fp32); the last good checkpoint is kept"
+        )
     if tc.max_grad_norm:
         if fsdp:
-            clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                            tc.max_grad_norm)
+            clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
         else:
             acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
     optimizer.step()
@@ -380,20 +482,23 @@ def _resume(run: Run, optimizer, scheduler, total_steps: int, phase: str) -> dic
     state: dict = {}
     if list_checkpoints(run.out_dir):
         last = list_checkpoints(run.out_dir)[-1]
-        state = load_checkpoint(last, run.model, optimizer, scheduler, run.hooks,
-                                rank=run.accelerator.process_index)
+        state = load_checkpoint(
+            last, run.model, optimizer, scheduler, run.hooks, rank=run.accelerator.process_index
+        )
         run.log(f"resumed from {last} (step {state['step']} of {total_steps})")
         if state.get("processes", run.accelerator.num_processes) != run.accelerator.num_processes:
-            run.log(f"note: the checkpoint was written by {state['processes']} process(es) and "
-                    f"this run has {run.accelerator.num_processes}: the weights and optimizer "
-                    "state continue exactly, the remaining batches are drawn for the new "
-                    "global batch size")
+            run.log(
+                f"note: the checkpoint was written by {state['processes']} process(es) and "
+                f"this run has {run.accelerator.num_processes}: the weights and optimizer "
+                "state continue exactly, the remaining batches are drawn for the new "
+                "global batch size"
+            )
     if run.is_main:
         _truncate_metrics(run.out_dir / "metrics.jsonl", phase, state.get("step", 0))
     return state
 
 
-def _log_step(run: Run, phase: str, done: int, total: int, row: dict) -> Optional[float]:
+def _log_step(run: Run, phase: str, done: int, total: int, row: dict) -> float | None:
     """metrics.jsonl: a line every ``train.log_every`` steps, validation loss every
     ``train.eval_every`` steps (returned; None when not measured or not the main process)."""
     tc, path = run.cfg.train, run.out_dir / "metrics.jsonl"
@@ -402,8 +507,13 @@ def _log_step(run: Run, phase: str, done: int, total: int, row: dict) -> Optiona
         _track(run, phase, done, row)
     if tc.eval_every and done % tc.eval_every == 0 and run.heldout.valid_examples:
         # every process evaluates its share (See evaluation.Share): none waits for another
-        vl = eval_loss(run.model, run.heldout.valid_examples, run.tokenizer.pad_token_id,
-                       dtype=run.dtype, share=run.share)
+        vl = eval_loss(
+            run.model,
+            run.heldout.valid_examples,
+            run.tokenizer.pad_token_id,
+            dtype=run.dtype,
+            share=run.share,
+        )
         if not run.is_main:
             return None
         _append_jsonl(path, {"phase": phase, "step": done, "valid_loss": vl})
@@ -415,19 +525,34 @@ def _log_step(run: Run, phase: str, done: int, total: int, row: dict) -> Optiona
 def _track(run: Run, phase: str, step: int, row: dict) -> None:
     """The numbers of ``row`` to the trackers of ``train.report_to`` (as ``phase/key``)."""
     if run.cfg.train.report_to:
-        run.accelerator.log({f"{phase}/{k}": v for k, v in row.items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                            step=step)
+        run.accelerator.log(
+            {
+                f"{phase}/{k}": v
+                for k, v in row.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            },
+            step=step,
+        )
 
 
-def _maybe_checkpoint(run: Run, done: int, total: int, optimizer, scheduler,
-                      extra: Optional[dict] = None) -> None:
+def _maybe_checkpoint(
+    run: Run, done: int, total: int, optimizer, scheduler, extra: dict | None = None
+) -> None:
     tc = run.cfg.train
     if tc.save_every and done % tc.save_every == 0 and done < total:
         # every process takes part (the gathers of a sharded model); the first one writes
-        save_checkpoint(run.out_dir, done, run.model, optimizer, scheduler, run.hooks,
-                        keep=tc.keep_checkpoints, extra=extra, rank=run.accelerator.process_index,
-                        world=run.accelerator.num_processes)
+        save_checkpoint(
+            run.out_dir,
+            done,
+            run.model,
+            optimizer,
+            scheduler,
+            run.hooks,
+            keep=tc.keep_checkpoints,
+            extra=extra,
+            rank=run.accelerator.process_index,
+            world=run.accelerator.num_processes,
+        )
         run.accelerator.wait_for_everyone()
 
 
@@ -455,6 +580,7 @@ def _append_jsonl(path: Path, obj: dict) -> None:
 
 # ---- data and the base model ----------------------------------------------------------------
 
+
 def prepare_data(cfg: RunConfig, tokenizer, log: Log) -> tuple[list[dict], HeldOut, dict]:
     """(train examples, held-out rows, held-out record). The held-out rows are split off
     before encoding and never trained on; the record (``heldout.json`` in the run folder)
@@ -466,32 +592,42 @@ def prepare_data(cfg: RunConfig, tokenizer, log: Log) -> tuple[list[dict], HeldO
     for spec, weight in zip(files, dc.weights or [1.0] * len(files)):
         rows = remap(read_rows(spec, "train", dc.max_seq_len), dc.columns, dc.roles)
         if dc.limit:
-            rows.rows = rows.rows[:dc.limit]
+            rows.rows = rows.rows[: dc.limit]
         held_lines = None
         if not dc.valid and not spec.startswith("task:"):
             kept, held = split_rows(rows.rows, dc.valid_ratio, cfg.train.seed)
             held_lines = [r["_line"] for r in held]
             rows.rows = kept
-        enc = encode(rows, tokenizer, dc.format, dc.max_seq_len, dc.loss_on,
-                     truncation=dc.truncation)
+        enc = encode(
+            rows, tokenizer, dc.format, dc.max_seq_len, dc.loss_on, truncation=dc.truncation
+        )
         if enc.report():
             log(enc.report())
         if fmt is not None and enc.fmt != fmt:
-            raise LorakitError(f"data.train: {files[0]} is in format {fmt!r} and {spec} in "
-                               f"{enc.fmt!r}; files trained together must share one format")
+            raise LorakitError(
+                f"data.train: {files[0]} is in format {fmt!r} and {spec} in "
+                f"{enc.fmt!r}; files trained together must share one format"
+            )
         fmt = enc.fmt
         examples += weighted(enc.examples, weight, cfg.train.seed)
         records.append(heldout_record(spec, dc.valid, enc.fmt, held_lines, mapping))
     if dc.packing:
         examples = pack(examples, dc.max_seq_len)
     record = records[0] if len(records) == 1 or dc.valid else merge_records(records)
-    valid, metric_rows = build_heldout(record, tokenizer, dc.max_seq_len, dc.loss_on,
-                                       dc.truncation)
+    valid, metric_rows = build_heldout(record, tokenizer, dc.max_seq_len, dc.loss_on, dc.truncation)
     return examples, HeldOut(valid, metric_rows, fmt), record
 
 
-def base_metrics(cfg: RunConfig, model: nn.Module, tokenizer, heldout: HeldOut,
-                 dtype: torch.dtype, out: Path, log: Log, share: Optional[Share] = None) -> dict:
+def base_metrics(
+    cfg: RunConfig,
+    model: nn.Module,
+    tokenizer,
+    heldout: HeldOut,
+    dtype: torch.dtype,
+    out: Path,
+    log: Log,
+    share: Share | None = None,
+) -> dict:
     """The base model's figures, measured once per run folder (``base_metrics.json``).
 
     A model with an adapter is measured with the adapter disabled (so QLoRA's base is its
@@ -501,14 +637,25 @@ def base_metrics(cfg: RunConfig, model: nn.Module, tokenizer, heldout: HeldOut,
         return json.loads(cached.read_text())
     adapted = getattr(model, "lorakit_state", None) is not None
     with inject.disabled(model) if adapted else contextlib.nullcontext():
-        metrics = measure(model, tokenizer, heldout, cfg.eval, cfg.data.max_seq_len, dtype,
-                          "base model", log, out / PREDICTIONS["base"], share)
+        metrics = measure(
+            model,
+            tokenizer,
+            heldout,
+            cfg.eval,
+            cfg.data.max_seq_len,
+            dtype,
+            "base model",
+            log,
+            out / PREDICTIONS["base"],
+            share,
+        )
     if share is None or share.rank == 0:
         write_json(cached, metrics)
     return metrics
 
 
 # ---- the run --------------------------------------------------------------------------------
+
 
 def train(cfg: RunConfig, log: Log = print) -> dict:
     """Run a whole training job; returns the summary (also written to summary.json).
@@ -547,15 +694,28 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
     lock = _lock(out) if acc.is_main_process else None
     try:
         if acc.is_main_process:
-            write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"),
-                                                           sort_keys=False))
+            write_text(
+                out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+            )
             write_json(out / "heldout.json", record)
         if tc.report_to:  # accelerate's trackers: tensorboard events in <out>/tensorboard
             acc.init_trackers("tensorboard", config=tracker_config(cfg.model_dump(mode="json")))
         model = build.place(model)
         peak.phase("load")
-        run = Run(cfg, model, tok, acc, dtype, train_ex, heldout, out, log, method.hooks(),
-                  strategy, rebuild=build.rebuild)
+        run = Run(
+            cfg,
+            model,
+            tok,
+            acc,
+            dtype,
+            train_ex,
+            heldout,
+            out,
+            log,
+            method.hooks(),
+            strategy,
+            rebuild=build.rebuild,
+        )
         base = None
         if cfg.eval.compare_base:
             base = base_metrics(cfg, model, tok, heldout, dtype, out, log, run.share)
@@ -580,29 +740,38 @@ def fsdp_units_check(model: nn.Module, strategy: Strategy) -> None:
     fsdp_units(model, strategy)
 
 
-def _train_and_finish(run: Run, method, total: int, base: Optional[dict],
-                      peak: PeakMemory) -> dict:
+def _train_and_finish(run: Run, method, total: int, base: dict | None, peak: PeakMemory) -> dict:
     """The main optimization, then the adapter, the tuned figures and summary.json."""
     cfg, acc, out = run.cfg, run.accelerator, run.out_dir
     trainable, n_total = inject.count_parameters(run.model)
-    run.log(f"{cfg.adapter.method}: {trainable:,} trainable of {n_total:,} parameters "
-            f"({100 * trainable / n_total:.3f}%), {len(run.train_examples)} examples, "
-            f"{total} steps, {dtype_name(run.dtype)}, {acc.num_processes} process(es), "
-            f"{run.strategy.name}")
+    run.log(
+        f"{cfg.adapter.method}: {trainable:,} trainable of {n_total:,} parameters "
+        f"({100 * trainable / n_total:.3f}%), {len(run.train_examples)} examples, "
+        f"{total} steps, {dtype_name(run.dtype)}, {acc.num_processes} process(es), "
+        f"{run.strategy.name}"
+    )
     if cfg.adapter.quantize:  # which dtype the 4-bit weights compute in, auto or asked for
-        run.log(f"{cfg.adapter.quantize} base: matmuls in "
-                f"{dtype_name(compute_dtype_of(cfg.adapter))} (adapter.quant_compute_dtype: "
-                f"{cfg.adapter.quant_compute_dtype})")
+        run.log(
+            f"{cfg.adapter.quantize} base: matmuls in "
+            f"{dtype_name(compute_dtype_of(cfg.adapter))} (adapter.quant_compute_dtype: "
+            f"{cfg.adapter.quant_compute_dtype})"
+        )
     peak.reset()
     with activation_checkpointing(run.model, cfg.train.gradient_checkpointing):
         stats = optimize(run, run.train_examples, total, checkpoints=True)
     peak.phase("train")
     model = run.model
     summary: dict[str, Any] = {
-        "method": cfg.adapter.method, "model": cfg.model,
-        "trainable_params": trainable, "total_params": n_total,
-        "precision": dtype_name(run.dtype), "processes": acc.num_processes,
-        "distributed": run.strategy.as_dict(), "total_steps": total, **stats}
+        "method": cfg.adapter.method,
+        "model": cfg.model,
+        "trainable_params": trainable,
+        "total_params": n_total,
+        "precision": dtype_name(run.dtype),
+        "processes": acc.num_processes,
+        "distributed": run.strategy.as_dict(),
+        "total_steps": total,
+        **stats,
+    }
     # after the training peak is read (memory.py); under FSDP each process's bytes are
     # process_bytes below, and the exact count of one unsharded step does not apply
     summary["exact_memory"] = None if run.strategy.fsdp else run_exact_memory(run)
@@ -612,15 +781,27 @@ def _train_and_finish(run: Run, method, total: int, base: Optional[dict],
         summary["method_summary"] = run.hooks.summary(model)
         if holder:
             peft_format.save_adapter(
-                model, out / "adapter",
+                model,
+                out / "adapter",
                 base_model_name_or_path=models.resolve_model_path(cfg.model),
-                summary={k: v for k, v in summary.items() if k != "loss_curve"})
+                summary={k: v for k, v in summary.items() if k != "loss_curve"},
+            )
             if method.save_whole_model():  # a whole model folder wants its tokenizer
                 run.tokenizer.save_pretrained(out / "adapter")
     acc.wait_for_everyone()
     peak.reset()
-    tuned = measure(model, run.tokenizer, run.heldout, cfg.eval, cfg.data.max_seq_len,
-                    run.dtype, "tuned model", run.log, out / PREDICTIONS["tuned"], run.share)
+    tuned = measure(
+        model,
+        run.tokenizer,
+        run.heldout,
+        cfg.eval,
+        cfg.data.max_seq_len,
+        run.dtype,
+        "tuned model",
+        run.log,
+        out / PREDICTIONS["tuned"],
+        run.share,
+    )
     peak.phase("tuned_eval")
     summary.update(peak_memory_mb=peak.overall(), peak_memory_phases_mb=peak.phases)
     if acc.is_main_process:
@@ -642,12 +823,19 @@ def _gather(run: Run, obj) -> list:
 
 #: settings that cannot change a run's results (train.compile: only within floating-point
 #: rounding): they may differ when a run is resumed or asked for again
-_NEUTRAL_KEYS = {"train.resume", "train.compile", "train.log_every", "train.eval_every",
-                 "train.save_every", "train.keep_checkpoints", "train.report_to",
-                 "eval.compare_base"}
+_NEUTRAL_KEYS = {
+    "train.resume",
+    "train.compile",
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.report_to",
+    "eval.compare_base",
+}
 
 
-def _first_difference(a: dict, b: dict, prefix: str = "") -> Optional[str]:
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
     """The first dotted key whose value differs between two config dumps (None: equal)."""
     for k in sorted(set(a) | set(b)):
         key = f"{prefix}{k}"
@@ -661,7 +849,7 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> Optional[str]:
     return None
 
 
-def _finished_run(cfg: RunConfig, out: Path, log: Log) -> Optional[dict]:
+def _finished_run(cfg: RunConfig, out: Path, log: Log) -> dict | None:
     """The summary of a finished run asked for again with the same settings (or resumed);
     refuses a folder that holds a run made with other settings, naming the first that
     differs, and a folder with an unfinished run when not resuming."""
@@ -670,20 +858,28 @@ def _finished_run(cfg: RunConfig, out: Path, log: Log) -> Optional[dict]:
     diff = _first_difference(recorded or {}, cfg.model_dump(mode="json")) if recorded else None
     if summary_file.exists():
         if diff:
-            raise LorakitError(f"{out} holds a finished run made with another {diff}; choose "
-                               "another output_dir to train with these settings")
-        log(f"{out} already holds this finished run (same settings); showing its results "
-            "(choose another output_dir to train again)")
+            raise LorakitError(
+                f"{out} holds a finished run made with another {diff}; choose "
+                "another output_dir to train with these settings"
+            )
+        log(
+            f"{out} already holds this finished run (same settings); showing its results "
+            "(choose another output_dir to train again)"
+        )
         return read_json(summary_file)
     if cfg.train.resume:
         foreign_checkpoints(out)
     if (out / "checkpoints").exists():
         if not cfg.train.resume:
-            raise LorakitError(f"{out} already holds an unfinished run; set train.resume=true "
-                               "to continue it or choose another output_dir")
+            raise LorakitError(
+                f"{out} already holds an unfinished run; set train.resume=true "
+                "to continue it or choose another output_dir"
+            )
         if diff:
-            raise LorakitError(f"{out} holds an unfinished run made with another {diff}; "
-                               "resume it with its own settings or choose another output_dir")
+            raise LorakitError(
+                f"{out} holds an unfinished run made with another {diff}; "
+                "resume it with its own settings or choose another output_dir"
+            )
     return None
 
 
@@ -695,8 +891,10 @@ def _recorded_config(path: Path) -> dict:
     except yaml.YAMLError:
         recorded = None
     if not isinstance(recorded, dict):
-        raise LorakitError(f"{path} is not the config lorakit records (damaged?); choose "
-                           "another output_dir or delete that file")
+        raise LorakitError(
+            f"{path} is not the config lorakit records (damaged?); choose "
+            "another output_dir or delete that file"
+        )
     return recorded
 
 
@@ -708,6 +906,7 @@ def _lock(out_dir: Path):
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.close()
-        raise LorakitError(f"another lorakit run is using {out_dir}; wait for it or choose "
-                           "another output_dir") from None
+        raise LorakitError(
+            f"another lorakit run is using {out_dir}; wait for it or choose another output_dir"
+        ) from None
     return fh

@@ -42,8 +42,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if h.requires_grad else None
         for start in range(0, h.shape[0], CHUNK_ROWS):
-            hc = h[start:start + CHUNK_ROWS].to(compute)
-            yc = targets[start:start + CHUNK_ROWS]
+            hc = h[start : start + CHUNK_ROWS].to(compute)
+            yc = targets[start : start + CHUNK_ROWS]
             logits = (hc @ w.T).float()
             if b is not None:
                 logits += b
@@ -52,7 +52,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 probs[torch.arange(yc.shape[0], device=yc.device), yc] -= 1.0
-                grad_h[start:start + CHUNK_ROWS] = (probs.to(compute) @ w).to(h.dtype)
+                grad_h[start : start + CHUNK_ROWS] = (probs.to(compute) @ w).to(h.dtype)
         ctx.save_for_backward(grad_h)
         return total
 
@@ -85,8 +85,9 @@ def _hidden_states_out(model: nn.Module):
         model.set_output_embeddings(head)
 
 
-def loss_sum(model: nn.Module, batch: dict, unwrapped: nn.Module | None = None
-             ) -> tuple[torch.Tensor, int]:
+def loss_sum(
+    model: nn.Module, batch: dict, unwrapped: nn.Module | None = None
+) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropies over labelled tokens, how many tokens).
 
     ``model`` is what to call (a DDP wrapper, say); ``unwrapped`` the module inside it."""
@@ -95,15 +96,20 @@ def loss_sum(model: nn.Module, batch: dict, unwrapped: nn.Module | None = None
     valid = labels != IGNORE
     n = int(valid.sum())
     if not fused_loss_applies(inner):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                           labels.flatten(), ignore_index=IGNORE,
-                                           reduction="sum")
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(),
+            labels.flatten(),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
         return loss, n
     with _hidden_states_out(inner) as head:
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits
+        hidden = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
     rows = hidden[:, :-1][valid]  # only the positions that have a label
     # under FSDP the (frozen) head may be resharded once the model's forward is done
     weight, bias = (None if t is None else full(t.detach()) for t in (head.weight, head.bias))

@@ -23,14 +23,14 @@ uses these functions.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from ..quant import is_quantized, weight_tensors
 
-MIB = 2 ** 20
+MIB = 2**20
 #: the summary.json fields of :func:`exact_memory`, in the order the compare table shows them
 FIELDS = ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_bytes")
 
@@ -64,7 +64,7 @@ class SavedBytes:
             self.seen[_key(t)] = t.untyped_storage().nbytes()
         return t
 
-    def __enter__(self) -> "SavedBytes":
+    def __enter__(self) -> SavedBytes:
         self._hooks.__enter__()
         return self
 
@@ -105,22 +105,25 @@ def grads_bytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-def optimizer_bytes(optimizer: Optional[torch.optim.Optimizer]) -> int:
+def optimizer_bytes(optimizer: torch.optim.Optimizer | None) -> int:
     seen: dict = {}
-    for st in (optimizer.state.values() if optimizer is not None else ()):
+    for st in optimizer.state.values() if optimizer is not None else ():
         for v in st.values():
             if torch.is_tensor(v):
                 _add(seen, v)
     return sum(seen.values())
 
 
-def state_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> int:
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
     """Parameters and buffers + gradients + optimizer state, in bytes (each storage once)."""
     return params_bytes(model) + grads_bytes(model) + optimizer_bytes(optimizer)
 
 
-def exact_memory(model: nn.Module, loss_fn: Callable[[], torch.Tensor],
-                 make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> dict:
+def exact_memory(
+    model: nn.Module,
+    loss_fn: Callable[[], torch.Tensor],
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+) -> dict:
     """The figures of the module docstring for one training step of ``model``: ``loss_fn()``
     computes the micro-batch's loss (under the run's autocast), ``make_optimizer(model)``
     builds the run's optimizer, here with every learning rate 0.
@@ -136,8 +139,12 @@ def exact_memory(model: nn.Module, loss_fn: Callable[[], torch.Tensor],
         with SavedBytes(exclude=_model_tensors(model)) as saved:
             loss_fn().backward()
         optimizer.step()
-        out = {"params_bytes": params_bytes(model), "grads_bytes": grads_bytes(model),
-               "optimizer_bytes": optimizer_bytes(optimizer), "saved_bytes": saved.nbytes}
+        out = {
+            "params_bytes": params_bytes(model),
+            "grads_bytes": grads_bytes(model),
+            "optimizer_bytes": optimizer_bytes(optimizer),
+            "saved_bytes": saved.nbytes,
+        }
     finally:
         optimizer.zero_grad(set_to_none=True)
         optimizer.state.clear()
@@ -160,7 +167,7 @@ def run_exact_memory(run) -> dict:
 
     model, tc = run.model, run.cfg.train
     idx = StepSampler(len(run.train_examples), run.examples_per_step, tc.seed).indices(0)
-    rows = [run.train_examples[i] for i in idx[:tc.batch_size]]
+    rows = [run.train_examples[i] for i in idx[: tc.batch_size]]
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate(rows, run.tokenizer.pad_token_id).items()}
 
@@ -172,13 +179,11 @@ def run_exact_memory(run) -> dict:
         return loss if reg is None else loss + reg
 
     with activation_checkpointing(model, tc.gradient_checkpointing):
-        out = exact_memory(model, loss_fn,
-                           lambda m: build_optimizer(m, tc.lr, tc.weight_decay))
-    return {**out, "batch_examples": len(rows),
-            "batch_tokens": int(batch["input_ids"].shape[1])}
+        out = exact_memory(model, loss_fn, lambda m: build_optimizer(m, tc.lr, tc.weight_decay))
+    return {**out, "batch_examples": len(rows), "batch_tokens": int(batch["input_ids"].shape[1])}
 
 
-def total_mib(record: Optional[dict]) -> Optional[float]:
+def total_mib(record: dict | None) -> float | None:
     """The sum of :data:`FIELDS` of a summary's ``exact_memory`` record, in MiB (None
     without one)."""
     if not record or any(record.get(k) is None for k in FIELDS):

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal, InvalidOperation
-from typing import Optional
 
 #: a number: digits with optional thousands separators ("1,234,567"), an optional fraction
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
-def last_number(text: str) -> Optional[Decimal]:
+def last_number(text: str) -> Decimal | None:
     """The value of the last number in ``text``, or None when it holds none."""
     found = _NUMBER.findall(text)
     if not found:

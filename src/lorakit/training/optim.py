@@ -36,13 +36,16 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float) -> list[d
     With ``loraplus_ratio`` set in the model's adapter config: :func:`loraplus_groups`."""
     cfg = getattr(getattr(model, "lorakit_state", None), "config", None)
     if cfg is not None and cfg.loraplus_ratio:
-        return loraplus_groups(model, lr, weight_decay, cfg.loraplus_ratio,
-                               cfg.loraplus_lr_embedding)
+        return loraplus_groups(
+            model, lr, weight_decay, cfg.loraplus_ratio, cfg.loraplus_lr_embedding
+        )
     params = list(trainable_parameters(model).values())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
-              {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "lr": lr, "weight_decay": weight_decay},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -57,8 +60,9 @@ def _no_decay_ids(model: nn.Module) -> set[int]:
     return out
 
 
-def loraplus_groups(model: nn.Module, lr: float, weight_decay: float, ratio: float,
-                    lr_embedding: float = 1e-6) -> list[dict]:
+def loraplus_groups(
+    model: nn.Module, lr: float, weight_decay: float, ratio: float, lr_embedding: float = 1e-6
+) -> list[dict]:
     """LoRA+ groups (Hayou et al. 2024; See Note: groups by identity). Empty groups are left
     out; each group carries a ``name`` for logs."""
     params = trainable_parameters(model)
@@ -80,15 +84,26 @@ def loraplus_groups(model: nn.Module, lr: float, weight_decay: float, ratio: flo
             groups["B_no_decay" if id(p) in no_decay else "B"].append(p)
         else:
             groups["A"].append(p)
-    settings = {"A": (lr, weight_decay), "embedding": (lr_embedding, weight_decay),
-                "B": (ratio * lr, weight_decay), "B_no_decay": (ratio * lr, 0.0)}
-    return [{"name": k, "params": v, "lr": settings[k][0], "weight_decay": settings[k][1]}
-            for k, v in groups.items() if v]
+    settings = {
+        "A": (lr, weight_decay),
+        "embedding": (lr_embedding, weight_decay),
+        "B": (ratio * lr, weight_decay),
+        "B_no_decay": (ratio * lr, 0.0),
+    }
+    return [
+        {"name": k, "params": v, "lr": settings[k][0], "weight_decay": settings[k][1]}
+        for k, v in groups.items()
+        if v
+    ]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
-                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
     """AdamW over :func:`parameter_groups` (LoRA+ groups when the adapter config asks).
 
     torch's fused AdamW kernel where every parameter allows it (fp32/bf16/fp16 on CPU or CUDA):
@@ -98,14 +113,19 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
 
     groups = split_param_groups(parameter_groups(model, lr, weight_decay))
     params = [p for g in groups for p in g["params"]]
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in
-                                 (torch.float32, torch.bfloat16, torch.float16) for p in params)
+    fused = bool(params) and all(
+        p.device.type in ("cpu", "cuda")
+        and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        for p in params
+    )
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then ``constant``, ``linear`` decay or ``cosine`` decay to zero."""
+
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps

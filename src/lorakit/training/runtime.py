@@ -9,7 +9,6 @@ import importlib.util
 import os
 import resource
 from pathlib import Path
-from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -44,8 +43,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 TRACKERS = {"tensorboard": ("tensorboard", "lorakit[tensorboard]"), "wandb": ("wandb", "wandb")}
 
 
-def make_accelerator(dtype: torch.dtype, report_to: tuple[str, ...] = (),
-                     out_dir: Optional[Path] = None) -> Accelerator:
+def make_accelerator(
+    dtype: torch.dtype, report_to: tuple[str, ...] = (), out_dir: Path | None = None
+) -> Accelerator:
     """An Accelerator for this process. On a machine without CUDA ``cpu=True`` makes
     accelerate form a gloo group (MULTI_CPU) when launched with several processes, instead of
     silently running each one alone. ``report_to``: accelerate's experiment trackers, their
@@ -56,16 +56,20 @@ def make_accelerator(dtype: torch.dtype, report_to: tuple[str, ...] = (),
     for name in report_to:
         module, req = TRACKERS[name]
         if importlib.util.find_spec(module) is None:
-            raise LorakitError(f"train.report_to: {name} needs the {module} package, which is "
-                               f"not installed (pip install '{req}')")
+            raise LorakitError(
+                f"train.report_to: {name} needs the {module} package, which is "
+                f"not installed (pip install '{req}')"
+            )
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # accelerate keeps one global state per process; a second in-process run (a notebook,
         # the test suite) may ask for another precision
         AcceleratorState._reset_state(reset_partial_state=True)
     trackers = {"log_with": list(report_to), "project_dir": str(out_dir)} if report_to else {}
-    return Accelerator(cpu=not torch.cuda.is_available(),
-                       mixed_precision={torch.float32: "no", torch.bfloat16: "bf16",
-                                        torch.float16: "fp16"}[dtype], **trackers)
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision={torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+        **trackers,
+    )
 
 
 def tracker_config(cfg_dict: dict, prefix: str = "") -> dict:
@@ -164,9 +168,11 @@ def compiled_layers(model: nn.Module, enabled: bool, log=print):
     # data-dependent sizes (DoRA's rows lost to cancellation) stay inside the graph; room for
     # more graphs of the one layer code than torch's default 8 (several models or runs in one
     # process: past the limit torch would run eagerly without a word)
-    patch = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
-                                       recompile_limit=64) if layers \
+    patch = (
+        torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, recompile_limit=64)
+        if layers
         else contextlib.nullcontext()
+    )
     try:
         with patch:
             yield layers
@@ -204,9 +210,13 @@ COMPILE_MEASURED: dict[tuple[str, torch.dtype], tuple[float, float]] = {
 }
 
 
-def compile_decision(device: torch.device, dtype: torch.dtype, processes: int,
-                     step_s: Optional[float] = None,
-                     steps_left: int = 0) -> tuple[Optional[bool], str]:
+def compile_decision(
+    device: torch.device,
+    dtype: torch.dtype,
+    processes: int,
+    step_s: float | None = None,
+    steps_left: int = 0,
+) -> tuple[bool | None, str]:
     """``train.compile: auto``: (compile?, why); ``None`` while the eager probe steps are
     still to be timed (See Note: train.compile: auto)."""
     if processes > 1:
@@ -218,14 +228,18 @@ def compile_decision(device: torch.device, dtype: torch.dtype, processes: int,
         return False, "no C++ compiler for inductor on this machine"
     saved_frac, cost_s = measured
     if saved_frac <= 0:
-        return False, (f"on {device.type} in {dtype_name(dtype)} the compiled step was measured "
-                       f"{-saved_frac:.0%} slower than eager")
+        return False, (
+            f"on {device.type} in {dtype_name(dtype)} the compiled step was measured "
+            f"{-saved_frac:.0%} slower than eager"
+        )
     if step_s is None:
         return None, ""
     gain_s = saved_frac * step_s * steps_left
     on = gain_s > cost_s
-    return on, (f"{steps_left} steps left x {step_s:.3f} s x {saved_frac:.0%} saved = "
-                f"{gain_s:.0f} s {'>' if on else '<='} ~{cost_s:.0f} s of compiling")
+    return on, (
+        f"{steps_left} steps left x {step_s:.3f} s x {saved_frac:.0%} saved = "
+        f"{gain_s:.0f} s {'>' if on else '<='} ~{cost_s:.0f} s of compiling"
+    )
 
 
 def _has_cpp_compiler() -> bool:
@@ -234,7 +248,7 @@ def _has_cpp_compiler() -> bool:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
         get_cpp_compiler()
-    except Exception:  # noqa: BLE001 - any failure to find one means: none usable
+    except Exception:
         return False
     return True
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,15 +39,21 @@ class ModelBuild:
     with sharded loading: process 0 reads the weights, the others build the model on the meta
     device and receive their shards; a 4-bit base is read and quantized by every process."""
 
-    def __init__(self, cfg: RunConfig, strategy: Strategy, dtype: torch.dtype,
-                 device: torch.device, rank: int = 0):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        strategy: Strategy,
+        dtype: torch.dtype,
+        device: torch.device,
+        rank: int = 0,
+    ):
         self.cfg, self.strategy, self.dtype, self.device = cfg, strategy, dtype, device
         self.main = rank == 0
         method = get_method(cfg.adapter.method)
         # trainable weights are fp32 masters: a method that trains every weight loads fp32
         self.load_dtype = dtype if method.wraps_layers else torch.float32
-        self.meta = (strategy.fsdp and strategy.sharded_loading and not cfg.adapter.quantize)
-        self._state: Optional[dict] = None
+        self.meta = strategy.fsdp and strategy.sharded_loading and not cfg.adapter.quantize
+        self._state: dict | None = None
 
     def files_ready(self) -> None:
         """Once per run, before any :meth:`load`: with several processes the first converts
@@ -56,23 +63,31 @@ class ModelBuild:
                 models.resolve_model_path(self.cfg.model, self.load_dtype)
             torch.distributed.barrier()
 
-    def load(self, meta: Optional[bool] = None) -> tuple[nn.Module, Any]:
+    def load(self, meta: bool | None = None) -> tuple[nn.Module, Any]:
         cfg = self.cfg
         on_meta = self.meta and not self.main if meta is None else meta
         device = None if self.strategy.fsdp else self.device
         if cfg.adapter.quantize and not on_meta:
             # See Note: reading a 4-bit base (models.py): NF4 as it is read, on the device
-            loaded = models.load_quantized(cfg.model, cfg.adapter, self.load_dtype,
-                                           cfg.trust_remote_code, device)
+            loaded = models.load_quantized(
+                cfg.model, cfg.adapter, self.load_dtype, cfg.trust_remote_code, device
+            )
             if loaded is not None:
                 return loaded
             if self.main:  # never silently: say which path ran
-                print("note: this checkpoint cannot be read tensor by tensor (no safetensors "
-                      "files, or tensor names other than the model's); loading it whole, then "
-                      "quantizing to NF4", file=sys.stderr)
-        return models.load_model(cfg.model, dtype=self.load_dtype,
-                                 trust_remote_code=cfg.trust_remote_code, device=device,
-                                 meta=on_meta)
+                print(
+                    "note: this checkpoint cannot be read tensor by tensor (no safetensors "
+                    "files, or tensor names other than the model's); loading it whole, then "
+                    "quantizing to NF4",
+                    file=sys.stderr,
+                )
+        return models.load_model(
+            cfg.model,
+            dtype=self.load_dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            device=device,
+            meta=on_meta,
+        )
 
     def adapt(self, model: nn.Module) -> nn.Module:
         """Apply the method; trainable weights in fp32 (their master copies)."""
@@ -107,13 +122,15 @@ class ModelBuild:
         models.release_freed_memory()  # the whole weights process 0 broadcast are gone
         return model
 
-    def rebuild(self, current: nn.Module, edit: Callable[[nn.Module], Any]
-                ) -> tuple[nn.Module, Any]:
+    def rebuild(
+        self, current: nn.Module, edit: Callable[[nn.Module], Any]
+    ) -> tuple[nn.Module, Any]:
         """A new sharded model holding ``current``'s trained values, after ``edit`` (which
         replaces Parameters: a sharded model's cannot be). The edit draws from the random
         state this process had at the call, as it would on an unsharded model."""
-        trained = {n: full(p.detach()).cpu() for n, p in current.named_parameters()
-                   if p.requires_grad}  # a collective: every process calls it
+        trained = {
+            n: full(p.detach()).cpu() for n, p in current.named_parameters() if p.requires_grad
+        }  # a collective: every process calls it
         rng = torch.get_rng_state()
         model, _ = self.load()
         self.adapt(model)
@@ -138,27 +155,37 @@ class AdapterBuild(ModelBuild):
     when ``adapter`` is None, read once in ``dtype`` onto ``device``. Nothing is applied:
     the adapter folder carries its method."""
 
-    def __init__(self, cfg: RunConfig, dtype, device: torch.device, adapter: Optional[str],
-                 model_name: Optional[str], trust_remote_code: bool = False):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        dtype,
+        device: torch.device,
+        adapter: str | None,
+        model_name: str | None,
+        trust_remote_code: bool = False,
+    ):
         super().__init__(cfg, Strategy("single", 1), dtype, device)
         self.adapter, self.model_name, self.trust = adapter, model_name, trust_remote_code
         self.load_dtype, self.meta = dtype, False
 
-    def load(self, meta: Optional[bool] = None) -> tuple[nn.Module, Any]:
+    def load(self, meta: bool | None = None) -> tuple[nn.Module, Any]:
         if self.adapter is None:
             if not self.model_name:
                 raise LorakitError("name a model with --model (or --base)")
-            return models.load_model(self.model_name, dtype=self.dtype,
-                                     trust_remote_code=self.trust, device=self.device)
-        return peft_format.open_adapter(self.adapter, self.model_name, self.dtype, self.trust,
-                                        self.device)
+            return models.load_model(
+                self.model_name, dtype=self.dtype, trust_remote_code=self.trust, device=self.device
+            )
+        return peft_format.open_adapter(
+            self.adapter, self.model_name, self.dtype, self.trust, self.device
+        )
 
     def adapt(self, model: nn.Module) -> nn.Module:
         return model
 
 
-def assemble(build: ModelBuild, read_data: Callable[[Any], Any], adapt: bool = True
-             ) -> tuple[nn.Module, Any, Any]:
+def assemble(
+    build: ModelBuild, read_data: Callable[[Any], Any], adapt: bool = True
+) -> tuple[nn.Module, Any, Any]:
     """(model, tokenizer, data) of a measurement, in the order a run makes them: the model
     read once in the compute dtype (``build.load``), ``read_data(tokenizer)``, the method
     applied (``build.adapt``; skipped with ``adapt=False``: a method that wraps no layers is
@@ -171,33 +198,45 @@ def assemble(build: ModelBuild, read_data: Callable[[Any], Any], adapt: bool = T
     return build.place(model), tok, data
 
 
-def eval_rows(spec: Optional[str], run_dir: Optional[Path], cfg: RunConfig, tok,
-              log: Log = print) -> tuple[dict, HeldOut]:
+def eval_rows(
+    spec: str | None, run_dir: Path | None, cfg: RunConfig, tok, log: Log = print
+) -> tuple[dict, HeldOut]:
     """(what was evaluated, the held-out rows) of ``lorakit eval``: the data file or task
     ``spec`` (every row; a task's test split), else the held-out rows a run recorded in
     ``<run_dir>/heldout.json``, never rows it trained on."""
     if spec:
-        rows = remap(read_rows(spec, "test", cfg.data.max_seq_len), cfg.data.columns,
-                     cfg.data.roles)
+        rows = remap(
+            read_rows(spec, "test", cfg.data.max_seq_len), cfg.data.columns, cfg.data.roles
+        )
         # the loss covers what the run trained on
-        enc = encode(rows, tok, "auto", cfg.data.max_seq_len, cfg.data.loss_on,
-                     truncation=cfg.data.truncation)
+        enc = encode(
+            rows,
+            tok,
+            "auto",
+            cfg.data.max_seq_len,
+            cfg.data.loss_on,
+            truncation=cfg.data.truncation,
+        )
         if enc.skipped:
             log(Rows(enc.rows, enc.skipped, spec).report())
-        return ({"data": spec, "split": "test" if spec.startswith("task:") else "all"},
-                HeldOut(enc.examples, enc.rows if enc.fmt != "text" else [], enc.fmt))
+        return (
+            {"data": spec, "split": "test" if spec.startswith("task:") else "all"},
+            HeldOut(enc.examples, enc.rows if enc.fmt != "text" else [], enc.fmt),
+        )
     if run_dir is None:
         raise LorakitError("say which data to evaluate on with --data FILE or --data task:NAME")
     record_file = run_dir / "heldout.json"
     if not record_file.is_file():
-        raise LorakitError(f"{run_dir} does not record its held-out rows (trained by an older "
-                           "lorakit); pass --data")
+        raise LorakitError(
+            f"{run_dir} does not record its held-out rows (trained by an older "
+            "lorakit); pass --data"
+        )
     record = read_json(record_file)
-    valid, metric_rows = build_heldout(record, tok, cfg.data.max_seq_len,
-                                       cfg.data.loss_on, cfg.data.truncation)
+    valid, metric_rows = build_heldout(
+        record, tok, cfg.data.max_seq_len, cfg.data.loss_on, cfg.data.truncation
+    )
     v = record["valid"] if isinstance(record["valid"], dict) else record["valid"][0]
-    files = ([p["data"] for p in record["valid"]] if isinstance(record["valid"], list)
-             else v["data"])
+    files = [p["data"] for p in record["valid"]] if isinstance(record["valid"], list) else v["data"]
     what = {"data": files, "split": v["split"] if v["lines"] is None else "held-out rows"}
     if record.get("metric"):
         m = record["metric"] if isinstance(record["metric"], dict) else record["metric"][0]
@@ -205,25 +244,45 @@ def eval_rows(spec: Optional[str], run_dir: Optional[Path], cfg: RunConfig, tok,
     return what, HeldOut(valid, metric_rows, record["format"])
 
 
-def evaluate(build: ModelBuild, data: Optional[str], run_dir: Optional[Path],
-             predictions: Optional[str] = None, log: Log = print) -> dict:
+def evaluate(
+    build: ModelBuild,
+    data: str | None,
+    run_dir: Path | None,
+    predictions: str | None = None,
+    log: Log = print,
+) -> dict:
     """``lorakit eval``'s figures (the JSON it prints): the model ``build`` makes, measured
     in its compute dtype on the rows of ``data`` or of the run's held-out record
     (:func:`eval_rows`), every answer written to ``predictions`` when given."""
     cfg = build.cfg
-    model, tok, (what, heldout) = assemble(build, lambda tok: eval_rows(data, run_dir, cfg,
-                                                                        tok, log))
+    model, tok, (what, heldout) = assemble(
+        build, lambda tok: eval_rows(data, run_dir, cfg, tok, log)
+    )
     adapter = getattr(build, "adapter", None)
-    m = measure(model, tok, heldout, cfg.eval, cfg.data.max_seq_len, build.dtype,
-                "adapter" if adapter else "base model", log,
-                Path(predictions) if predictions else None)
+    m = measure(
+        model,
+        tok,
+        heldout,
+        cfg.eval,
+        cfg.data.max_seq_len,
+        build.dtype,
+        "adapter" if adapter else "base model",
+        log,
+        Path(predictions) if predictions else None,
+    )
     if "predictions" in m:
         m["predictions"] = predictions
     loss, gen = m.pop("valid_loss", None), m.pop("generation", {})
     if gen:
         gen["metric_examples"] = gen.pop("examples")
-    return {**what, "dtype": dtype_name(build.dtype), "examples": len(heldout.valid_examples),
-            "loss": loss, **m, **gen}
+    return {
+        **what,
+        "dtype": dtype_name(build.dtype),
+        "examples": len(heldout.valid_examples),
+        "loss": loss,
+        **m,
+        **gen,
+    }
 
 
 def inference_device() -> torch.device:

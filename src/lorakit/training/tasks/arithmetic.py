@@ -25,12 +25,20 @@ class Arithmetic:
 
     def rows(self, split: str, max_len: int | None = None) -> list[dict]:
         qs = self._all_questions()
-        start = {"test": 0, "valid": self.sizes["test"],
-                 "train": self.sizes["test"] + self.sizes["valid"]}[split]
+        start = {
+            "test": 0,
+            "valid": self.sizes["test"],
+            "train": self.sizes["test"] + self.sizes["valid"],
+        }[split]
         out = []
-        for a, op, b in qs[start:start + self.sizes[split]]:
+        for a, op, b in qs[start : start + self.sizes[split]]:
             answer = a + b if op == "+" else a - b
-            out.append({"messages": [
-                {"role": "user", "content": PROMPT.format(a=a, op=op, b=b)},
-                {"role": "assistant", "content": str(answer)}]})
+            out.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": PROMPT.format(a=a, op=op, b=b)},
+                        {"role": "assistant", "content": str(answer)},
+                    ]
+                }
+            )
         return out

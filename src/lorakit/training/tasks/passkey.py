@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import random
 
-INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
-         "Find it and memorize it. I will quiz you about it.")
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
-          "There and back again.")
+INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it."
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? Answer with the number only."
 #: tokens of one FILLER block (SmolLM2's and Llama's tokenizers: 22-25)
@@ -44,8 +45,21 @@ class Passkey:
             n = rng.randint(lo, max(lo, hi - 2))  # the key line and the question: ~2 blocks
             depth = rng.randint(0, n)
             key = str(rng.randint(10000, 99999))
-            text = " ".join([INTRO, *[FILLER] * depth, KEY_LINE.format(key=key),
-                             *[FILLER] * (n - depth), QUESTION])
-            out.append({"messages": [{"role": "user", "content": text},
-                                     {"role": "assistant", "content": key}]})
+            text = " ".join(
+                [
+                    INTRO,
+                    *[FILLER] * depth,
+                    KEY_LINE.format(key=key),
+                    *[FILLER] * (n - depth),
+                    QUESTION,
+                ]
+            )
+            out.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": text},
+                        {"role": "assistant", "content": key},
+                    ]
+                }
+            )
         return out
