@@ -341,7 +341,7 @@ def _tiny_dir(root: Path) -> Path:
 def _lorakit(args: list[str], launch: list[str] | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
     cmd = [*(launch or [sys.executable]), "-m", "lorakit", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
 
 
 def check_fsdp_two(dry: bool) -> None:

@@ -202,6 +202,7 @@ def memory_of(variant: str, dtype: str) -> float:
         capture_output=True,
         text=True,
         cwd=Path(__file__).parent,
+        check=False,
     )
     if out.returncode != 0:
         return float("nan")

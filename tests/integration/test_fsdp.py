@@ -72,6 +72,7 @@ def run_one(model_dir, out: Path, *extra) -> subprocess.CompletedProcess:
         env=_env(OMP_NUM_THREADS="2"),
         cwd=REPO,
         timeout=900,
+        check=False,
     )
 
 
@@ -97,6 +98,7 @@ def run_fsdp(
         env=_env(**(env or {})),
         cwd=REPO,
         timeout=900,
+        check=False,
     )
 
 

@@ -46,7 +46,12 @@ print(json.dumps({"growth_mb": growth,
 
 def _measure(mode: str) -> dict:
     r = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, cwd=REPO, timeout=600
+        [sys.executable, "-c", SCRIPT, mode],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        check=False,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])

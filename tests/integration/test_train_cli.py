@@ -30,6 +30,7 @@ def lorakit_proc(*args, **kw):
         cwd=REPO,
         timeout=600,
         **kw,
+        check=False,
     )
 
 

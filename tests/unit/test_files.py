@@ -127,6 +127,7 @@ def test_a_write_the_kernel_refuses_leaves_the_old_files(tmp_path):
         text=True,
         env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
         timeout=120,
+        check=False,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()

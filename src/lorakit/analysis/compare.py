@@ -437,6 +437,7 @@ def _run_one(tag: str, p: Plan, plans: list, config, out: Path, log: Log, python
                 [python, "-m", "lorakit.analysis.compare", "--measure-base", *cfg_arg, *p.args],
                 stdout=fh,
                 stderr=subprocess.STDOUT,
+                check=False,
             )
         # on failure the training run measures the base itself (and reports the error)
     log_file = logs / f"{p.name}.log"
@@ -448,6 +449,7 @@ def _run_one(tag: str, p: Plan, plans: list, config, out: Path, log: Log, python
             stdout=fh,
             stderr=subprocess.STDOUT,
             env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
+            check=False,
         ).returncode
     wall = time.perf_counter() - t0
     if rc == 0 and (p.run_dir / "summary.json").exists():
