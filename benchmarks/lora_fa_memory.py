@@ -127,7 +127,7 @@ def main() -> None:
             f"| {label} | {m['trainable']:,} | {m['saved_mib']:.1f} | {m['step_peak_mib']:.0f} "
             f"| {m['ru_maxrss_mib']:.0f} | {m['step_s']:.1f} |"
         )
-    base = {lbl: m for lbl, m in rows}
+    base = dict(rows)
     for d in ("", ", dropout 0.1"):
         lo, fa = base[f"lorakit LoRA{d}"], base[f"lorakit LoRA-FA{d}"]
         print(

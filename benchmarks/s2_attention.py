@@ -50,8 +50,11 @@ METHODS = {"full": full_causal, "s2": s2}
 
 def inputs(n, device, dtype):
     g = torch.Generator(device="cpu").manual_seed(0)
+
     # the layout transformers passes: (b, heads, n, d) views of (b, n, heads, d) projections
-    make = lambda h: torch.randn(1, n, h, HEAD_DIM, generator=g).to(device, dtype).requires_grad_()
+    def make(h):
+        return torch.randn(1, n, h, HEAD_DIM, generator=g).to(device, dtype).requires_grad_()
+
     return [make(h).transpose(1, 2) for h in (HEADS, KV_HEADS, KV_HEADS)]
 
 

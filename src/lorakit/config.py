@@ -209,7 +209,7 @@ def upgrade_recorded(adapter: dict) -> dict:
     for m in all_methods():
         if m.options is None:
             continue
-        flat = {old: new for old, new in m.options.RENAMED.items()}
+        flat = dict(m.options.RENAMED)
         flat.update({f: f for f in m.options.model_fields})
         moved = {
             flat[k]: data.pop(k)

@@ -282,7 +282,7 @@ def test_paper_settings_apply_where_the_user_left_the_key_unset():
     assert "train.lr" not in got and got["adapter.adalora.target_r"] == 8
     assert "train.lr=5e-4" in args and not any(a.startswith("train.lr=0.001") for a in args)
     _, applied = method_overrides(None, [], "full", Path("x"))
-    assert dict((k, v) for k, v, _ in applied)["train.lr"] == 2e-5
+    assert {k: v for k, v, _ in applied}["train.lr"] == 2e-5
 
 
 def test_seeds_give_each_row_a_mean_and_a_spread(tiny_model_dir, tmp_path, monkeypatch):

@@ -227,7 +227,7 @@ def test_layers_below_loop_above():
     for f in SRC.rglob("*.py"):
         if "cli" not in f.relative_to(SRC).parts and f.name != "__main__.py":
             assert not [m for m in _imports(f) if m.startswith("lorakit.cli")], f
-    names = [n for n in registry.METHODS]
+    names = list(registry.METHODS)
     for f in SRC.rglob("*.py"):
         rel = f.relative_to(SRC)
         if rel.parts[0] == "adapters" or rel.name == "registry.py":

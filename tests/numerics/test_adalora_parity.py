@@ -19,7 +19,7 @@ from lorakit.adapters.adalora import AdaLoRAHooks, RankAllocator, adalora_layers
 from tests.conftest import batch, tiny_model
 
 TOL = 1e-5
-SCHED = dict(init_r=6, target_r=3, tinit=4, tfinal=8, delta_t=3)
+SCHED = {"init_r": 6, "target_r": 3, "tinit": 4, "tfinal": 8, "delta_t": 3}
 TOTAL = 30
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -25,7 +25,7 @@ def _direct_saved(model, ids) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids).loss
+        model(input_ids=ids, labels=ids)  # run for what autograd saves
     return sum(seen.values())
 
 
@@ -37,7 +37,7 @@ def test_exact_bytes_equal_a_direct_count(method):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     got = exact_memory(
         model,
-        lambda: model(input_ids=ids, labels=ids).loss,
+        lambda ids=ids: model(input_ids=ids, labels=ids).loss,
         lambda m: build_optimizer(m, 1e-3, 0.1),
     )
     # direct count: fp32 everywhere; the tied embedding/head once; AdamW keeps two moments of
@@ -71,7 +71,7 @@ def test_saved_bytes_grow_with_the_batch():
         sizes.append(
             exact_memory(
                 model,
-                lambda: model(input_ids=ids, labels=ids).loss,
+                lambda ids=ids: model(input_ids=ids, labels=ids).loss,
                 lambda m: build_optimizer(m, 1e-3),
             )["saved_bytes"]
         )

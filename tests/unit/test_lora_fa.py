@@ -56,7 +56,7 @@ def test_model_saves_fewer_bytes_than_lora():
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             ids = batch()
-            model(input_ids=ids, labels=ids).loss
+            model(input_ids=ids, labels=ids)  # run for what autograd saves
         return sum(seen.values())
 
     assert saved_bytes("lora-fa") < saved_bytes("lora")
