@@ -25,8 +25,10 @@ from .registry import DEFAULT_METHOD, METHODS, PRESETS, all_methods, get_method,
 COMBINATIONS: list[tuple[Callable[[Any, Any], bool], str]] = [
     (
         lambda c, m: not m.wraps_layers and c.quantize is not None,
-        "quantize: nf4 needs an adapter to train: a method that trains every weight cannot "
-        "train 4-bit weights (use it without quantize, or an adapter method)",
+        (
+            "quantize: nf4 needs an adapter to train: a method that trains every weight cannot "
+            "train 4-bit weights (use it without quantize, or an adapter method)"
+        ),
     ),
     (
         lambda c, m: not m.wraps_layers and bool(c.trainable_modules),

@@ -67,8 +67,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             (
                 "train.lr",
                 2e-4,
-                "Hayou et al. 2024: lr is A's learning rate, "
-                "LoRA's; lambda = 2^4 for LLaMA fine-tuning",
+                (
+                    "Hayou et al. 2024: lr is A's learning rate, "
+                    "LoRA's; lambda = 2^4 for LLaMA fine-tuning"
+                ),
             )
         ],
     },
@@ -86,8 +88,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             (
                 "train.lr",
                 2e-4,
-                "LoRA's rate: LongLoRA's own 2e-5 (Chen et al. "
-                "2023) is for 7B-70B models over 1000 steps",
+                (
+                    "LoRA's rate: LongLoRA's own 2e-5 (Chen et al. "
+                    "2023) is for 7B-70B models over 1000 steps"
+                ),
             ),
             ("train.schedule", "constant", "Chen et al. 2023: constant with warm-up"),
         ],

@@ -267,9 +267,11 @@ def test_ctrl_c_mid_run_leaves_a_run_that_resumes(
         [
             sys.executable,
             "-c",
-            "import fcntl, os, signal, sys; "
-            "fh = open(sys.argv[1], 'w'); fcntl.flock(fh, fcntl.LOCK_EX); "
-            "os.kill(os.getpid(), signal.SIGKILL)",
+            (
+                "import fcntl, os, signal, sys; "
+                "fh = open(sys.argv[1], 'w'); fcntl.flock(fh, fcntl.LOCK_EX); "
+                "os.kill(os.getpid(), signal.SIGKILL)"
+            ),
             str(out / ".lock"),
         ],
         check=False,

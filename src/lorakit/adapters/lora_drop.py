@@ -328,9 +328,11 @@ def summary_lines(record: dict) -> list[str]:
     if record.get("scope") == "module_type":
         how += " per module type"
     lines = [
-        f"lora-drop: kept {len(kept)} of {len(imp)} layers ({how}, cumulative importance "
-        f"{record['kept_importance']:.3f}); {record['adapter_params']:,} adapter parameters "
-        f"vs {record['lora_adapter_params']:,} for LoRA ({100 * record['param_ratio']:.1f}%)",
+        (
+            f"lora-drop: kept {len(kept)} of {len(imp)} layers ({how}, cumulative importance "
+            f"{record['kept_importance']:.3f}); {record['adapter_params']:,} adapter parameters "
+            f"vs {record['lora_adapter_params']:,} for LoRA ({100 * record['param_ratio']:.1f}%)"
+        ),
         f"  {'module':<12}{'layers':>7}{'kept':>6}{'importance':>12}{'max':>8}",
     ]
     for t, names in types.items():

@@ -313,8 +313,10 @@ CLAIMS: list[tuple[str, str, Callable[[dict, dict], dict]]] = [
     ("adalora", "AdaLoRA beats LoRA at the same parameter budget", adalora_beats_lora),
     (
         "dora-dm-dd",
-        "DoRA's magnitude/direction updates correlate negatively, like full "
-        "fine-tuning's, where LoRA's correlate positively",
+        (
+            "DoRA's magnitude/direction updates correlate negatively, like full "
+            "fine-tuning's, where LoRA's correlate positively"
+        ),
         dora_ft_like,
     ),
     (

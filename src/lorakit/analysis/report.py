@@ -265,9 +265,11 @@ def write_report(out: Path, plans: list, state: dict) -> dict:
             "Claims",
             ["claim", "verdict", "figures"],
             [[c["claim"], c["verdict"], c["figures"]] for c in claims],
-            "Verdict rules: docs/compare.md. A difference within twice the combined "
-            "spread is a tie; the spread is the standard deviation over seeds, or with "
-            "one seed the standard error over the evaluation examples.",
+            (
+                "Verdict rules: docs/compare.md. A difference within twice the combined "
+                "spread is a tie; the spread is the standard deviation over seeds, or with "
+                "one seed the standard error over the evaluation examples."
+            ),
         ),
         ("Methods", header, table, None),
     ]
@@ -277,10 +279,12 @@ def write_report(out: Path, plans: list, state: dict) -> dict:
         lc = _run_cfg(long[0]["_first"][0].run_dir)
         sections.append(
             (
-                f"Long context: task:passkey, rows of up to "
-                f"{(lc.get('data') or {}).get('max_seq_len')} tokens, "
-                f"{(lc.get('train') or {}).get('max_steps')} steps of batch 1 "
-                "(S2-Attn only in training; evaluated with full attention)",
+                (
+                    f"Long context: task:passkey, rows of up to "
+                    f"{(lc.get('data') or {}).get('max_seq_len')} tokens, "
+                    f"{(lc.get('train') or {}).get('max_steps')} steps of batch 1 "
+                    "(S2-Attn only in training; evaluated with full attention)"
+                ),
                 *main_table(long),
                 None,
             )
@@ -321,11 +325,13 @@ def write_report(out: Path, plans: list, state: dict) -> dict:
             [f'<p class="note">{_esc(note)}</p>'] if note else []
         )
     md += [
-        "Forgetting: tuned minus base loss on held-out general English text that the task "
-        "does not cover (positive: worse). Peak memory: the training process's max RSS on "
-        "CPU, the CUDA allocator's peak on GPU. Exact memory: parameters and buffers + "
-        "gradients + optimizer state + what autograd saves for backward on the first "
-        "micro-batch, counted tensor by tensor (no allocator in it).",
+        (
+            "Forgetting: tuned minus base loss on held-out general English text that the task "
+            "does not cover (positive: worse). Peak memory: the training process's max RSS on "
+            "CPU, the CUDA allocator's peak on GPU. Exact memory: parameters and buffers + "
+            "gradients + optimizer state + what autograd saves for backward on the first "
+            "micro-batch, counted tensor by tensor (no allocator in it)."
+        ),
         "",
     ]
     html_parts.append(

@@ -32,18 +32,24 @@ COMMANDS = {
     ),
     "export": (
         commands,
-        "write an adapter of any method as plain LoRA for serving: a PEFT "
-        "folder (--to lora), vLLM-checked (--to vllm) or a llama.cpp GGUF (--to gguf)",
+        (
+            "write an adapter of any method as plain LoRA for serving: a PEFT "
+            "folder (--to lora), vLLM-checked (--to vllm) or a llama.cpp GGUF (--to gguf)"
+        ),
     ),
     "compare": (
         analysis,
-        "train several methods on the same model, data, seed and budget, and "
-        "write a report (Markdown + HTML with plots)",
+        (
+            "train several methods on the same model, data, seed and budget, and "
+            "write a report (Markdown + HTML with plots)"
+        ),
     ),
     "inspect": (
         analysis,
-        "per-layer analysis of an adapter: ||ΔW||, effective rank and each "
-        "method's own figures; text and PNG plots",
+        (
+            "per-layer analysis of an adapter: ||ΔW||, effective rank and each "
+            "method's own figures; text and PNG plots"
+        ),
     ),
     "methods": (commands, "list the available methods and presets, one line each"),
 }
