@@ -558,7 +558,8 @@ def load_run_config(
 
 
 def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
-    """``[CONFIG.yaml] key=value ...`` (the command line of train and compare) -> (path, overrides)."""
+    """``[CONFIG.yaml] key=value ...`` (the command line of train and compare) ->
+    (path, overrides)."""
     path, overrides = None, []
     for i, item in enumerate(items):
         if "=" not in item:

@@ -159,7 +159,8 @@ def _file_pair(plan: GGUFPlan, name: str, b: torch.Tensor, a: torch.Tensor):
 
 
 def gguf_rounding(plan: GGUFPlan, outtype: str):
-    """The ``rounding`` for :func:`lorakit.export.convert`: factors as the file holds them, read back."""
+    """The ``rounding`` for :func:`lorakit.export.convert`: factors as the file holds them,
+    read back."""
 
     def rounding(name: str, b: torch.Tensor, a: torch.Tensor):
         la, lb = (_gguf_decode(*gguf_encode(t, outtype)) for t in _file_pair(plan, name, b, a))

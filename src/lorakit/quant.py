@@ -3,9 +3,10 @@
 The base model's linear layers are replaced by bitsandbytes ``Linear4bit`` (``quant_type="nf4"``,
 double quantization on): each weight is stored as 4-bit NormalFloat codes in blocks of 64
 values sharing one absmax, and those absmaxes are themselves stored 8-bit in blocks of 256
-(Dettmers et al. 2023, §2; docs/methods/qlora.md). Each matmul dequantizes the weight to the compute dtype (bf16 where it is native, else fp32);
-backward gives only dL/dx. Everything else stays as loaded: embeddings, norms, the output head,
-and the adapters (fp32 master weights, see ``adapters/lora.py``).
+(Dettmers et al. 2023, §2; docs/methods/qlora.md). Each matmul dequantizes the weight to the
+compute dtype (bf16 where it is native, else fp32); backward gives only dL/dx. Everything else
+stays as loaded: embeddings, norms, the output head, and the adapters (fp32 master weights, see
+``adapters/lora.py``).
 
 Backend: bitsandbytes, on CPU and CUDA. torchao's NF4 is not bit-identical to bitsandbytes'
 (its absmax scalers are quantized linearly), and PEFT/transformers read bitsandbytes' layout.

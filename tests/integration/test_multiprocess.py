@@ -1,6 +1,7 @@
 """Two processes (DDP over gloo on CPU) follow the loss curve of one process with the same
-global batch, and their split evaluation gives one process's figures. Tolerance: 1e-4 absolute on every step's loss (fp32; the only difference is the
-order of floating-point sums in the gradient all-reduce)."""
+global batch, and their split evaluation gives one process's figures. Tolerance: 1e-4
+absolute on every step's loss (fp32; the only difference is the order of floating-point sums
+in the gradient all-reduce)."""
 
 from __future__ import annotations
 

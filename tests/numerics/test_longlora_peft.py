@@ -1,5 +1,5 @@
-"""LongLoRA adapters (docs/methods/longlora.md) load in PEFT 0.21: LoRA on q/k/v/o plus embeddings and
-every norm as modules_to_save. Tolerance: fp32 eval-mode logits, 1e-5."""
+"""LongLoRA adapters (docs/methods/longlora.md) load in PEFT 0.21: LoRA on q/k/v/o plus
+embeddings and every norm as modules_to_save. Tolerance: fp32 eval-mode logits, 1e-5."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""LoRA-drop (docs/methods/lora-drop.md): importance against a direct computation, selection, sharing by
-Parameter identity (optimizer, steps, save/load), PEFT loads the adapter (fp32, <= 1e-5)."""
+"""LoRA-drop (docs/methods/lora-drop.md): importance against a direct computation, selection,
+sharing by Parameter identity (optimizer, steps, save/load), PEFT loads the adapter (fp32,
+<= 1e-5)."""
 
 from __future__ import annotations
 

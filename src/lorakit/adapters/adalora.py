@@ -11,8 +11,8 @@ is the rank a layer starts with (``init_r``) and stays so after pruning: the sca
 Training adds γ·mean over all A and B of ||AAᵀ - I||_F and ||BᵀB - I||_F (:func:`orthogonal_
 regularizer`), and after every optimizer step the :class:`RankAllocator` scores each triplet
 (E_i, A_i·, B_·i) and zeroes the E_i of the least important ones down to a shrinking global
-budget (docs/methods/adalora.md). The training loop drives both through :class:`AdaLoRAHooks`; a user never
-calls the allocator by hand (PEFT's most common AdaLoRA complaint, #432/#1327).
+budget (docs/methods/adalora.md). The training loop drives both through :class:`AdaLoRAHooks`;
+a user never calls the allocator by hand (PEFT's most common AdaLoRA complaint, #432/#1327).
 
 Saved in PEFT's ADALORA layout: ``lora_A``/``lora_B``/``lora_E`` (no ``.weight``) pruned to the
 kept ranks, and ``rank_pattern`` = {"<module>.lora_E": [kept?] * init_r} in adapter_config.json.

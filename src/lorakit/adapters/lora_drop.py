@@ -3,7 +3,8 @@
 Zhou et al. 2024, *LoRA-drop: Efficient LoRA Parameter Pruning based on Output Evaluation*
 (arXiv 2402.07721, COLING 2025; no official code); docs/methods/lora-drop.md:
 
-1. sample ``adapter.lora_drop.sample_ratio`` of the training data and train plain LoRA on it briefly;
+1. sample ``adapter.lora_drop.sample_ratio`` of the training data and train plain LoRA on it
+   briefly;
 2. importance of adapted layer i: ``g_i = Σ_tokens ||s·B_i A_i x||²`` (the LoRA branch output
    only, eval mode, no grad, padding excluded), normalized ``I_i = g_i / Σ_j g_j``;
 3. keep the smallest set of layers, by descending importance, whose cumulative importance
@@ -405,8 +406,9 @@ class LoRADropHooks(MethodHooks):
         return dict(state_of(model).extras.get("lora_drop") or {})
 
     def on_load(self, model: nn.Module, extras: dict, tensors: dict[str, torch.Tensor]) -> None:
-        """Tie the saved copies of each shared pair again (called by ``peft_format.load_adapter`` after
-        ``apply``, before the tensors are copied in), so further training updates one pair."""
+        """Tie the saved copies of each shared pair again (called by
+        ``peft_format.load_adapter`` after ``apply``, before the tensors are copied in), so
+        further training updates one pair."""
         record = (extras.get("extras") or {}).get("lora_drop")
         if not record:
             return  # LoRA-drop applied but never dropped: plain LoRA

@@ -16,11 +16,11 @@ is applied to h, not to x, since a mask over x would itself be d_in-sized.
 ``requires_grad=False``; the Function makes the saving explicit and independent of that, and
 keeps the dropout mask r-sized.)
 
-Optional LoRA-FA v2 gradient projection (``adapter.lora_fa.projection``; PEFT ``LoraFAOptimizer``): B's
-gradient is replaced by g̃_B = (1/s²)·g_B·pinv(AAᵀ + 1e-8·I), the least-squares B-gradient
-whose update s·g̃_B·A best matches full fine-tuning's gradient projected on A's row space.
-It is applied in the branch's backward, i.e. before accumulation (it is linear, so gradient
-accumulation is unaffected) and before any optimizer, which then runs unchanged (AdamW).
+Optional LoRA-FA v2 gradient projection (``adapter.lora_fa.projection``; PEFT
+``LoraFAOptimizer``): B's gradient is replaced by g̃_B = (1/s²)·g_B·pinv(AAᵀ + 1e-8·I), the
+least-squares B-gradient whose update s·g̃_B·A best matches full fine-tuning's gradient projected on
+A's row space. It is applied in the branch's backward, i.e. before accumulation (it is linear, so
+gradient accumulation is unaffected) and before any optimizer, which then runs unchanged (AdamW).
 
 Saved adapters are plain PEFT LoRA adapters (A included).
 """

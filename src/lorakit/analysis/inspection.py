@@ -8,10 +8,10 @@ For every adapted layer, with W0 the base weight and W' the weight once merged (
 - effective rank of ΔW, ``exp(H(p))`` with p the singular values normalized to sum 1
   (Roy & Vetterli 2007), and the numeric rank, #{σ > 1e-3·σ_max};
 - the magnitude/direction analysis of the DoRA paper (Liu et al. 2024, §2 and Fig. 2;
-  docs/methods/dora.md): ``ΔM = mean_rows |m' - ||W0||_row|`` with m' = ||W'||_row (for DoRA exactly the trained
-  magnitude m) and ``ΔD = mean_rows (1 - cos(W'_row, W0_row))``; plotted as ΔD (x) against ΔM
-  (y), one point per layer. The paper finds a positive slope for LoRA and a negative one for
-  full fine-tuning and DoRA; the text output gives the correlation;
+  docs/methods/dora.md): ``ΔM = mean_rows |m' - ||W0||_row|`` with m' = ||W'||_row (for DoRA
+  exactly the trained magnitude m) and ``ΔD = mean_rows (1 - cos(W'_row, W0_row))``; plotted
+  as ΔD (x) against ΔM (y), one point per layer. The paper finds a positive slope for LoRA and a
+  negative one for full fine-tuning and DoRA; the text output gives the correlation;
 - each method's own per-layer figures (``Method.inspect_columns``: AdaLoRA's kept rank per
   matrix, LoRA-drop's importance per layer and which layers kept their own LoRA, from
   lorakit.json).

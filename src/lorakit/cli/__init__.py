@@ -58,8 +58,8 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorakit",
-        description="Fine-tune causal LMs with LoRA, QLoRA, LoRA+, LoRA-FA, "
-        "LoRA-drop, AdaLoRA, DoRA and LongLoRA; adapters load in PEFT and lorakit; `lorakit export` "
+        description="Fine-tune causal LMs with LoRA, QLoRA, LoRA+, LoRA-FA, LoRA-drop, "
+        "AdaLoRA, DoRA and LongLoRA; adapters load in PEFT and lorakit; `lorakit export` "
         "writes any of them as plain LoRA (checked against vLLM's rules) or as a llama.cpp "
         "GGUF adapter.",
     )
