@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorakit-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all bench
+.PHONY: setup demo test test-all bench lint style
 
 setup: $(STAMP)
 
@@ -20,7 +20,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/lorakit train
 
-test: $(STAMP)
+# ruff (pinned in the dev extra, configured in pyproject.toml): `lint` checks and fails on any
+# finding, `style` fixes what ruff can and formats; `test` lints before it runs pytest.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+style: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # For the llama.cpp export tests only (tests/integration/test_export_llamacpp.py): llama.cpp's
