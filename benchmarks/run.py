@@ -374,7 +374,8 @@ def generation(rounds: int) -> dict[str, float]:
 def collation_share(step_s: float) -> float:
     """Time to read, encode-free collate one training batch of the built-in task, / step."""
     import lorakit as lk
-    from lorakit.training.data import StepSampler, collate, encode, read_rows
+    from lorakit.training.batching import StepSampler, collate
+    from lorakit.training.data import encode, read_rows
 
     _, tok = lk.load_model("smollm2-135m")
     enc = encode(read_rows("task:arithmetic"), tok, "auto", 512)

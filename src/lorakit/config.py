@@ -13,7 +13,14 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from .errors import LorakitError
 from .options import MethodOptions
@@ -347,7 +354,18 @@ class DataConfig(_Strict):
         description="which end of a longer example is cut: right keeps its start; "
         "left keeps its end (the answer and the end of a long prompt)",
     )
-    packing: bool = Field(False, description="concatenate examples into max_seq_len blocks")
+    packing: bool | Literal["auto", "concat"] = Field(
+        "auto",
+        description="true: pack whole rows into max_seq_len sequences, each row attending "
+        "to itself only; false: one row per sequence, padded; concat: rows concatenated and "
+        "cut into max_seq_len blocks (plain-text corpora); auto: true where the model and "
+        "method keep packed rows apart, else false (docs/packing.md)",
+    )
+    group_by_length: bool = Field(
+        False,
+        description="unpacked rows: put rows of similar length in the same step (less "
+        "padding); the steps' order stays random",
+    )
     train_on: Literal["all_assistant", "last_assistant", "all"] = Field(
         "all_assistant",
         description="conversations: the loss on every assistant turn, on "
@@ -357,6 +375,15 @@ class DataConfig(_Strict):
         False, description="also compute the loss on prompt tokens (the same as train_on: all)"
     )
     limit: int | None = Field(None, gt=0, description="use only the first N training rows")
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_value(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v in ("auto", "concat"):
+            return v
+        if isinstance(v, str) and v.lower() in ("true", "false"):
+            return v.lower() == "true"
+        raise ValueError(f"must be true, false, auto or concat, not {v!r}")
 
     @model_validator(mode="after")
     def _sources(self) -> DataConfig:

@@ -309,6 +309,18 @@ CASES = [
     ("unknown file type", _data(b"hello", "d.xml"), "unknown format"),
     ("data file missing", _train("data.train=/nonexistent/d.jsonl"), "does not exist"),
     ("too few examples for a step", _data(b'{"text": "a b c"}\n' * 3), "fewer than one"),
+    # packing (docs/packing.md)
+    (
+        "packing true with S2-Attn",
+        _train("adapter.method=longlora", "data.packing=true"),
+        "cannot keep packed rows apart",
+    ),
+    ("packing not a boolean", _train("data.packing=maybe"), "must be true, false, auto or concat"),
+    (
+        "max_seq_len within the chat template",
+        _train("data.max_seq_len=8"),
+        "chat template's own",
+    ),
     # adapters
     (
         "adapter folder missing",

@@ -26,7 +26,7 @@ def test_qlora_dora_loraplus_s2_in_one_run(tiny_model_dir, tmp_path, capsys):
                 "adapter.loraplus_ratio=16",
                 "adapter.s2_attn=true",
                 "adapter.trainable_modules=[norms]",
-                "data.packing=true",
+                "data.packing=concat",
                 "data.max_seq_len=64",
                 "eval.compare_base=false",
                 "eval.metric=null",

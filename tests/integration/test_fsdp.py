@@ -202,6 +202,14 @@ def test_fsdp_lora_matches_one_process_and_peft_loads_it(tiny_model_dir, tmp_pat
             ("train.gradient_checkpointing=true",), id="grad-ckpt", marks=pytest.mark.slow
         ),
         pytest.param(("train.compile=true",), id="compile", marks=pytest.mark.slow),
+        # packed sequences over the epoch (data.packing: true; auto, the default, packs each
+        # micro-batch in every case above): the loss keeps the global token count
+        pytest.param(("data.packing=true",), id="packing-true", marks=pytest.mark.slow),
+        pytest.param(
+            ("data.packing=false", "data.group_by_length=true"),
+            id="group-by-length",
+            marks=pytest.mark.slow,
+        ),
         # the 4-bit base: each process reads and quantizes it, the packed NF4 bytes are sharded
         pytest.param(
             ("adapter.quantize=nf4", "adapter.method=dora"), id="qlora-dora", marks=pytest.mark.slow

@@ -13,7 +13,7 @@ from peft import PeftModel
 import lorakit as lk
 from lorakit.adapters import lora_drop as ld
 from lorakit.inject import adapter_layers, state_of
-from lorakit.training.data import collate
+from lorakit.training.batching import collate
 from lorakit.training.optim import build_optimizer
 from tests.conftest import batch, tiny_model, train_steps
 

@@ -115,7 +115,8 @@ def layer_output_energy(
     model: nn.Module, batches: Iterable[dict], dtype: torch.dtype | None = None
 ) -> dict[str, float]:
     """Raw ``g_i = Σ ||s·B_i A_i x||²`` over the non-padding tokens of ``batches`` (dicts with
-    ``input_ids`` and ``attention_mask``, on the model's device), for every adapted layer.
+    ``input_ids`` and ``attention_mask``, or packed sequences with ``position_ids`` and
+    ``token_mask``; on the model's device), for every adapted layer.
 
     Eval mode (no dropout), no grad; each layer's input is caught by a forward hook and the
     branch recomputed in fp32 outside autocast, so a bf16 run ranks layers as fp32 would."""
@@ -143,7 +144,8 @@ def layer_output_energy(
     model.eval()
     try:
         for b in batches:
-            mask["now"] = b["attention_mask"].to(torch.float64)
+            # a packed batch (training/batching.py) marks its padding in token_mask
+            mask["now"] = b.get("token_mask", b.get("attention_mask")).to(torch.float64)
             if b.get("repeat"):  # a repeat a sharded run makes to keep step: counts nothing
                 mask["now"] = torch.zeros_like(mask["now"])
             device = b["input_ids"].device.type
@@ -152,7 +154,8 @@ def layer_output_energy(
                 dtype=dtype or torch.float32,
                 enabled=dtype in (torch.bfloat16, torch.float16),
             ):
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+                inputs = ("input_ids", "attention_mask", "position_ids")
+                model(**{k: b[k] for k in inputs if k in b}, use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -1,4 +1,4 @@
-"""Datasets -> token sequences with prompt masking, truncation, packing and batching.
+"""Datasets -> token sequences with prompt masking and truncation (batches: ``batching.py``).
 
 Rows come from a built-in task (``task:NAME``) or a local file. JSONL is read line by line
 (``json.loads``: data only) so that a malformed line is reported with its number and skipped
@@ -20,8 +20,6 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from ..errors import LorakitError
 from ..files import file_errors
@@ -342,11 +340,11 @@ def encode(
     fmt: str = "auto",
     max_len: int = 512,
     train_on: str = "all_assistant",
-    packing: bool = False,
     truncation: str = "right",
 ) -> Encoded:
     """Check, render and tokenize rows; bad rows are skipped and reported with line numbers."""
     fmt = detect_format(rows.rows[0]) if fmt == "auto" else fmt
+    _check_room(rows.rows[0], fmt, tokenizer, max_len)
     examples, kept, skipped = [], [], list(rows.skipped)
     for row in rows.rows:
         why = check_row(row, fmt)
@@ -361,22 +359,32 @@ def encode(
             f"{rows.source}: no usable rows in format {fmt!r}"
             + (f" ({Rows([], skipped, rows.source).report()})" if skipped else "")
         )
-    if packing:
-        examples = pack(examples, max_len)
     return Encoded(examples, fmt, kept, sorted(skipped), rows.source)
 
 
-def pack(examples: list[dict], max_len: int) -> list[dict]:
-    """Concatenate examples into blocks of max_len tokens (the last block may be shorter)."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for ex in examples:
-        ids += ex["input_ids"]
-        labels += ex["labels"]
-    return [
-        {"input_ids": ids[i : i + max_len], "labels": labels[i : i + max_len]}
-        for i in range(0, len(ids), max_len)
-    ]
+def _check_room(row: dict, fmt: str, tokenizer, max_len: int) -> None:
+    """Refuse a ``max_len`` that the chat template's own tokens (an empty user turn and an
+    empty answer) already fill: no conversation could keep a token to learn."""
+    if not getattr(tokenizer, "chat_template", None):
+        return
+    try:
+        conv = conversation(row, fmt)
+    except Exception:  # a bad first row is reported with the others
+        return
+    if conv is None:
+        return
+    empty = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+    try:
+        text = render(tokenizer, empty)
+    except Exception:  # a template that refuses an empty exchange: no figure to check
+        return
+    own = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if max_len <= own:
+        raise LorakitError(
+            f"data.max_seq_len ({max_len}) is not longer than the chat template's own "
+            f"{own} tokens (an empty question and answer), so no conversation keeps a token "
+            "to learn; raise data.max_seq_len"
+        )
 
 
 def split_rows(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -472,42 +480,3 @@ def build_heldout(
     valid = [ex for e in encoded(record["valid"]) for ex in e.examples]
     metric_rows = [r for e in encoded(record.get("metric")) for r in e.rows]
     return valid, metric_rows
-
-
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding gets attention 0 and label -100."""
-    n = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
-    for i, e in enumerate(examples):
-        k = len(e["input_ids"])
-        ids[i, :k] = torch.tensor(e["input_ids"])
-        labels[i, :k] = torch.tensor(e["labels"])
-        mask[i, :k] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-class StepSampler:
-    """Which examples each optimizer step uses: a seeded permutation per epoch, cut into
-    global batches (``per_step`` examples; the last partial batch of an epoch is dropped).
-
-    Everything is a function of (seed, step), so a resumed run reads exactly the batches an
-    uninterrupted one would, and every process agrees on them without communicating."""
-
-    def __init__(self, n: int, per_step: int, seed: int):
-        if n < per_step:
-            raise LorakitError(
-                f"the training data has {n} examples, fewer than one optimizer "
-                f"step needs ({per_step} = batch_size x grad_accum x processes)"
-            )
-        self.n, self.per_step, self.seed = n, per_step, seed
-        self.steps_per_epoch = n // per_step
-        self._perm_epoch, self._perm = -1, None
-
-    def indices(self, step: int) -> list[int]:
-        epoch, k = divmod(step, self.steps_per_epoch)
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
-        return self._perm[k * self.per_step : (k + 1) * self.per_step]

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from ..config import METRIC_NAMES
 from ..files import file_errors, write_lines
-from .data import Rows, collate, encode, prompt_and_answer
+from .batching import collate
+from .data import Rows, encode, prompt_and_answer
 from .eval_precision import evaluation_precision
 from .number import number_score
 from .tasks import get_task

@@ -43,6 +43,15 @@ from ..faults import kill_point
 from ..files import atomic_dir, check_output, file_errors, read_json, write_json, write_text
 from ..quant import compute_dtype_of
 from ..registry import get_method
+from .batching import (
+    Layout,
+    StepSampler,
+    arrange,
+    decide_layout,
+    fingerprint,
+    micro_batch,
+    micro_batch_tokens,
+)
 from .checkpoint import (
     foreign_checkpoints,
     list_checkpoints,
@@ -53,13 +62,10 @@ from .checkpoint import (
 )
 from .data import (
     IGNORE,
-    StepSampler,
     build_heldout,
-    collate,
     encode,
     heldout_record,
     merge_records,
-    pack,
     read_rows,
     remap,
     split_rows,
@@ -118,6 +124,8 @@ class Run:
     strategy: Strategy = field(default_factory=lambda: Strategy("single", 1))
     #: rebuilds the model for :meth:`edit_parameters` under FSDP (:meth:`ModelBuild.rebuild`)
     rebuild: Callable[..., tuple[nn.Module, Any]] | None = None
+    #: how the training rows became sequences (``data.packing``; batching.py)
+    layout: Layout = field(default_factory=lambda: Layout("padded", "false", "not packed"))
 
     @property
     def is_main(self) -> bool:
@@ -155,6 +163,26 @@ class Run:
         with activation_checkpointing(self.model, self.cfg.train.gradient_checkpointing):
             return optimize(self, examples, steps, desc=desc)
 
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """One micro-batch of ``examples`` as the run's layout makes it (batching.micro_batch)."""
+        return micro_batch(examples, self.layout, self.tokenizer.pad_token_id)
+
+    def sampler(self, examples: list[dict]) -> StepSampler:
+        """The run's step sampler over ``examples`` (length-grouped with
+        ``data.group_by_length``)."""
+        lengths = [len(e["input_ids"]) for e in examples] if self.cfg.data.group_by_length else None
+        return StepSampler(len(examples), self.examples_per_step, self.cfg.train.seed, lengths)
+
+    def step_tokens(self, examples: list[dict], idx: list[int]) -> tuple[int, int]:
+        """(tokens the model processes, of which are rows' tokens) in the global batch
+        ``idx``, over every process's micro-batches."""
+        bs, total, real = self.cfg.train.batch_size, 0, 0
+        for k in range(0, len(idx), bs):
+            mb = [examples[i] for i in idx[k : k + bs]]
+            t, r = micro_batch_tokens(mb, self.layout)
+            total, real = total + t, real + r
+        return total, real
+
     def batches(self, examples: list[dict]):
         """This process's share of ``examples``, collated and on the device. Under FSDP every
         process runs as many batches (each forward is a collective): a process with fewer
@@ -163,10 +191,7 @@ class Run:
         starts = list(range(0, len(examples), bs))
         for k in self.share.batches(len(starts)):
             i = starts[k if k is not None else 0]
-            b = {
-                key: v.to(acc.device)
-                for key, v in collate(examples[i : i + bs], self.tokenizer.pad_token_id).items()
-            }
+            b = {key: v.to(acc.device) for key, v in self.collate(examples[i : i + bs]).items()}
             yield {**b, "repeat": True} if k is None else b
 
     def reduce_sum(self, values: list[float]) -> list[float]:
@@ -259,7 +284,7 @@ def optimize(
     With ``checkpoints`` the run saves every ``train.save_every`` steps and resumes from the
     last checkpoint when ``train.resume`` is set. Returns timing and loss statistics."""
     tc, acc, model = run.cfg.train, run.accelerator, run.model
-    sampler = StepSampler(len(examples), run.examples_per_step, tc.seed)
+    sampler = run.sampler(examples)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
     scheduler = build_scheduler(
         optimizer, tc.schedule, int(tc.warmup_ratio * total_steps), total_steps
@@ -270,12 +295,21 @@ def optimize(
         ddp_model, optimizer = acc.prepare(model, optimizer)
     state = _resume(run, optimizer, scheduler, total_steps, desc) if checkpoints else {}
     start = state.get("step", 0)
+    # the sequences the batches are drawn from (rows, or packs of rows): a resumed run must
+    # draw from the same ones to continue at the same row
+    sequences = fingerprint(examples)
+    if state.get("sequences", sequences) != sequences:
+        raise LorakitError(
+            f"{run.out_dir}'s checkpoint was trained on other sequences (the data, its "
+            "encoding or its packing changed); resume with the same data and settings or "
+            "choose another output_dir"
+        )
     tracker = (
         BestTracker(run, state)
         if checkpoints and (tc.keep_best or tc.early_stopping_patience)
         else None
     )
-    times, losses, tokens_seen = [], [], 0
+    times, losses, tokens_seen, tokens_processed = [], [], 0, 0
     done = start
     bar = tqdm(
         total=total_steps, initial=start, desc=desc, disable=not run.is_main, dynamic_ncols=True
@@ -314,12 +348,13 @@ def optimize(
                     run, ddp_model, optimizer, scheduler, examples, idx, step, total_steps
                 )
             dt = time.perf_counter() - t0
-            step_tokens = sum(len(examples[i]["input_ids"]) for i in idx)
+            processed, step_tokens = run.step_tokens(examples, idx)
             times.append(dt)
             if auto is not None and auto.decide(times, total_steps - step - 1):
                 layers = compiled.enter_context(compiled_layers(model, True, run.log))
             losses.append(loss)
             tokens_seen += step_tokens
+            tokens_processed += processed
             lr = scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}")
             bar.update(1)
@@ -329,7 +364,14 @@ def optimize(
                 desc,
                 done,
                 total_steps,
-                {"loss": loss, "lr": lr, "step_time_s": dt, "tokens": tokens_seen},
+                {
+                    "loss": loss,
+                    "lr": lr,
+                    "step_time_s": dt,
+                    "tokens": tokens_seen,
+                    "pad_fraction": 1 - step_tokens / max(1, processed),
+                    "real_tokens_per_s": step_tokens / dt,
+                },
             )
             stop = (
                 tracker is not None
@@ -345,7 +387,7 @@ def optimize(
                     total_steps,
                     optimizer,
                     scheduler,
-                    tracker.state() if tracker else None,
+                    {**(tracker.state() if tracker else {}), "sequences": sequences},
                 )
             if stop:
                 break
@@ -373,6 +415,10 @@ def optimize(
         "compiled": bool(layers),
         "median_step_time_s": statistics.median(times) if times else None,
         "tokens_per_s": tokens_seen / sum(times) if times else None,
+        # the rows' own tokens per second (the same figure as tokens_per_s), and the share
+        # of what the model processed that was padding
+        "real_tokens_per_s": tokens_seen / sum(times) if times else None,
+        "pad_fraction": 1 - tokens_seen / tokens_processed if tokens_processed else None,
         "train_time_s": sum(times),
         "train_tokens": tokens_seen,
         "final_train_loss": losses[-1] if losses else None,
@@ -433,10 +479,7 @@ def _optimizer_step(
     fsdp = run.strategy.fsdp
     step_loss = torch.zeros((), device=acc.device)
     for j, mb in enumerate(micro):
-        batch = {
-            k: v.to(acc.device)
-            for k, v in collate([examples[i] for i in mb], run.tokenizer.pad_token_id).items()
-        }
+        batch = {k: v.to(acc.device) for k, v in run.collate([examples[i] for i in mb]).items()}
         last = j == len(micro) - 1
         if fsdp:  # FSDP2: reduce-scatter the gradients on the last micro-batch only
             requires_gradient_sync(model, last)
@@ -582,8 +625,9 @@ def _append_jsonl(path: Path, obj: dict) -> None:
 
 
 def prepare_data(cfg: RunConfig, tokenizer, log: Log) -> tuple[list[dict], HeldOut, dict]:
-    """(train examples, held-out rows, held-out record). The held-out rows are split off
-    before encoding and never trained on; the record (``heldout.json`` in the run folder)
+    """(train examples, one per row, not yet packed: see :func:`layout_examples`; held-out
+    rows; held-out record). The held-out rows are split off before encoding and never
+    trained on; the record (``heldout.json`` in the run folder)
     lets ``lorakit eval`` find them again."""
     dc = cfg.data
     files = dc.train_files
@@ -611,11 +655,22 @@ def prepare_data(cfg: RunConfig, tokenizer, log: Log) -> tuple[list[dict], HeldO
         fmt = enc.fmt
         examples += weighted(enc.examples, weight, cfg.train.seed)
         records.append(heldout_record(spec, dc.valid, enc.fmt, held_lines, mapping))
-    if dc.packing:
-        examples = pack(examples, dc.max_seq_len)
     record = records[0] if len(records) == 1 or dc.valid else merge_records(records)
     valid, metric_rows = build_heldout(record, tokenizer, dc.max_seq_len, dc.loss_on, dc.truncation)
     return examples, HeldOut(valid, metric_rows, fmt), record
+
+
+def layout_examples(
+    cfg: RunConfig, model: nn.Module, examples: list[dict], log: Log
+) -> tuple[list[dict], Layout]:
+    """The training sequences of ``examples`` as ``data.packing`` asks for ``model`` and the
+    method (batching.decide_layout), and the layout with its counts; logs what ran and why."""
+    dc = cfg.data
+    layout = decide_layout(dc.packing, model, cfg.adapter.s2_attn)
+    seqs = arrange(examples, layout, dc.max_seq_len, cfg.train.seed)
+    layout = layout.counted(len(examples), seqs, dc.max_seq_len)
+    log(f"data: {layout.describe()}")
+    return seqs, layout
 
 
 def base_metrics(
@@ -681,8 +736,10 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
     build.files_ready()
     model, tok = build.load()
     train_ex, heldout, record = prepare_data(cfg, tok, log)
+    train_ex, layout = layout_examples(cfg, model, train_ex, log)
     per_step = tc.batch_size * tc.grad_accum * acc.num_processes
-    StepSampler(len(train_ex), per_step, tc.seed)  # enough data for one step?
+    unit = "packed sequences" if layout.sequences != layout.rows else "examples"
+    StepSampler(len(train_ex), per_step, tc.seed, unit=unit)  # enough data for one step?
     total = tc.max_steps or max(1, math.ceil(tc.epochs * (len(train_ex) // per_step)))
     set_seed(tc.seed)
     early = method.wraps_layers or strategy.fsdp  # a sharded model is adapted before sharding
@@ -715,6 +772,7 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
             method.hooks(),
             strategy,
             rebuild=build.rebuild,
+            layout=layout,
         )
         base = None
         if cfg.eval.compare_base:
@@ -769,6 +827,7 @@ def _train_and_finish(run: Run, method, total: int, base: dict | None, peak: Pea
         "precision": dtype_name(run.dtype),
         "processes": acc.num_processes,
         "distributed": run.strategy.as_dict(),
+        "packing": run.layout.as_dict(),
         "total_steps": total,
         **stats,
     }

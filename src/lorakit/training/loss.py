@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..sharding import full
+from .batching import model_inputs
 from .data import IGNORE
 
 CHUNK_ROWS = 1024
@@ -32,14 +33,25 @@ _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scali
 
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i Wᵀ + b, y_i) for rows h (n, d) and targets y (n,), computed in row chunks;
-    the gradient w.r.t. h is formed in forward, so backward is one multiply."""
+    the gradient w.r.t. h is formed in forward, so backward is one multiply. With ``segments``
+    (n,) and ``n_segments``, the sums per segment (a (n_segments,) tensor): DPO's
+    log-probability of each sequence."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor):
+    def forward(
+        ctx,
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        bias,
+        targets: torch.Tensor,
+        segments: torch.Tensor | None = None,
+        n_segments: int = 0,
+    ):
         compute = weight.dtype if weight.dtype != torch.float32 else h.dtype
         w = weight.to(compute)
         b = None if bias is None else bias.float()
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        shape = (n_segments,) if segments is not None else ()
+        total = torch.zeros(shape, dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if h.requires_grad else None
         for start in range(0, h.shape[0], CHUNK_ROWS):
             hc = h[start : start + CHUNK_ROWS].to(compute)
@@ -48,18 +60,23 @@ class LinearCrossEntropy(torch.autograd.Function):
             if b is not None:
                 logits += b
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            ce = lse - logits.gather(1, yc[:, None]).squeeze(1)
+            if segments is None:
+                total += ce.sum()
+            else:
+                total.index_add_(0, segments[start : start + CHUNK_ROWS], ce)
             if grad_h is not None:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 probs[torch.arange(yc.shape[0], device=yc.device), yc] -= 1.0
                 grad_h[start : start + CHUNK_ROWS] = (probs.to(compute) @ w).to(h.dtype)
-        ctx.save_for_backward(grad_h)
+        ctx.save_for_backward(grad_h, segments)
         return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), None, None, None
+        grad_h, segments = ctx.saved_tensors
+        scale = grad_out if segments is None else grad_out[segments][:, None]
+        return grad_h * scale.to(grad_h.dtype), None, None, None, None, None
 
 
 def fused_loss_applies(model: nn.Module) -> bool:
@@ -88,29 +105,50 @@ def _hidden_states_out(model: nn.Module):
 def loss_sum(
     model: nn.Module, batch: dict, unwrapped: nn.Module | None = None
 ) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies over labelled tokens, how many tokens).
+    """(sum of next-token cross-entropies over labelled tokens, how many tokens) of a
+    batch made by ``batching.collate`` (padded rows or packed sequences).
 
     ``model`` is what to call (a DDP wrapper, say); ``unwrapped`` the module inside it."""
-    inner = unwrapped if unwrapped is not None else model
     labels = batch["labels"][:, 1:]
     valid = labels != IGNORE
-    n = int(valid.sum())
+    return _cross_entropy(model, batch, unwrapped, labels, valid), int(valid.sum())
+
+
+def sequence_logps(
+    model: nn.Module, batch: dict, unwrapped: nn.Module | None = None
+) -> torch.Tensor:
+    """The log-probability of each row's labelled tokens (the sum of their next-token
+    log-probabilities), a (rows,) tensor, of a padded batch: what DPO compares."""
+    labels = batch["labels"][:, 1:]
+    valid = labels != IGNORE
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+    return -_cross_entropy(model, batch, unwrapped, labels, valid, rows[valid])
+
+
+def _cross_entropy(
+    model: nn.Module,
+    batch: dict,
+    unwrapped: nn.Module | None,
+    labels: torch.Tensor,
+    valid: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The summed cross-entropy of the labelled positions (per row of ``rows``, the row of
+    each labelled position, when given), through the fused head where it applies."""
+    inner = unwrapped if unwrapped is not None else model
+    n_rows = labels.shape[0]
     if not fused_loss_applies(inner):
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits
-        loss = nn.functional.cross_entropy(
+        logits = model(**model_inputs(batch), use_cache=False).logits
+        ce = nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(),
             labels.flatten(),
             ignore_index=IGNORE,
-            reduction="sum",
+            reduction="sum" if rows is None else "none",
         )
-        return loss, n
+        return ce if rows is None else ce.view_as(labels).sum(1)
     with _hidden_states_out(inner) as head:
-        hidden = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits
-    rows = hidden[:, :-1][valid]  # only the positions that have a label
+        hidden = model(**model_inputs(batch), use_cache=False).logits
+    picked = hidden[:, :-1][valid]  # only the positions that have a label
     # under FSDP the (frozen) head may be resharded once the model's forward is done
     weight, bias = (None if t is None else full(t.detach()) for t in (head.weight, head.bias))
-    return LinearCrossEntropy.apply(rows, weight, bias, labels[valid]), n
+    return LinearCrossEntropy.apply(picked, weight, bias, labels[valid], rows, n_rows)

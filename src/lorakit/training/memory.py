@@ -159,17 +159,16 @@ def run_exact_memory(run) -> dict:
     regularizer), under the run's autocast and gradient checkpointing setting, and the
     optimizer is the run's AdamW (LoRA+ groups included). Returns the byte counts and the
     batch's shape (``batch_examples``, ``batch_tokens``: padded length)."""
-    from .data import StepSampler, collate
     from .evaluation import autocast_for
     from .loss import loss_sum
     from .optim import build_optimizer
     from .runtime import activation_checkpointing
 
     model, tc = run.model, run.cfg.train
-    idx = StepSampler(len(run.train_examples), run.examples_per_step, tc.seed).indices(0)
+    idx = run.sampler(run.train_examples).indices(0)
     rows = [run.train_examples[i] for i in idx[: tc.batch_size]]
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in collate(rows, run.tokenizer.pad_token_id).items()}
+    batch = {k: v.to(device) for k, v in run.collate(rows).items()}
 
     def loss_fn() -> torch.Tensor:
         with autocast_for(model, run.dtype):

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from ...errors import LorakitError
 from .arithmetic import Arithmetic
+from .chat_lengths import ChatLengths
 from .general_text import GeneralText
 from .passkey import Passkey
 
-TASKS = {t.name: t for t in (Arithmetic(), GeneralText(), Passkey())}
+TASKS = {t.name: t for t in (Arithmetic(), GeneralText(), Passkey(), ChatLengths())}
 
 
 def get_task(name: str):
