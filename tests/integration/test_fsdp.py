@@ -193,6 +193,19 @@ def test_fsdp_lora_matches_one_process_and_peft_loads_it(tiny_model_dir, tmp_pat
         pytest.param(("adapter.method=lora-fa",), id="lora-fa", marks=pytest.mark.slow),
         pytest.param(("adapter.method=lora+",), id="lora-plus", marks=pytest.mark.slow),
         pytest.param(("adapter.method=full",), id="full", marks=pytest.mark.slow),
+        # the base model evaluated first (eval.compare_base, the default), then trained: the
+        # root unit's trainable weights (embeddings, final norm) train too (See Note: reshard
+        # before building the optimizer)
+        pytest.param(
+            ("adapter.method=full", "eval.compare_base=true"),
+            id="full-after-base-eval",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ("adapter.method=longlora", "data.max_seq_len=64", "eval.compare_base=true"),
+            id="longlora-after-base-eval",
+            marks=pytest.mark.slow,
+        ),
         pytest.param(
             ("adapter.method=longlora", "data.max_seq_len=64"),
             id="longlora",

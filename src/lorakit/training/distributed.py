@@ -223,6 +223,24 @@ def sync_replicated_grads(model: nn.Module) -> None:
             p.grad.div_(world)
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP unit of ``model`` back in its sharded state.
+
+    # Note: reshard before building the optimizer
+    The root unit keeps its weights gathered from forward to backward
+    (``reshard_after_forward=False``), and FSDP2 swaps the module's parameters between the
+    sharded DTensors and the gathered tensors. A forward with no backward after it (the base
+    model's evaluation, DPO's precomputed reference) leaves the root gathered: an optimizer
+    built then holds the gathered tensors, which never receive the reduce-scattered
+    gradients, so the root's trainable weights (full fine-tuning's embeddings and final norm,
+    LongLoRA's trained embeddings and norms) silently stayed as they were."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm of sharded and whole parameters together (torch's
     ``clip_grad_norm_`` cannot mix DTensors and plain tensors in one call): the squares of

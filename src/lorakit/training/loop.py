@@ -78,6 +78,7 @@ from .distributed import (
     load_whole,
     process_bytes,
     requires_gradient_sync,
+    reshard,
     resolve_strategy,
     sync_replicated_grads,
     whole_parameters,
@@ -285,6 +286,8 @@ def optimize(
     last checkpoint when ``train.resume`` is set. Returns timing and loss statistics."""
     tc, acc, model = run.cfg.train, run.accelerator, run.model
     sampler = run.sampler(examples)
+    if run.strategy.fsdp:  # See Note: reshard before building the optimizer (distributed.py)
+        reshard(model)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
     scheduler = build_scheduler(
         optimizer, tc.schedule, int(tc.warmup_ratio * total_steps), total_steps
