@@ -443,6 +443,16 @@ class TrainConfig(_Strict):
         "compile time over the steps left (CPU, one process); the log says which and why",
     )
     seed: int = Field(0, description="seed for init, data order and dropout")
+    objective: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft: next-token loss on the answers; dpo: Direct Preference "
+        "Optimization on chosen/rejected pairs (the dpo section; docs/preference.md)",
+    )
+    init_adapter: str | None = Field(
+        None,
+        description="start from the weights of a saved adapter folder (lorakit or PEFT) "
+        "instead of a fresh initialization; its method, rank and targets must match adapter.*",
+    )
     eval_every: int = Field(0, ge=0, description="validation loss every N steps (0: at the end)")
     save_every: int = Field(50, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="how many recent checkpoints to keep")
@@ -508,6 +518,52 @@ class EvalConfig(_Strict):
     )
 
 
+class DPOConfig(_Strict):
+    """Preference tuning (train.objective: dpo), with TRL's DPOConfig names and defaults."""
+
+    beta: float = Field(
+        0.1, gt=0, description="how far from the reference the policy may move (DPO's β)"
+    )
+    loss: Literal["sigmoid", "ipo", "robust"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO's -log σ(βΔ); ipo: (Δ/len - 1/(2β))²; robust: label-smoothed "
+        "sigmoid for noisy preferences (TRL's loss_type)",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="the assumed share of flipped preferences (robust loss only, as in TRL)",
+    )
+    max_length: int | None = Field(
+        None,
+        gt=0,
+        description="prompt + completion tokens kept per sequence; null: data.max_seq_len",
+    )
+    truncation_mode: Literal["keep_start", "keep_end"] = Field(
+        "keep_start",
+        description="keep_start cuts the end of a longer sequence (pairs whose prompt alone "
+        "fills max_length are dropped); keep_end cuts its start",
+    )
+    precompute_ref_log_probs: bool = Field(
+        False,
+        description="compute the reference log-probabilities once before training "
+        "(always so for method full, which has no adapter to switch off)",
+    )
+    disable_dropout: bool = Field(
+        True, description="train without dropout, so the policy and reference agree at step 0"
+    )
+
+    @model_validator(mode="after")
+    def _smoothing(self) -> DPOConfig:
+        if self.label_smoothing and self.loss != "robust":
+            raise ValueError(
+                f"label_smoothing applies to loss robust only (TRL ignores it for "
+                f"{self.loss}); set dpo.loss=robust or leave label_smoothing at 0"
+            )
+        return self
+
+
 class RunConfig(_Strict):
     """A whole run: ``lorakit train CONFIG.yaml key=value ...``."""
 
@@ -520,7 +576,19 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     output_dir: str = Field("runs/default", description="where the run writes everything")
+
+    @model_validator(mode="after")
+    def _objective(self) -> RunConfig:
+        default = DPOConfig()
+        changed = [k for k in DPOConfig.model_fields if getattr(self.dpo, k) != getattr(default, k)]
+        if changed and self.train.objective != "dpo":
+            raise ValueError(
+                f"dpo.{changed[0]} is set but train.objective is {self.train.objective}; "
+                "set train.objective=dpo to tune on preference pairs"
+            )
+        return self
 
 
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:

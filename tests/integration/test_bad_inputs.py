@@ -309,6 +309,40 @@ CASES = [
     ("unknown file type", _data(b"hello", "d.xml"), "unknown format"),
     ("data file missing", _train("data.train=/nonexistent/d.jsonl"), "does not exist"),
     ("too few examples for a step", _data(b'{"text": "a b c"}\n' * 3), "fewer than one"),
+    # preference tuning (docs/preference.md)
+    (
+        "preference row without rejected",
+        _data(b'{"prompt": "q", "chosen": "a"}\n', "d.jsonl", "train.objective=dpo"),
+        "needs both chosen and rejected",
+    ),
+    (
+        "chosen equal to rejected",
+        _data(
+            b'{"prompt": "q", "chosen": "a", "rejected": "a"}\n', "d.jsonl", "train.objective=dpo"
+        ),
+        "chosen and rejected are the same",
+    ),
+    (
+        "empty completion",
+        _data(
+            b'{"prompt": "q", "chosen": " ", "rejected": "b"}\n', "d.jsonl", "train.objective=dpo"
+        ),
+        "completion is empty",
+    ),
+    (
+        "mixed standard and conversational pairs",
+        _data(
+            b'{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+            * 2
+            + b'{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", '
+            b'"content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}\n' * 2,
+            "d.jsonl",
+            "train.objective=dpo",
+        ),
+        "use one format",
+    ),
+    ("dpo settings without the dpo objective", _train("dpo.beta=0.2"), "train.objective is sft"),
+    ("negative beta", _train("train.objective=dpo", "dpo.beta=-1"), "dpo.beta"),
     # packing (docs/packing.md)
     (
         "packing true with S2-Attn",

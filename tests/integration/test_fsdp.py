@@ -218,6 +218,18 @@ def test_fsdp_lora_matches_one_process_and_peft_loads_it(tiny_model_dir, tmp_pat
         # packed sequences over the epoch (data.packing: true; auto, the default, packs each
         # micro-batch in every case above): the loss keeps the global token count
         pytest.param(("data.packing=true",), id="packing-true", marks=pytest.mark.slow),
+        # DPO (train.objective: dpo): the reference with the adapter off under FSDP, and full
+        # fine-tuning's reference computed once before training by every process
+        pytest.param(
+            ("train.objective=dpo", "data.train=task:arithmetic-pref"),
+            id="dpo",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ("train.objective=dpo", "data.train=task:arithmetic-pref", "adapter.method=full"),
+            id="dpo-full",
+            marks=pytest.mark.slow,
+        ),
         pytest.param(
             ("data.packing=false", "data.group_by_length=true"),
             id="group-by-length",

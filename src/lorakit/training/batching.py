@@ -73,10 +73,11 @@ class Layout:
     sequences: int = 0
     fill: float | None = None
 
-    def counted(self, rows: int, sequences: list[dict], max_len: int) -> Layout:
-        tokens = sum(len(e["input_ids"]) for e in sequences)
-        fill = tokens / (len(sequences) * max_len) if sequences else None
-        return replace(self, rows=rows, sequences=len(sequences), fill=fill)
+    def counted(self, rows: int, sequences: int, tokens: int, max_len: int) -> Layout:
+        """With ``rows`` examples as encoded, ``sequences`` as trained on, holding
+        ``tokens`` tokens."""
+        fill = tokens / (sequences * max_len) if sequences else None
+        return replace(self, rows=rows, sequences=sequences, fill=fill)
 
     def describe(self) -> str:
         """One line for the log: what ran and why."""
@@ -141,12 +142,23 @@ def _packing_obstacle(model: nn.Module, s2_attn: bool) -> tuple[str | None, bool
     return f"attention implementation {impl!r} is not one that keeps packed rows apart", False
 
 
-def decide_layout(packing: bool | str, model: nn.Module, s2_attn: bool = False) -> Layout:
-    """The :class:`Layout` of ``data.packing`` for ``model`` and the method (``s2_attn``);
-    ``true`` where packing cannot be exact is one sentence (a :class:`LorakitError`)."""
+def decide_layout(
+    packing: bool | str, model: nn.Module, s2_attn: bool = False, objective: str = "sft"
+) -> Layout:
+    """The :class:`Layout` of ``data.packing`` for ``model``, the method (``s2_attn``) and
+    the objective; ``true`` where packing cannot be exact is one sentence (a
+    :class:`LorakitError`)."""
     asked = {True: "true", False: "false"}.get(packing, packing)
     if asked == "false":
         return Layout("padded", asked, "data.packing is false")
+    if objective == "dpo":
+        if asked != "auto":
+            raise LorakitError(
+                f"data.packing: {asked} packs SFT rows; DPO pairs run padded, each pair's "
+                "chosen and rejected sequences in one batch (as TRL does): use "
+                "data.packing=auto or false"
+            )
+        return Layout("padded", asked, "DPO runs each pair's two sequences padded, as TRL does")
     if asked == "concat":
         return Layout(
             "concat", asked, "data.packing is concat: rows concatenated into max_seq_len blocks"

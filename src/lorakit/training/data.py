@@ -453,30 +453,59 @@ def weighted(examples: list[dict], weight: float, seed: int) -> list[dict]:
     return examples * whole + extra
 
 
+def heldout_limits(cfg, fmt: str) -> tuple[int, str]:
+    """(max length, truncation) that held-out rows of format ``fmt`` are encoded with under
+    the run config ``cfg``: DPO's for preference pairs, else the data section's."""
+    if fmt == "preference":
+        return cfg.dpo.max_length or cfg.data.max_seq_len, cfg.dpo.truncation_mode
+    return cfg.data.max_seq_len, cfg.data.truncation
+
+
 def build_heldout(
     record: dict,
     tokenizer,
     max_len: int,
     train_on: str = "all_assistant",
     truncation: str = "right",
-) -> tuple[list[dict], list[dict]]:
-    """(validation examples, rows for the generation metric) of a held-out record; the
-    same call serves the training run and a later ``lorakit eval`` of its adapter. A record
-    of several training files lists each file's held-out rows."""
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(validation examples, rows for the generation metric, preference pairs) of a held-out
+    record; the same call serves the training run and a later ``lorakit eval`` of its
+    adapter. A record of several training files lists each file's held-out rows. Preference
+    data (DPO; ``truncation``: its truncation_mode) gives the pairs of the metric rows, their
+    chosen sides as validation examples and their prompts with the chosen answers as the
+    generation metric's rows."""
     fmt, mapping = record["format"], record.get("mapping") or {}
 
-    def encoded(part: dict | list | None) -> list[Encoded]:
+    def read(part: dict | list | None) -> list[Rows]:
         out = []
         for p in part if isinstance(part, list) else [part] if part else []:
             if p["lines"] is None or p["lines"]:
                 rows = select_lines(read_rows(p["data"], p["split"], max_len), p["lines"])
                 rows = remap(rows, mapping.get("columns", {}), mapping.get("roles", {}))
                 if rows.rows:
-                    out.append(
-                        encode(rows, tokenizer, fmt, max_len, train_on, truncation=truncation)
-                    )
+                    out.append(rows)
         return out
+
+    if fmt == "preference":
+        from .preference import as_chat_row, encode_pairs
+
+        valid = [
+            p["chosen"]
+            for rows in read(record["valid"])
+            for p in encode_pairs(rows, tokenizer, max_len, truncation)[0]
+        ]
+        pairs, metric_rows = [], []
+        for rows in read(record.get("metric")):
+            encoded, kept, _ = encode_pairs(rows, tokenizer, max_len, truncation)
+            pairs += encoded
+            metric_rows += [c for c in map(as_chat_row, kept) if c is not None]
+        return valid, metric_rows, pairs
+
+    def encoded(part: dict | list | None) -> list[Encoded]:
+        return [
+            encode(r, tokenizer, fmt, max_len, train_on, truncation=truncation) for r in read(part)
+        ]
 
     valid = [ex for e in encoded(record["valid"]) for ex in e.examples]
     metric_rows = [r for e in encoded(record.get("metric")) for r in e.rows]
-    return valid, metric_rows
+    return valid, metric_rows, []

@@ -412,6 +412,14 @@ class HeldOut:
     valid_examples: list[dict]
     metric_rows: list[dict]
     fmt: str
+    #: preference pairs (DPO data): their scores join the figures (dpo.pair_scores)
+    pairs: list[dict] = field(default_factory=list)
+    beta: float = 0.1  # DPO's β, for the rewards of the pairs
+
+    @property
+    def metric_fmt(self) -> str:
+        """The format of ``metric_rows`` (a preference pair's prompt and chosen answer: chat)."""
+        return "chat" if self.fmt == "preference" else self.fmt
 
 
 def measure(
@@ -474,12 +482,20 @@ def measure_in(
     per = loss_sums(model, general.examples, pad, batch_size=1, dtype=dtype, share=share)
     out["general_text_loss"] = sum(s for s, _ in per) / max(1, sum(n for _, n in per))
     out["general_text_losses"] = [s / max(1, n) for s, n in per]
+    records: list[dict] = []
+    if heldout.pairs:
+        from .dpo import pair_scores
+
+        figures, records = pair_scores(
+            model, heldout.pairs, pad, heldout.beta, dtype=dtype, share=share
+        )
+        out.update(figures)
     if ec.metric and heldout.metric_rows:
         res = generation_metrics(
             model,
             tokenizer,
             heldout.metric_rows,
-            heldout.fmt,
+            heldout.metric_fmt,
             ec.limit,
             ec.batch_size,
             ec.max_new_tokens,
@@ -490,11 +506,14 @@ def measure_in(
         out.update(res.metrics)
         out["metric"] = ec.metric
         out["generation"] = res.as_dict()
-        if predictions is not None and (share is None or share.rank == 0):
-            write_predictions(predictions, res.predictions)
-            out["predictions"] = predictions.name  # beside the run's other files
         if res.cut_note:
             log(f"{label}: {res.cut_note} (raise eval.max_new_tokens to let them finish)")
+        # a pair's line holds its scores and, for the first eval.limit pairs, the answer
+        merged = [{**p, **r} for p, r in zip(res.predictions, records)]
+        records = merged + records[len(merged) :] if records else res.predictions
+    if records and predictions is not None and (share is None or share.rank == 0):
+        write_predictions(predictions, records)
+        out["predictions"] = predictions.name  # beside the run's other files
     out["eval_time_s"] = time.perf_counter() - t0
     log(
         f"{label}: "

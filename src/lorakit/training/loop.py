@@ -61,9 +61,10 @@ from .checkpoint import (
     stopped_by_files,
 )
 from .data import (
-    IGNORE,
+    Encoded,
     build_heldout,
     encode,
+    heldout_limits,
     heldout_record,
     merge_records,
     read_rows,
@@ -83,10 +84,12 @@ from .distributed import (
     sync_replicated_grads,
     whole_parameters,
 )
+from .dpo import REFERENCE_FILE, can_disable, precompute_reference
 from .evaluation import PREDICTIONS, HeldOut, Share, eval_loss, measure
-from .loss import loss_sum
 from .memory import run_exact_memory
+from .objective import SFTObjective, make_objective
 from .optim import build_optimizer, build_scheduler
+from .preference import PREFERENCE, encode_pairs
 from .runtime import (
     AUTO_PROBE_STEPS,
     PeakMemory,
@@ -127,6 +130,8 @@ class Run:
     rebuild: Callable[..., tuple[nn.Module, Any]] | None = None
     #: how the training rows became sequences (``data.packing``; batching.py)
     layout: Layout = field(default_factory=lambda: Layout("padded", "false", "not packed"))
+    #: what a step minimizes (``train.objective``; objective.py)
+    objective: Any = field(default_factory=SFTObjective)
 
     @property
     def is_main(self) -> bool:
@@ -168,10 +173,16 @@ class Run:
         """One micro-batch of ``examples`` as the run's layout makes it (batching.micro_batch)."""
         return micro_batch(examples, self.layout, self.tokenizer.pad_token_id)
 
+    def sequences(self, examples: list[dict]) -> list[dict]:
+        """The token sequences of ``examples`` (a DPO pair has two)."""
+        return [seq for e in examples for seq in self.objective.sequences(e)]
+
     def sampler(self, examples: list[dict]) -> StepSampler:
         """The run's step sampler over ``examples`` (length-grouped with
         ``data.group_by_length``)."""
-        lengths = [len(e["input_ids"]) for e in examples] if self.cfg.data.group_by_length else None
+        lengths = None
+        if self.cfg.data.group_by_length:
+            lengths = [sum(len(s["input_ids"]) for s in self.sequences([e])) for e in examples]
         return StepSampler(len(examples), self.examples_per_step, self.cfg.train.seed, lengths)
 
     def step_tokens(self, examples: list[dict], idx: list[int]) -> tuple[int, int]:
@@ -179,7 +190,7 @@ class Run:
         ``idx``, over every process's micro-batches."""
         bs, total, real = self.cfg.train.batch_size, 0, 0
         for k in range(0, len(idx), bs):
-            mb = [examples[i] for i in idx[k : k + bs]]
+            mb = self.sequences([examples[i] for i in idx[k : k + bs]])
             t, r = micro_batch_tokens(mb, self.layout)
             total, real = total + t, real + r
         return total, real
@@ -192,7 +203,8 @@ class Run:
         starts = list(range(0, len(examples), bs))
         for k in self.share.batches(len(starts)):
             i = starts[k if k is not None else 0]
-            b = {key: v.to(acc.device) for key, v in self.collate(examples[i : i + bs]).items()}
+            part = self.sequences(examples[i : i + bs])
+            b = {key: v.to(acc.device) for key, v in self.collate(part).items()}
             yield {**b, "repeat": True} if k is None else b
 
     def reduce_sum(self, values: list[float]) -> list[float]:
@@ -300,7 +312,7 @@ def optimize(
     start = state.get("step", 0)
     # the sequences the batches are drawn from (rows, or packs of rows): a resumed run must
     # draw from the same ones to continue at the same row
-    sequences = fingerprint(examples)
+    sequences = fingerprint(run.sequences(examples))
     if state.get("sequences", sequences) != sequences:
         raise LorakitError(
             f"{run.out_dir}'s checkpoint was trained on other sequences (the data, its "
@@ -326,7 +338,7 @@ def optimize(
             t0 = time.perf_counter()
             idx = sampler.indices(step)
             try:
-                loss = _optimizer_step(
+                loss, metrics = _optimizer_step(
                     run, ddp_model, optimizer, scheduler, examples, idx, step, total_steps
                 )
             except Exception as exc:
@@ -347,7 +359,7 @@ def optimize(
                 compiled.close()
                 layers = []
                 optimizer.zero_grad(set_to_none=True)  # it failed before optimizer.step()
-                loss = _optimizer_step(
+                loss, metrics = _optimizer_step(
                     run, ddp_model, optimizer, scheduler, examples, idx, step, total_steps
                 )
             dt = time.perf_counter() - t0
@@ -374,6 +386,7 @@ def optimize(
                     "tokens": tokens_seen,
                     "pad_fraction": 1 - step_tokens / max(1, processed),
                     "real_tokens_per_s": step_tokens / dt,
+                    **metrics,
                 },
             )
             stop = (
@@ -466,12 +479,13 @@ def _optimizer_step(
     idx: list[int],
     step: int,
     total_steps: int,
-) -> float:
+) -> tuple[float, dict]:
     """One optimizer step over the global batch ``idx`` (See Note: the loss is normalized by
-    the global token count); returns the batch's token-mean loss."""
-    tc, acc, model = run.cfg.train, run.accelerator, run.model
+    the global token count); returns the batch's mean loss (per token for SFT, per pair for
+    DPO) and the objective's metrics (DPO's rewards) over the batch."""
+    tc, acc, model, objective = run.cfg.train, run.accelerator, run.model, run.objective
     world = acc.num_processes
-    n_tokens = sum(sum(1 for t in examples[i]["labels"][1:] if t != IGNORE) for i in idx)
+    n_tokens = objective.count([examples[i] for i in idx])
     micro = [
         idx[
             (j * world + acc.process_index) * tc.batch_size : (j * world + acc.process_index + 1)
@@ -481,8 +495,8 @@ def _optimizer_step(
     ]
     fsdp = run.strategy.fsdp
     step_loss = torch.zeros((), device=acc.device)
+    sums = torch.zeros(len(objective.metrics), dtype=torch.float64, device=acc.device)
     for j, mb in enumerate(micro):
-        batch = {k: v.to(acc.device) for k, v in run.collate([examples[i] for i in mb]).items()}
         last = j == len(micro) - 1
         if fsdp:  # FSDP2: reduce-scatter the gradients on the last micro-batch only
             requires_gradient_sync(model, last)
@@ -490,7 +504,7 @@ def _optimizer_step(
         with sync:
             # DDP: accelerate's wrapper runs forward under autocast; FSDP: done here
             with acc.autocast() if fsdp else contextlib.nullcontext():
-                s, _ = loss_sum(ddp_model, batch, model)
+                s, stats = objective.micro_loss(run, ddp_model, model, [examples[i] for i in mb])
             loss = s * world / max(1, n_tokens)
             # outside autocast under every strategy (AdaLoRA's ||AAᵀ - I|| in fp32: in bf16
             # its diagonal 1 - 1 would keep 8 bits)
@@ -499,9 +513,14 @@ def _optimizer_step(
                 loss = loss + reg / len(micro)
             acc.backward(loss)
         step_loss += s.detach()
+        if stats is not None:
+            sums += stats.to(sums.device)
     if fsdp:
         sync_replicated_grads(model)
     value = acc.reduce(step_loss, reduction="sum").item() / max(1, n_tokens)
+    if len(sums) and world > 1:
+        sums = acc.reduce(sums, reduction="sum")
+    metrics = dict(zip(objective.metrics, (sums / max(1, n_tokens)).tolist()))
     if not math.isfinite(value):
         raise LorakitError(
             f"the loss became {value} at step {step + 1}; stopping "
@@ -516,7 +535,7 @@ def _optimizer_step(
     run.hooks.after_optimizer_step(model, step + 1, total_steps)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return value
+    return value, metrics
 
 
 def _resume(run: Run, optimizer, scheduler, total_steps: int, phase: str) -> dict:
@@ -645,9 +664,14 @@ def prepare_data(cfg: RunConfig, tokenizer, log: Log) -> tuple[list[dict], HeldO
             kept, held = split_rows(rows.rows, dc.valid_ratio, cfg.train.seed)
             held_lines = [r["_line"] for r in held]
             rows.rows = kept
-        enc = encode(
-            rows, tokenizer, dc.format, dc.max_seq_len, dc.loss_on, truncation=dc.truncation
-        )
+        if cfg.train.objective == "dpo":
+            max_len, truncation = heldout_limits(cfg, PREFERENCE)
+            pairs, kept, skipped = encode_pairs(rows, tokenizer, max_len, truncation)
+            enc = Encoded(pairs, PREFERENCE, kept, skipped, rows.source)
+        else:
+            enc = encode(
+                rows, tokenizer, dc.format, dc.max_seq_len, dc.loss_on, truncation=dc.truncation
+            )
         if enc.report():
             log(enc.report())
         if fmt is not None and enc.fmt != fmt:
@@ -659,19 +683,21 @@ def prepare_data(cfg: RunConfig, tokenizer, log: Log) -> tuple[list[dict], HeldO
         examples += weighted(enc.examples, weight, cfg.train.seed)
         records.append(heldout_record(spec, dc.valid, enc.fmt, held_lines, mapping))
     record = records[0] if len(records) == 1 or dc.valid else merge_records(records)
-    valid, metric_rows = build_heldout(record, tokenizer, dc.max_seq_len, dc.loss_on, dc.truncation)
-    return examples, HeldOut(valid, metric_rows, fmt), record
+    max_len, truncation = heldout_limits(cfg, fmt)
+    valid, metric_rows, pairs = build_heldout(record, tokenizer, max_len, dc.loss_on, truncation)
+    return examples, HeldOut(valid, metric_rows, fmt, pairs, cfg.dpo.beta), record
 
 
 def layout_examples(
-    cfg: RunConfig, model: nn.Module, examples: list[dict], log: Log
+    cfg: RunConfig, model: nn.Module, examples: list[dict], log: Log, objective=None
 ) -> tuple[list[dict], Layout]:
     """The training sequences of ``examples`` as ``data.packing`` asks for ``model`` and the
     method (batching.decide_layout), and the layout with its counts; logs what ran and why."""
-    dc = cfg.data
-    layout = decide_layout(dc.packing, model, cfg.adapter.s2_attn)
+    dc, objective = cfg.data, objective or SFTObjective()
+    layout = decide_layout(dc.packing, model, cfg.adapter.s2_attn, cfg.train.objective)
     seqs = arrange(examples, layout, dc.max_seq_len, cfg.train.seed)
-    layout = layout.counted(len(examples), seqs, dc.max_seq_len)
+    tokens = sum(len(s["input_ids"]) for e in seqs for s in objective.sequences(e))
+    layout = layout.counted(len(examples), len(seqs), tokens, dc.max_seq_len)
     log(f"data: {layout.describe()}")
     return seqs, layout
 
@@ -720,6 +746,7 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
 
     Everything that can be wrong with the input (model, data, adapter config) is found before
     anything is written to ``output_dir``."""
+    cfg = _objective_settings(cfg)
     out, tc = Path(cfg.output_dir), cfg.train
     check_output(out, "output_dir")  # an existing file, a folder that cannot be created
     if (out / ".lock").exists():
@@ -738,8 +765,13 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
     build = ModelBuild(cfg, strategy, dtype, acc.device, acc.process_index)
     build.files_ready()
     model, tok = build.load()
+    objective = make_objective(cfg)
+    if objective.name == "dpo" and cfg.dpo.disable_dropout:
+        for m in model.modules():  # the model's own dropout (TRL's disable_dropout)
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
     train_ex, heldout, record = prepare_data(cfg, tok, log)
-    train_ex, layout = layout_examples(cfg, model, train_ex, log)
+    train_ex, layout = layout_examples(cfg, model, train_ex, log, objective)
     per_step = tc.batch_size * tc.grad_accum * acc.num_processes
     unit = "packed sequences" if layout.sequences != layout.rows else "examples"
     StepSampler(len(train_ex), per_step, tc.seed, unit=unit)  # enough data for one step?
@@ -776,6 +808,7 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
             strategy,
             rebuild=build.rebuild,
             layout=layout,
+            objective=objective,
         )
         base = None
         if cfg.eval.compare_base:
@@ -785,6 +818,15 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
             build.adapt(model)
         run.hooks.prepare(run)  # e.g. LoRA-drop's sample phase and layer selection
         cast_frozen(run.model, dtype)
+        if objective.name == "dpo" and (
+            cfg.dpo.precompute_ref_log_probs or not can_disable(run.model)
+        ):  # See Note: the reference is the model with the adapter off (dpo.py)
+            seconds = precompute_reference(run, train_ex, fingerprint(run.sequences(train_ex)))
+            run.reference_s = seconds
+            log(
+                f"dpo: reference log-probabilities of {len(train_ex)} pairs computed once "
+                f"before training ({seconds:.1f} s; {REFERENCE_FILE})"
+            )
         return _train_and_finish(run, method, total, base, peak)
     except Exception as e:
         stopped_by_files(e, out)  # a full disk: one sentence saying how to continue
@@ -792,6 +834,16 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
     finally:
         if lock is not None:
             lock.close()
+
+
+def _objective_settings(cfg: RunConfig) -> RunConfig:
+    """The config as the objective runs it: DPO without dropout on the adapter
+    (``dpo.disable_dropout``, TRL's default: the policy and its reference then agree at step
+    0), recorded so in config.yaml."""
+    if cfg.train.objective == "dpo" and cfg.dpo.disable_dropout and cfg.adapter.dropout:
+        adapter = cfg.adapter.model_copy(update={"dropout": 0.0})
+        return cfg.model_copy(update={"adapter": adapter})
+    return cfg
 
 
 def fsdp_units_check(model: nn.Module, strategy: Strategy) -> None:
@@ -830,6 +882,8 @@ def _train_and_finish(run: Run, method, total: int, base: dict | None, peak: Pea
         "precision": dtype_name(run.dtype),
         "processes": acc.num_processes,
         "distributed": run.strategy.as_dict(),
+        "objective": cfg.train.objective,
+        **({"dpo_reference_s": run.reference_s} if hasattr(run, "reference_s") else {}),
         "packing": run.layout.as_dict(),
         "total_steps": total,
         **stats,

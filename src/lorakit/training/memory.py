@@ -160,20 +160,18 @@ def run_exact_memory(run) -> dict:
     optimizer is the run's AdamW (LoRA+ groups included). Returns the byte counts and the
     batch's shape (``batch_examples``, ``batch_tokens``: padded length)."""
     from .evaluation import autocast_for
-    from .loss import loss_sum
     from .optim import build_optimizer
     from .runtime import activation_checkpointing
 
     model, tc = run.model, run.cfg.train
     idx = run.sampler(run.train_examples).indices(0)
     rows = [run.train_examples[i] for i in idx[: tc.batch_size]]
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in run.collate(rows).items()}
+    batch = run.collate(run.sequences(rows))
 
     def loss_fn() -> torch.Tensor:
         with autocast_for(model, run.dtype):
-            s, n = loss_sum(model, batch)
-        loss = s / max(1, n)
+            s, _ = run.objective.micro_loss(run, model, model, rows)
+        loss = s / max(1, run.objective.count(rows))
         reg = run.hooks.regularizer(model)  # outside autocast, as the training loop's
         return loss if reg is None else loss + reg
 

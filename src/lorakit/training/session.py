@@ -21,9 +21,10 @@ from ..errors import LorakitError
 from ..files import read_json
 from ..registry import get_method
 from ..sharding import full
-from .data import Rows, build_heldout, encode, read_rows, remap
+from .data import Rows, build_heldout, encode, heldout_limits, read_rows, remap
 from .distributed import Strategy, full_state, shard_model
 from .evaluation import HeldOut, measure
+from .preference import as_chat_row, encode_pairs, is_preference
 from .runtime import cast_frozen, cast_trainable, dtype_name
 
 Log = Callable[[str], None]
@@ -90,10 +91,17 @@ class ModelBuild:
         )
 
     def adapt(self, model: nn.Module) -> nn.Module:
-        """Apply the method; trainable weights in fp32 (their master copies)."""
-        with torch.device("meta") if _on_meta(model) else contextlib.nullcontext():
+        """Apply the method; trainable weights in fp32 (their master copies), started from
+        ``train.init_adapter``'s weights when it names a saved adapter."""
+        meta = _on_meta(model)
+        with torch.device("meta") if meta else contextlib.nullcontext():
             inject.apply(model, self.cfg.adapter)
         cast_trainable(model, torch.float32)
+        if self.cfg.train.init_adapter and not meta:  # a meta twin gets process 0's weights
+            path = self.cfg.train.init_adapter
+            _, extras, tensors = peft_format.read_adapter(path)
+            get_method(self.cfg.adapter.method).hooks().on_load(model, extras, tensors)
+            peft_format.load_state_into(model, tensors, f"train.init_adapter {path}")
         return model
 
     def place(self, model: nn.Module, edits: tuple = ()) -> nn.Module:
@@ -208,6 +216,9 @@ def eval_rows(
         rows = remap(
             read_rows(spec, "test", cfg.data.max_seq_len), cfg.data.columns, cfg.data.roles
         )
+        what = {"data": spec, "split": "test" if spec.startswith("task:") else "all"}
+        if is_preference(rows.rows[0]):
+            return what, preference_heldout(rows, cfg, tok, log)
         # the loss covers what the run trained on
         enc = encode(
             rows,
@@ -219,10 +230,7 @@ def eval_rows(
         )
         if enc.skipped:
             log(Rows(enc.rows, enc.skipped, spec).report())
-        return (
-            {"data": spec, "split": "test" if spec.startswith("task:") else "all"},
-            HeldOut(enc.examples, enc.rows if enc.fmt != "text" else [], enc.fmt),
-        )
+        return what, HeldOut(enc.examples, enc.rows if enc.fmt != "text" else [], enc.fmt)
     if run_dir is None:
         raise LorakitError("say which data to evaluate on with --data FILE or --data task:NAME")
     record_file = run_dir / "heldout.json"
@@ -232,16 +240,26 @@ def eval_rows(
             "lorakit); pass --data"
         )
     record = read_json(record_file)
-    valid, metric_rows = build_heldout(
-        record, tok, cfg.data.max_seq_len, cfg.data.loss_on, cfg.data.truncation
-    )
+    max_len, truncation = heldout_limits(cfg, record["format"])
+    valid, metric_rows, pairs = build_heldout(record, tok, max_len, cfg.data.loss_on, truncation)
     v = record["valid"] if isinstance(record["valid"], dict) else record["valid"][0]
     files = [p["data"] for p in record["valid"]] if isinstance(record["valid"], list) else v["data"]
     what = {"data": files, "split": v["split"] if v["lines"] is None else "held-out rows"}
     if record.get("metric"):
         m = record["metric"] if isinstance(record["metric"], dict) else record["metric"][0]
         what["metric_split"] = m["split"]
-    return what, HeldOut(valid, metric_rows, record["format"])
+    return what, HeldOut(valid, metric_rows, record["format"], pairs, cfg.dpo.beta)
+
+
+def preference_heldout(rows: Rows, cfg: RunConfig, tok, log: Log = print) -> HeldOut:
+    """The held-out figures' data of preference rows: every pair, their chosen sides for the
+    validation loss and their prompts with the chosen answers for the generation metric."""
+    max_len, truncation = heldout_limits(cfg, "preference")
+    pairs, kept, skipped = encode_pairs(rows, tok, max_len, truncation)
+    if skipped:
+        log(Rows(kept, skipped, rows.source).report())
+    chats = [c for c in map(as_chat_row, kept) if c is not None]
+    return HeldOut([p["chosen"] for p in pairs], chats, "preference", pairs, cfg.dpo.beta)
 
 
 def evaluate(

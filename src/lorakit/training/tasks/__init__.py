@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from ...errors import LorakitError
 from .arithmetic import Arithmetic
+from .arithmetic_pref import ArithmeticPref
 from .chat_lengths import ChatLengths
 from .general_text import GeneralText
 from .passkey import Passkey
 
-TASKS = {t.name: t for t in (Arithmetic(), GeneralText(), Passkey(), ChatLengths())}
+TASKS = {
+    t.name: t for t in (Arithmetic(), ArithmeticPref(), GeneralText(), Passkey(), ChatLengths())
+}
 
 
 def get_task(name: str):
