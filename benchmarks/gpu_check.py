@@ -12,6 +12,9 @@ class GPU, the multi-GPU rows only with 2+ GPUs):
 - NF4 dequantization of one 4096x4096 layer on CUDA against the CPU (time, and equal values);
 - S2-Attn taking the flash kernel (``sdpa_kernel(FLASH_ATTENTION)`` raises when it cannot);
 - ``train.compile`` on DoRA for 3 steps (loss equal to eager within 1e-2 in bf16);
+- packed rows against each row alone (``data.packing``): SDPA in fp32, and flash-attention 2
+  over one flattened row in bf16 where ``flash_attn`` is installed;
+- one DPO micro-batch with the reference from the adapter switched off (ln 2 at B = 0);
 - with 2 GPUs: an FSDP2 run over NCCL (``accelerate launch``) of AdaLoRA and LoRA-drop, whose
   masks and layer selection are then compared with one process's.
 
@@ -280,6 +283,90 @@ def check_flash_s2(dry: bool) -> None:
         row("S2-Attn on the flash kernel", f"{backend.name}: {str(e)[:80]}", False)
 
 
+def check_packing(dry: bool) -> None:
+    """Packed rows (data.packing) against each row alone, fp32 logits: SDPA with the mask
+    transformers builds from the positions, and flash-attention 2 (varlen over one flattened
+    row, bf16) where the flash_attn package is installed."""
+    from lorakit.training.batching import collate, model_inputs, pack_rows
+
+    dev = device(dry)
+    g = torch.Generator().manual_seed(0)
+    lengths = [7, 19, 3, 30, 11] if dry else [70, 190, 30, 300, 110]
+    impls = ["sdpa"]
+    if not dry:
+        try:
+            import flash_attn  # noqa: F401  (only whether it is there)
+
+            impls.append("flash_attention_2")
+        except ImportError:
+            row("packing, flash_attention_2", "flash_attn not installed: not run", None)
+    for impl in impls:
+        model = base_model(dry)
+        model.config._attn_implementation = impl
+        dtype = torch.bfloat16 if impl.startswith("flash") else torch.float32
+        model = lk.apply(model, method="lora", r=8).to(dev, dtype).eval()
+        rows = []
+        for n in lengths:
+            ids = torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()
+            rows.append({"input_ids": ids, "labels": ids})
+        packs = pack_rows(rows, max(lengths) * 2)
+        flat = impl.startswith("flash")
+        batch = {k: v.to(dev) for k, v in collate(packs, 0, flat=flat).items()}
+        with torch.no_grad():
+            logits = model(**model_inputs(batch), use_cache=False).logits.float()
+            worst, k, p = 0.0, 0, 0
+            for pk in packs:
+                for n in pk["lengths"]:
+                    seg = batch["input_ids"][p if not flat else 0, k : k + n]
+                    alone = model(input_ids=seg[None]).logits[0].float()
+                    got = logits[p if not flat else 0, k : k + n]
+                    worst = max(worst, (alone - got).abs().max().item())
+                    k += n
+                if not flat:
+                    p, k = p + 1, 0
+        tol = 5e-2 if dtype == torch.bfloat16 else 1e-4
+        row(
+            f"packing, {impl}",
+            f"largest logit gap, packed vs alone: {worst:.2e} ({dtype})",
+            worst <= tol,
+        )
+
+
+def check_dpo(dry: bool) -> None:
+    """One DPO micro-batch on the device: at initialization (B = 0) the policy is its
+    reference (the adapter switched off), so the loss is ln 2 and the rewards 0."""
+    import math
+
+    from lorakit.config import load_run_config
+    from lorakit.training.batching import collate
+    from lorakit.training.dpo import DPOObjective
+
+    dev = device(dry)
+    model = lk.apply(base_model(dry), method="lora", r=8).to(dev).train()
+    g = torch.Generator().manual_seed(1)
+
+    def seq(n: int) -> dict:
+        ids = torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()
+        return {"input_ids": ids, "labels": [-100] * 4 + ids[4:]}
+
+    pairs = [{"chosen": seq(20), "rejected": seq(25)} for _ in range(4)]
+
+    class Run:  # what DPOObjective.micro_loss uses of a training run
+        accelerator = type("A", (), {"device": dev})()
+
+        @staticmethod
+        def collate(seqs):
+            return collate(seqs, 0)
+
+    objective = DPOObjective(load_run_config(None, ["train.objective=dpo"]).dpo)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=not dry):
+        s, sums = objective.micro_loss(Run, model, model, pairs)
+    (s / len(pairs)).backward()
+    loss = s.item() / len(pairs)
+    ok = abs(loss - math.log(2)) < 1e-3 and abs(sums[0].item()) < 1e-6
+    row("DPO step, reference: adapter off", f"loss {loss:.5f} (ln 2 = 0.69315)", ok)
+
+
 def check_compile(dry: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         curves = {}
@@ -415,6 +502,8 @@ CHECKS = [
     check_nf4,
     check_flash_s2,
     check_compile,
+    check_packing,
+    check_dpo,
     check_fsdp_two,
 ]
 

@@ -35,6 +35,8 @@ def test_gpu_check_dry_run_prints_its_table():
         "NF4 dequantize",
         "S2-Attn on the flash kernel",
         "train.compile DoRA 3 steps",
+        "packing, sdpa",
+        "DPO step, reference: adapter off",
         "FSDP2 adalora",
         "FSDP2 lora-drop",
     ):
