@@ -139,3 +139,64 @@ def tiny_run_args(model_dir, out, *extra):
         "adapter.r=4",
         *extra,
     ]
+
+
+def train_cli(capsys, args: list[str]) -> tuple[dict, str]:
+    """``lorakit train`` in this process (``args`` start with "train"): its summary.json and
+    its stderr; fails the test on a non-zero exit code."""
+    import json
+    from pathlib import Path
+
+    from lorakit.cli import main
+
+    code = main(list(args))
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    out = Path(next(a for a in args if a.startswith("output_dir="))[11:])
+    return json.loads((out / "summary.json").read_text()), err
+
+
+def killed_run(args: list[str], point: str):
+    """``python -m lorakit ARGS`` in a new process that kills itself at ``point``
+    (lorakit.faults, e.g. ``after-step:4``); returns the finished process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", LORAKIT_TEST_KILL_AT=point)
+    r = subprocess.run(
+        [sys.executable, "-m", "lorakit", *args],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert r.returncode < 0, r.stderr[-2000:]  # killed, not finished or failed
+    return r
+
+
+def ddp_launch(n: int = 2) -> list[str]:
+    """The command prefix of ``n`` gloo processes through accelerate's launcher (DDP on CPU),
+    up to ``-m``; the caller adds ``lorakit train ...``."""
+    import sys
+    from pathlib import Path
+
+    launcher = Path(sys.executable).parent / "accelerate"
+    if not launcher.exists():
+        pytest.skip("accelerate's launcher is not installed")
+    return [
+        str(launcher),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(n),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+    ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 from lorakit.cli import main
 from lorakit.training.dpo import METRICS, REFERENCE_FILE
 from lorakit.training.tasks import get_task
-from tests.conftest import tiny_run_args
+from tests.conftest import ddp_launch, killed_run, tiny_run_args, train_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,14 +48,6 @@ def _args(model_dir, out, data: Path, *extra) -> list[str]:
     ]
 
 
-def _train(capsys, args) -> tuple[dict, str]:
-    code = main(args)
-    err = capsys.readouterr().err
-    assert code == 0, err[-3000:]
-    out = Path(next(a for a in args if a.startswith("output_dir="))[11:])
-    return json.loads((out / "summary.json").read_text()), err
-
-
 def _rows(out: Path) -> list[dict]:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r.get("phase") == "train"]
@@ -78,7 +69,7 @@ METHODS = [
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_with_dpo(tiny_model_dir, tmp_path, capsys, pairs_file, method):
     out = tmp_path / "run"
-    summary, err = _train(capsys, _args(tiny_model_dir, out, pairs_file, method))
+    summary, err = train_cli(capsys, _args(tiny_model_dir, out, pairs_file, method))
     assert summary["objective"] == "dpo"
     rows = _rows(out)
     assert len(rows) == 3 and all(set(METRICS) <= set(r) for r in rows)
@@ -97,10 +88,10 @@ def test_every_method_trains_with_dpo(tiny_model_dir, tmp_path, capsys, pairs_fi
 def test_the_reference_holds_no_second_copy_of_the_weights(
     tiny_model_dir, tmp_path, capsys, pairs_file, method
 ):
-    dpo, _ = _train(
+    dpo, _ = train_cli(
         capsys, _args(tiny_model_dir, tmp_path / "dpo", pairs_file, f"adapter.method={method}")
     )
-    sft, _ = _train(
+    sft, _ = train_cli(
         capsys,
         [
             "train",
@@ -122,19 +113,9 @@ def test_a_killed_dpo_run_resumes_to_the_uninterrupted_one(
 ):
     extra = ("train.max_steps=6", "train.save_every=1", "train.resume=true")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    _train(capsys, _args(tiny_model_dir, ref, pairs_file, *extra))
-    env = dict(os.environ, OMP_NUM_THREADS="1", LORAKIT_TEST_KILL_AT="after-step:4")
-    r = subprocess.run(
-        [sys.executable, "-m", "lorakit", *_args(tiny_model_dir, cut, pairs_file, *extra)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert r.returncode < 0, r.stderr[-2000:]
-    _, err = _train(capsys, _args(tiny_model_dir, cut, pairs_file, *extra))
+    train_cli(capsys, _args(tiny_model_dir, ref, pairs_file, *extra))
+    killed_run(_args(tiny_model_dir, cut, pairs_file, *extra), "after-step:4")
+    _, err = train_cli(capsys, _args(tiny_model_dir, cut, pairs_file, *extra))
     assert "resumed from" in err
     a, b = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (ref, cut))
     assert a.keys() == b.keys()
@@ -149,19 +130,9 @@ def test_full_fine_tuning_resumes_with_its_stored_reference(
     them back instead of recomputing them from trained weights."""
     extra = ("adapter.method=full", "train.max_steps=4", "train.save_every=1", "train.resume=true")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    _train(capsys, _args(tiny_model_dir, ref, pairs_file, *extra))
-    env = dict(os.environ, OMP_NUM_THREADS="1", LORAKIT_TEST_KILL_AT="after-step:2")
-    r = subprocess.run(
-        [sys.executable, "-m", "lorakit", *_args(tiny_model_dir, cut, pairs_file, *extra)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert r.returncode < 0, r.stderr[-2000:]
-    _train(capsys, _args(tiny_model_dir, cut, pairs_file, *extra))
+    train_cli(capsys, _args(tiny_model_dir, ref, pairs_file, *extra))
+    killed_run(_args(tiny_model_dir, cut, pairs_file, *extra), "after-step:2")
+    train_cli(capsys, _args(tiny_model_dir, cut, pairs_file, *extra))
     assert [r["loss"] for r in _rows(ref)] == pytest.approx([r["loss"] for r in _rows(cut)])
     assert load_file(str(ref / REFERENCE_FILE))["logps"].equal(
         load_file(str(cut / REFERENCE_FILE))["logps"]
@@ -170,7 +141,7 @@ def test_full_fine_tuning_resumes_with_its_stored_reference(
 
 def test_eval_scores_held_out_pairs(tiny_model_dir, tmp_path, capsys, pairs_file):
     out = tmp_path / "run"
-    _train(capsys, _args(tiny_model_dir, out, pairs_file))
+    train_cli(capsys, _args(tiny_model_dir, out, pairs_file))
     held = tmp_path / "held.jsonl"
     held.write_text(
         "".join(json.dumps(r) + "\n" for r in get_task("arithmetic-pref").rows("test")[:10])
@@ -193,26 +164,12 @@ def test_eval_scores_held_out_pairs(tiny_model_dir, tmp_path, capsys, pairs_file
 def test_two_processes_follow_one_process(tiny_model_dir, tmp_path, capsys, pairs_file):
     """DDP: 2 processes x 2 pairs against 1 process x 4 pairs, the same loss curve and DPO
     metrics (the loss is the mean over the global batch's pairs)."""
-    launcher = Path(sys.executable).parent / "accelerate"
-    if not launcher.exists():
-        pytest.skip("accelerate's launcher is not installed")
     one, two = tmp_path / "one", tmp_path / "two"
-    _train(capsys, _args(tiny_model_dir, one, pairs_file, "train.batch_size=4"))
+    train_cli(capsys, _args(tiny_model_dir, one, pairs_file, "train.batch_size=4"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
     r = subprocess.run(
         [
-            str(launcher),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
+            *ddp_launch(2),
             "lorakit",
             *_args(tiny_model_dir, two, pairs_file, "train.batch_size=2"),
         ],

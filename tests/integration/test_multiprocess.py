@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_run_args
+from tests.conftest import ddp_launch, tiny_run_args
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,21 +51,9 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     two = tmp_path / "two"
-    launcher = str(Path(sys.executable).parent / "accelerate")
     r = _run(
         [
-            launcher,
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
+            *ddp_launch(2),
             "lorakit",
             "train",
             *tiny_run_args(tiny_model_dir, two, *common, "train.batch_size=2"),

@@ -7,17 +7,13 @@ a killed packed run resumes to the uninterrupted one, and group_by_length pads l
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from lorakit.cli import main
 from lorakit.training.tasks import get_task
-from tests.conftest import tiny_run_args
+from tests.conftest import killed_run, tiny_run_args, train_cli
 
 REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-5
@@ -48,14 +44,6 @@ def _args(model_dir, out, data: Path, *extra) -> list[str]:
     ]
 
 
-def _train(capsys, *args) -> tuple[dict, str]:
-    code = main(list(args))
-    err = capsys.readouterr().err
-    assert code == 0, err[-3000:]
-    out = Path(next(a for a in args if a.startswith("output_dir="))[11:])
-    return json.loads((out / "summary.json").read_text()), err
-
-
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -75,8 +63,8 @@ def test_auto_trains_the_same_rows_as_unpacked_with_less_padding(
     tiny_model_dir, tmp_path, capsys, chat_file
 ):
     auto, padded = tmp_path / "auto", tmp_path / "padded"
-    sa, err = _train(capsys, *_args(tiny_model_dir, auto, chat_file))
-    sp, _ = _train(capsys, *_args(tiny_model_dir, padded, chat_file, "data.packing=false"))
+    sa, err = train_cli(capsys, _args(tiny_model_dir, auto, chat_file))
+    sp, _ = train_cli(capsys, _args(tiny_model_dir, padded, chat_file, "data.packing=false"))
     assert "packing auto -> packed" in err
     assert sa["packing"]["mode"] == "packed" and sa["packing"]["per_batch"]
     assert sp["packing"]["mode"] == "padded"
@@ -92,7 +80,7 @@ def test_packing_on_writes_pad_fraction_and_real_tokens(
     tiny_model_dir, tmp_path, capsys, chat_file
 ):
     out = tmp_path / "on"
-    summary, err = _train(capsys, *_args(tiny_model_dir, out, chat_file, "data.packing=on"))
+    summary, err = train_cli(capsys, _args(tiny_model_dir, out, chat_file, "data.packing=on"))
     pk = summary["packing"]
     assert pk["mode"] == "packed" and not pk["per_batch"] and pk["asked"] == "true"
     assert pk["sequences"] < pk["rows"] and pk["fill"] > 0.9
@@ -109,10 +97,10 @@ def test_packed_batches_split_into_accumulation_steps_keep_the_loss(
     """The loss is normalized by the global count of trained tokens: 4 packed sequences in
     one micro-batch or in two of 2 give the same step."""
     one, two = tmp_path / "one", tmp_path / "two"
-    s1, _ = _train(capsys, *_args(tiny_model_dir, one, chat_file, "data.packing=true"))
-    s2, _ = _train(
+    s1, _ = train_cli(capsys, _args(tiny_model_dir, one, chat_file, "data.packing=true"))
+    s2, _ = train_cli(
         capsys,
-        *_args(
+        _args(
             tiny_model_dir,
             two,
             chat_file,
@@ -128,10 +116,10 @@ def test_packed_batches_split_into_accumulation_steps_keep_the_loss(
 
 def test_group_by_length_pads_less(tiny_model_dir, tmp_path, capsys, chat_file):
     common = ("data.packing=false", "train.batch_size=2", "train.max_steps=12")
-    plain, _ = _train(capsys, *_args(tiny_model_dir, tmp_path / "plain", chat_file, *common))
-    grouped, _ = _train(
+    plain, _ = train_cli(capsys, _args(tiny_model_dir, tmp_path / "plain", chat_file, *common))
+    grouped, _ = train_cli(
         capsys,
-        *_args(tiny_model_dir, tmp_path / "g", chat_file, *common, "data.group_by_length=true"),
+        _args(tiny_model_dir, tmp_path / "g", chat_file, *common, "data.group_by_length=true"),
     )
     assert grouped["pad_fraction"] < 0.5 * plain["pad_fraction"]
 
@@ -141,18 +129,9 @@ def test_a_killed_packed_run_resumes_to_the_uninterrupted_one(
 ):
     extra = ("data.packing=true", "train.save_every=1", "train.resume=true", "adapter.dropout=0.1")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    _train(capsys, *_args(tiny_model_dir, ref, chat_file, *extra))
-    env = dict(os.environ, OMP_NUM_THREADS="1", LORAKIT_TEST_KILL_AT="after-step:4")
-    r = subprocess.run(
-        [sys.executable, "-m", "lorakit", *_args(tiny_model_dir, cut, chat_file, *extra)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert r.returncode < 0 and not (cut / "summary.json").exists(), r.stderr[-2000:]
-    _, err = _train(capsys, *_args(tiny_model_dir, cut, chat_file, *extra))
+    train_cli(capsys, _args(tiny_model_dir, ref, chat_file, *extra))
+    killed_run(_args(tiny_model_dir, cut, chat_file, *extra), "after-step:4")
+    assert not (cut / "summary.json").exists()
+    _, err = train_cli(capsys, _args(tiny_model_dir, cut, chat_file, *extra))
     assert "resumed from" in err
     _same_adapter(ref, cut, 1e-6)
