@@ -823,10 +823,9 @@ def train(cfg: RunConfig, log: Log = print) -> dict:
         ):  # See Note: the reference is the model with the adapter off (dpo.py)
             seconds = precompute_reference(run, train_ex, fingerprint(run.sequences(train_ex)))
             run.reference_s = seconds
-            log(
-                f"dpo: reference log-probabilities of {len(train_ex)} pairs computed once "
-                f"before training ({seconds:.1f} s; {REFERENCE_FILE})"
-            )
+            how = f"computed once before training ({seconds:.1f} s)" if seconds else "read back"
+            n = len(train_ex)
+            log(f"dpo: reference log-probabilities of {n} pairs {how} ({REFERENCE_FILE})")
         return _train_and_finish(run, method, total, base, peak)
     except Exception as e:
         stopped_by_files(e, out)  # a full disk: one sentence saying how to continue
