@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from huggingface_hub import try_to_load_from_cache
+
 from . import models
 from .errors import LorakitError
 from .export import MODEL_TARGET
@@ -77,7 +79,14 @@ class ModelExport:
 
 
 def _base_folder(name: str | None) -> Path | None:
-    return Path(name) if name and Path(name).is_dir() else None
+    """The base model's own folder (a local one, or a Hub id's snapshot in the local cache),
+    where llama.cpp's converter finds a SentencePiece tokenizer.model."""
+    if not name:
+        return None
+    if Path(name).is_dir():
+        return Path(name)
+    cached = try_to_load_from_cache(name, "config.json")
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def _check_architecture(path: Path, base: str | None, trust_remote_code: bool) -> None:

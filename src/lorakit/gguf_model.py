@@ -32,6 +32,7 @@ every other weight in the outtype, f16 where a row does not split into the outty
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,9 +190,15 @@ ARCHS = {
 }
 
 
+#: llama.cpp's Gemma 2 and 3 scale attention by 1/sqrt(head_dim), except the 27B models
+#: (found by their layer count), which it scales by 1/sqrt(hidden/heads)
+#: (``f_attention_scale`` in src/llama-model.cpp); transformers by query_pre_attn_scalar
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+
+
 def architecture(config) -> Arch:
     """The llama.cpp architecture of a transformers config, or one sentence naming those
-    lorakit writes."""
+    lorakit writes (or saying what llama.cpp would compute otherwise)."""
     mtype = getattr(config, "model_type", None)
     if mtype not in ARCHS:
         raise LorakitError(
@@ -199,7 +206,25 @@ def architecture(config) -> Arch:
             f"{mtype!r}; merge with `lorakit merge` and convert that folder with llama.cpp's "
             "convert_hf_to_gguf.py"
         )
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if mtype in GEMMA_27B_LAYERS and scalar is not None:
+        big = config.num_hidden_layers == GEMMA_27B_LAYERS[mtype]
+        used = config.hidden_size // config.num_attention_heads if big else config.head_dim
+        if scalar != used:
+            raise LorakitError(
+                f"llama.cpp scales this {mtype} model's attention by 1/sqrt({used}), but "
+                f"its query_pre_attn_scalar is {scalar}: llama.cpp would not compute it"
+            )
     return ARCHS[mtype]
+
+
+def _old_gguf(arch: str) -> str:
+    from importlib.metadata import version
+
+    return (
+        f"the gguf package {version('gguf')} cannot write llama.cpp's {arch} model files "
+        "(lorakit is tested with gguf 0.19); pip install -U gguf"
+    )
 
 
 def hparams(config) -> dict:
@@ -260,21 +285,16 @@ def _rope_freqs(hp: dict) -> torch.Tensor | None:
         return None
     dim = _head_dim(hp)
     base = full.get("rope_theta", 10000.0)
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     factor = full.get("factor", 8.0)
     low, high = full.get("low_freq_factor", 1.0), full.get("high_freq_factor", 4.0)
     old = full.get("original_max_position_embeddings", 8192)
-    out = []
-    for f in freqs.tolist():
-        wavelen = 2 * np.pi / f
-        if wavelen < old / high:
-            out.append(1.0)
-        elif wavelen > old / low:
-            out.append(factor)
-        else:
-            smooth = (old / wavelen - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return torch.tensor(out, dtype=torch.float32)
+    # in fp32 throughout, as transformers' and the converter's own computations are
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    wavelen = 2 * math.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    longer = torch.where(wavelen > old / low, torch.tensor(float(factor)), between)
+    return torch.where(wavelen < old / high, torch.tensor(1.0), longer)
 
 
 def tensor_plan(model: nn.Module, outtype: str) -> list[Tensor]:
@@ -283,7 +303,9 @@ def tensor_plan(model: nn.Module, outtype: str) -> list[Tensor]:
     gguf = gguf_package()
     arch = architecture(model.config)
     hp = hparams(model.config)
-    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.name)
+    arch_id = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.name), None)
+    if arch_id is None:
+        raise LorakitError(_old_gguf(arch.name))
     names = gguf.get_tensor_name_map(arch_id, int(hp["num_hidden_layers"]))
     plan = []
     freqs = _rope_freqs(hp) if arch.name == "llama" else None
@@ -359,7 +381,10 @@ def write_model_gguf(
         w.add_type(gguf.GGUFType.MODEL)
         if name:
             w.add_name(name)
-        arch.keys(w, hparams(model.config), arch.name)
+        try:
+            arch.keys(w, hparams(model.config), arch.name)
+        except AttributeError:  # a GGUFWriter without a key this architecture needs
+            raise LorakitError(_old_gguf(arch.name)) from None
         w.add_file_type(gguf.LlamaFileType[OUTTYPES[outtype][1]])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, v in vocab.items():

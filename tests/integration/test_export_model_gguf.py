@@ -59,6 +59,19 @@ def _arch_config(arch: str, tok):
     gemma = {"head_dim": 16, "query_pre_attn_scalar": 16}
     return {
         "llama": lambda: transformers.LlamaConfig(**common, tie_word_embeddings=True),
+        # Llama 3.1's RoPE: frequencies divided by rope_freqs (theta 500000 makes them differ)
+        "llama3": lambda: transformers.LlamaConfig(
+            **common,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
         "mistral": lambda: transformers.MistralConfig(
             **common, tie_word_embeddings=False, sliding_window=None
         ),
@@ -71,7 +84,7 @@ def _arch_config(arch: str, tok):
     }[arch]()
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"]
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"]
 
 
 def _model_dirs(tmp_path_factory, tok, tag: str):
@@ -350,15 +363,21 @@ def test_each_architecture_keys(arch, small_dirs, tmp_path):
     cfg, _ = _merged(ad)
     cfg = cfg.config
     name = _field(out, "general.architecture")
-    assert name == {"mistral": "llama", "gemma3": "gemma3"}.get(arch, arch)
+    assert name == {"mistral": "llama", "llama3": "llama"}.get(arch, arch)
     assert _field(out, f"{name}.embedding_length") == cfg.hidden_size
     assert _field(out, f"{name}.attention.head_count_kv") == cfg.num_key_value_heads
     if arch == "qwen3":
         assert _field(out, "qwen3.attention.key_length") == 32
     if arch == "gemma2":
         assert _field(out, "gemma2.attn_logit_softcapping") == cfg.attn_logit_softcapping
-    if arch in ("llama", "mistral"):
+    if arch in ("llama", "llama3", "mistral"):
         assert _field(out, "llama.rope.dimension_count") == 16
+    freqs = _file_tensors(out).get("rope_freqs.weight")
+    if arch == "llama3":  # 1 for short wavelengths, 8 for long ones, smooth in between
+        assert freqs is not None and freqs[0][0] == 1 and freqs[0][-1] == 8
+        assert ((freqs[0] > 1) & (freqs[0] < 8)).any()
+    else:
+        assert freqs is None
     tokens = _field(out, "tokenizer.ggml.tokens")
     assert len(tokens) == cfg.vocab_size
 
@@ -372,6 +391,18 @@ def test_unsupported_architecture_is_refused_before_anything(tmp_path, _smollm2_
     with pytest.raises(LorakitError, match="lorakit writes GGUF model files for gemma, "):
         lk.export_gguf_model(d, tmp_path / "m.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
+
+
+def test_a_gemma_llama_cpp_would_scale_otherwise_is_refused(tmp_path):
+    """llama.cpp scales Gemma 2/3 attention by 1/sqrt(head_dim) (27B: hidden/heads), the
+    model by query_pre_attn_scalar: a model where they differ is refused, not mis-served."""
+    from lorakit.gguf_model import architecture
+
+    cfg = _arch_config("gemma2", _small_tokenizer())
+    assert architecture(cfg).name == "gemma2"
+    cfg.query_pre_attn_scalar = 256
+    with pytest.raises(LorakitError, match=r"scales this gemma2 model's attention by 1/sqrt\(16\)"):
+        architecture(cfg)
 
 
 # ---- the tokenizer ------------------------------------------------------------------------
