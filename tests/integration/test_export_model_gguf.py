@@ -894,6 +894,53 @@ def test_same_file_as_llama_cpps_converter(arch, outtype, arch_dirs, tmp_path):
         assert np.array_equal(ta[name].data.view(np.uint8), t.data.view(np.uint8)), name
 
 
+@pytest.mark.slow
+def test_a_sentencepiece_tokenizer_through_llama_cpps_converter(tmp_path, monkeypatch):
+    """A tokenizer lorakit does not write itself (SentencePiece, as Llama 2's, Mistral's and
+    Gemma's): with LLAMA_CPP_SRC, convert_hf_to_gguf.py --vocab-only writes it from the base
+    folder's tokenizer.model, and llama.cpp tokenizes text as transformers does."""
+    src = _llama_cpp_src()
+    llama_cpp = _llama_cpp()
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("LLAMA_CPP_SRC", str(src))
+    texts = [PROMPT, "Once upon a time, in a small village, a fox lived.", "The capital is Paris."]
+    (tmp_path / "corpus.txt").write_text("\n".join(texts * 20))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "tokenizer.model").write_bytes((tmp_path / "sp.model").read_bytes())
+    (base / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>"})
+    )
+    tok = AutoTokenizer.from_pretrained(base)
+    cfg = _arch_config("llama", tok)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(base)
+    tok.save_pretrained(base)  # tokenizer.json beside tokenizer.model, as on the Hub
+    ad = _adapter(base, tmp_path / "ad")
+    out = tmp_path / "m.gguf"
+    report = lk.export_gguf_model(ad, out, "f32")
+    assert report.tokenizer == f"llama.cpp's converter ({src})"
+    assert _field(out, "tokenizer.ggml.model") == "llama"
+    llm = load_llama_cpp(llama_cpp, out, n_ctx=256, n_threads=1, vocab_only=True)
+    try:
+        for text in [*texts, "fox 1234 Paris?"]:
+            want = tok(text, add_special_tokens=False)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
+    finally:
+        llm.close()
+
+
 # ---- trained runs of the embedded model, served by llama.cpp (slow) ---------------------------
 
 #: run overrides per method: a short training that moves the answers off the base model's
