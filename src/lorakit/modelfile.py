@@ -153,7 +153,7 @@ def _go(text: str) -> str:
 
 def go_template(p: Pieces) -> str:
     """The Go template (Ollama's layout: ``range .Messages`` with ``$last``) of ``p``."""
-    lines = [f"{{{{- {_go(p.start)[3:-3]} }}}}" if p.start else ""]
+    lines = [_go(p.start)]  # empty without a start
     if p.default_system:
         lines.append(
             '{{- if and .Messages (ne (index .Messages 0).Role "system") }}'

@@ -30,7 +30,7 @@ import lorakit as lk
 from lorakit.cli import main
 from lorakit.errors import LorakitError
 from lorakit.gguf_vocab import PRE_TOKENIZERS, from_gguf, pre_tokenizer
-from lorakit.modelfile import Pieces, derive, go_template
+from lorakit.modelfile import derive, go_template
 from lorakit.models import embedded_gguf_file, embedded_source
 from lorakit.peft_format import merge_into_base, open_adapter
 from lorakit.training.formats import render
@@ -576,9 +576,10 @@ def test_modelfile_without_a_chat_template_uses_lorakits_role_lines():
     assert (pieces.system_pre, pieces.default_system, pieces.start) == ("system: ", "", "")
 
 
-def test_a_template_that_does_not_decompose_gets_no_template():
-    """A template that folds the system text into the first user turn (as Gemma's do) is
-    not text around each message: no TEMPLATE, Ollama picks its own."""
+def test_templates_without_a_system_turn_of_their_own():
+    """A template that folds the system text into the first user turn (Gemma 3's) is not
+    text around each message: no TEMPLATE, Ollama picks its own. One that refuses a system
+    turn (Gemma 1/2's) gets a TEMPLATE without it; a BOS the runtime adds is left out."""
 
     def folding(messages, gen):
         sys_text = messages[0]["content"] + "\n\n" if messages[0]["role"] == "system" else ""
@@ -590,8 +591,20 @@ def test_a_template_that_does_not_decompose_gets_no_template():
         return out + ("<start_of_turn>model\n" if gen else "")
 
     assert derive(folding) is None
-    plain = Pieces("", "", "<u>", "</u>", "<a>", "</a>", "<a>", None, None)
-    assert '{{- if eq .Role "user" }}' in go_template(plain)
+
+    def no_system(messages, gen):  # Gemma 1/2: a system turn raises; BOS written by the template
+        if messages[0]["role"] == "system":
+            raise ValueError("System role not supported")
+        return "<bos>" + folding(messages, gen)
+
+    pieces = derive(no_system, bos="<bos>")  # llama.cpp adds the BOS: not in the template
+    assert pieces.system_pre is None and pieces.start == ""
+    assert pieces.user_pre == "<start_of_turn>user\n" and pieces.gen == "<start_of_turn>model\n"
+    template = go_template(pieces)
+    assert '{{- if eq .Role "user" }}' in template and '"system"' not in template
+    assert "<bos>" not in template
+    with_bos = derive(no_system)  # a runtime that adds no BOS: the template writes it
+    assert with_bos.start == "<bos>" and go_template(with_bos).startswith('{{ "<bos>" }}')
 
 
 # ---- writing: atomic, a full disk ---------------------------------------------------------
