@@ -33,10 +33,11 @@ style: $(STAMP)
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# For the llama.cpp export tests only (tests/integration/test_export_llamacpp.py): llama.cpp's
-# source as shipped inside the llama-cpp-python source package (its convert_lora_to_gguf.py),
+# For the llama.cpp export tests only (tests/integration/test_export_llamacpp.py and
+# test_export_model_gguf.py): llama.cpp's source as shipped inside the llama-cpp-python source
+# package (its convert_lora_to_gguf.py and convert_hf_to_gguf.py, which imports sentencepiece),
 # and llama-cpp-python itself, which builds llama.cpp from source (minutes on 2 cores). When
-# either cannot be had, those tests skip and say why.
+# any cannot be had, those tests skip and say why.
 LLAMA_CPP_SRC ?= $(VENV)/llama-cpp-src
 test-all: $(STAMP)
 	test -f $(LLAMA_CPP_SRC)/convert_lora_to_gguf.py || { rm -rf $(VENV)/llama-cpp-sdist && \
@@ -47,6 +48,8 @@ test-all: $(STAMP)
 		echo "no llama.cpp source: the converter comparison will skip"
 	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install llama-cpp-python || \
 		echo "llama-cpp-python did not install: the llama.cpp serving test will skip"
+	$(PY) -c "import sentencepiece" 2>/dev/null || $(PY) -m pip install sentencepiece || \
+		echo "sentencepiece did not install: the convert_hf_to_gguf.py comparison will skip"
 	LLAMA_CPP_SRC=$(LLAMA_CPP_SRC) $(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)

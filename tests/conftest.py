@@ -200,3 +200,25 @@ def ddp_launch(n: int = 2) -> list[str]:
         "no",
         "-m",
     ]
+
+
+def load_llama_cpp(llama_cpp, model_path, **kwargs):
+    """``llama_cpp.Llama(model_path, ...)`` without the CPU's extra buffer types: on CPUs with
+    AMX, llama.cpp's AMX matmul crashed in decode on quantized weights (Q8_0, Q4_1; seen with
+    llama-cpp-python 0.3.36 on an Intel Xeon with AMX). ``Llama`` reads the defaults from the
+    ``llama_cpp.llama_cpp`` module, so that is where they are patched, for the load only."""
+    low = llama_cpp.llama_cpp
+    fields = {f[0] for f in getattr(low.llama_model_params, "_fields_", [])}
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    if "use_extra_bufts" in fields:
+        low.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(model_path), **{"verbose": False, **kwargs})
+    finally:
+        low.llama_model_default_params = default

@@ -9,6 +9,7 @@ lk.save_adapter(model, "out/adapter")      # a PEFT adapter folder
 from .config import AdapterConfig
 from .errors import LorakitError
 from .export import export
+from .gguf_export import export_gguf_model
 from .inject import apply, count_parameters, disabled, merge, trainable_parameters, unload, unmerge
 from .models import load_model
 from .peft_format import load_adapter, save_adapter, save_merged
@@ -21,6 +22,7 @@ __all__ = [
     "count_parameters",
     "disabled",
     "export",
+    "export_gguf_model",
     "load_adapter",
     "load_model",
     "merge",

@@ -62,6 +62,8 @@ from .registry import EXPORT_METHOD
 #: PEFT folder (``--to lora``) and llama.cpp's ``adapter.type`` for such a file
 PLAIN = EXPORT_METHOD
 TARGETS = (PLAIN, "vllm", "gguf")
+#: not an adapter: the merged model as one GGUF file (gguf_export.py, a layer above this one)
+MODEL_TARGET = "gguf-model"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 #: the values vLLM's ``--max-lora-rank`` accepts (vllm/config/lora.py)
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -426,13 +428,18 @@ def export(
     """``lorakit export``: the adapter folder (or run folder) ``adapter``, of any method, as a
     plain LoRA adapter (``to="lora"``), a vLLM-checked one (``"vllm"``) or a llama.cpp GGUF
     adapter file (``"gguf"``) at ``out``. ``model``: the base (default: the one the adapter
-    records). See :func:`export_model` and docs/export.md."""
+    records). The merged model as one GGUF file (``--to gguf-model``) is
+    :func:`lorakit.export_gguf_model`. See :func:`export_model` and docs/export.md."""
+    if to == MODEL_TARGET:
+        raise LorakitError(
+            "to='gguf-model' writes the merged model, not an adapter: call "
+            "lorakit.export_gguf_model (lorakit export ADAPTER --to gguf-model)"
+        )
     path = Path(adapter_folder(adapter))
     if is_whole_model(path):
         raise LorakitError(
             f"{adapter} is a whole fine-tuned model, not an adapter: serve the "
-            "folder itself (vLLM) or convert it with llama.cpp's "
-            "convert_hf_to_gguf.py"
+            "folder itself (vLLM) or export it with --to gguf-model (llama.cpp, Ollama)"
         )
     if to not in TARGETS:  # before loading anything
         raise LorakitError(f"--to must be one of {', '.join(TARGETS)}, not {to!r}")

@@ -64,16 +64,21 @@ class FileError(LorakitError):
 
 
 _OS_CODE = re.compile(r"os error (\d+)|code: (\d+)")
+_RUST_OS_ERROR = re.compile(r"\(os error \d+\)")
 
 
 def as_os_error(e: BaseException) -> OSError | None:
-    """``e`` as an OSError: itself, or the I/O error inside a safetensors error (its writer is
-    Rust code, which reports ``... I/O error: ... (os error 28)``); None for any other."""
+    """``e`` as an OSError: itself, or the I/O error inside an error of a Rust library (the
+    safetensors writer reports ``... I/O error: ... (os error 28)``, the tokenizers one a bare
+    ``Exception("File too large (os error 27)")``); None for any other."""
     if isinstance(e, OSError):
         # an OSError without an errno is no file-system error (a network library's, a
         # dataset hub's "not found"): it keeps its own message and traceback
         return e if e.errno is not None else None
-    if type(e).__name__ == "SafetensorError" and ("I/O error" in str(e) or "IoError" in str(e)):
+    rust_io = type(e).__name__ == "SafetensorError" and (
+        "I/O error" in str(e) or "IoError" in str(e)
+    )
+    if rust_io or (type(e) is Exception and _RUST_OS_ERROR.search(str(e))):
         m = _OS_CODE.search(str(e))
         code = int(m.group(1) or m.group(2)) if m else errno.EIO
         return OSError(code, os.strerror(code))

@@ -11,10 +11,12 @@ where the row length is not a multiple of 32, as the converter does). See docs/e
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,24 +39,25 @@ GGUF_ARCHS = {
 def merge_hint(what: str) -> str:
     """``what`` cannot be served as an adapter, and the way that works."""
     return (
-        f"{what}; merge the adapter into its base with `lorakit merge ADAPTER --out DIR` "
-        "and serve that folder (llama.cpp: convert it with convert_hf_to_gguf.py)"
+        f"{what}; serve the adapter merged into its base: `lorakit export ADAPTER --to "
+        "gguf-model` (llama.cpp, Ollama) or `lorakit merge ADAPTER --out DIR` (vLLM)"
     )
 
 
 # ---- GGUF (llama.cpp) -----------------------------------------------------------------------
 
 
-def _gguf():
+def gguf_package():
+    """The ``gguf`` package (llama.cpp's own Python reader and writer, gguf-py on PyPI)."""
     try:
         import gguf
     except ImportError:
-        raise LorakitError("--to gguf needs the gguf package (pip install gguf)") from None
+        raise LorakitError("GGUF export needs the gguf package (pip install gguf)") from None
     return gguf
 
 
 def _qtype(outtype: str):
-    gguf = _gguf()
+    gguf = gguf_package()
     return {
         "f32": gguf.GGMLQuantizationType.F32,
         "f16": gguf.GGMLQuantizationType.F16,
@@ -66,7 +69,7 @@ def _qtype(outtype: str):
 def gguf_encode(x: torch.Tensor, outtype: str):
     """(array, ggml type) as llama.cpp's converter stores a LoRA tensor: in ``outtype``, and
     in f16 where q8_0 does not fit the row length (blocks of 32), as the converter falls back."""
-    gguf = _gguf()
+    gguf = gguf_package()
     data = x.detach().float().cpu().numpy()
     qtype = _qtype(outtype)
     try:
@@ -77,7 +80,7 @@ def gguf_encode(x: torch.Tensor, outtype: str):
 
 
 def _gguf_decode(arr, qtype) -> torch.Tensor:
-    return torch.from_numpy(_gguf().quants.dequantize(arr, qtype).copy()).float()
+    return torch.from_numpy(gguf_package().quants.dequantize(arr, qtype).copy()).float()
 
 
 @dataclass
@@ -93,7 +96,7 @@ class GGUFPlan:
 def gguf_plan(model: nn.Module) -> GGUFPlan:
     """Map the adapted modules to llama.cpp's tensor names (``gguf.get_tensor_name_map``) for
     the base's architecture, or refuse in one sentence."""
-    gguf = _gguf()
+    gguf = gguf_package()
     config = model.config
     mtype = getattr(config, "model_type", None)
     if mtype not in GGUF_ARCHS:
@@ -169,6 +172,30 @@ def gguf_rounding(plan: GGUFPlan, outtype: str):
     return rounding
 
 
+@contextlib.contextmanager
+def gguf_file(out: Path, arch: str):
+    """A ``GGUFWriter`` for ``arch`` on a temporary sibling of ``out``: the block writes the
+    file through it, which is then synced and renamed into place; on any error the temporary
+    file is removed and ``out`` is untouched. A file-system error (a full disk) is one
+    sentence about ``out``."""
+    gguf = gguf_package()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with file_errors("write", out):
+        out.parent.mkdir(parents=True, exist_ok=True)  # --out newdir/a.gguf
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            yield writer
+            for f in writer.fout or ():
+                f.flush()
+                os.fsync(f.fileno())
+            writer.close()
+            os.replace(tmp, out)
+        except BaseException:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+            raise
+
+
 def write_gguf(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
     alpha: float,
@@ -180,45 +207,46 @@ def write_gguf(
     """A llama.cpp LoRA adapter file as its converter writes one: ``general.type = adapter``,
     ``adapter.type = lora``, ``adapter.lora.alpha``, tensors ``<base name>.lora_a`` /
     ``.lora_b``. Written to a temporary name, renamed into place when complete."""
-    gguf = _gguf()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with file_errors("write", out):
-        out.parent.mkdir(parents=True, exist_ok=True)  # --out newdir/a.gguf
-        _write(gguf, factors, alpha, plan, tmp, out, outtype, name)
-    return out
-
-
-def _write(
-    gguf,
-    factors,
-    alpha: float,
-    plan: GGUFPlan,
-    tmp: Path,
-    out: Path,
-    outtype: str,
-    name: str | None,
-) -> None:
-    writer = gguf.GGUFWriter(str(tmp), plan.arch)
-    try:
+    gguf = gguf_package()
+    with gguf_file(out, plan.arch) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, EXPORT_METHOD)
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if name:
             writer.add_name(name)
+        arrays = []
         for module, (b, a) in factors.items():
             if module in plan.permute:
                 b = rope_permute(b, plan.permute[module])
             la, lb = _file_pair(plan, module, b, a)
             for suffix, t in ((".lora_a", la), (".lora_b", lb)):
                 arr, qtype = gguf_encode(t.contiguous(), outtype)
-                writer.add_tensor(plan.names[module] + suffix, arr, raw_dtype=qtype)
+                writer.add_tensor_info(
+                    plan.names[module] + suffix, arr.shape, arr.dtype, arr.nbytes, raw_dtype=qtype
+                )
+                arrays.append(arr)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+        writer.write_ti_data_to_file()
+        for arr in arrays:
+            write_tensor(writer, arr)
+    return out
+
+
+class _PythonWrite:
+    """An array as ``GGUFWriter.write_tensor_data`` takes it (``nbytes``, ``tofile``), written
+    through the Python file object: numpy's own ``tofile`` reports a short write (a full disk)
+    as an OSError without its errno, which could not be told from any other failure."""
+
+    def __init__(self, arr: np.ndarray):
+        self.arr = np.ascontiguousarray(arr)
+        self.nbytes = self.arr.nbytes
+
+    def tofile(self, f) -> None:
+        f.write(memoryview(self.arr).cast("B"))
+
+
+def write_tensor(writer, arr: np.ndarray) -> None:
+    """The next tensor's data (in the order of the tensor index already written)."""
+    writer.write_tensor_data(_PythonWrite(arr))

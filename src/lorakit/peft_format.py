@@ -308,6 +308,19 @@ def load_adapter(base: nn.Module, path: str | os.PathLike, **overrides) -> nn.Mo
     return base
 
 
+def merge_into_base(model: nn.Module) -> nn.Module:
+    """Merge the adapter ``model`` carries into its base weights, in place (every method's own
+    exact merge, in fp32): a plain transformers model remains. A QLoRA adapter must sit on the
+    16-bit base (see :func:`load_adapter` with ``quantize=None``): 4-bit weights are never
+    re-quantized."""
+    if any(is_quantized(m) for m in model.modules()):
+        raise LorakitError(
+            "merging into 4-bit weights would re-quantize them; load the base "
+            "model in 16 bits (quantize=None) and merge there"
+        )
+    return unload(model, merge_adapters=True)
+
+
 def save_merged(
     model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dtype: torch.dtype | None = None
 ) -> Path:
@@ -315,12 +328,7 @@ def save_merged(
 
     The model must hold 16-bit or fp32 weights: a QLoRA adapter is merged into the 16-bit base
     (see :func:`load_adapter` with ``quantize=None``), never re-quantized."""
-    if any(is_quantized(m) for m in model.modules()):
-        raise LorakitError(
-            "merging into 4-bit weights would re-quantize them; load the base "
-            "model in 16 bits (quantize=None) and merge there"
-        )
-    unload(model, merge_adapters=True)
+    merge_into_base(model)
     if dtype is not None:
         model.to(dtype)
     with atomic_dir(out_dir) as tmp:

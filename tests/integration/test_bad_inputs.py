@@ -79,6 +79,76 @@ def _copy_adapter(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _model_gguf(*extra, adapter=None, prepare=None):
+    """``lorakit export ADAPTER --to gguf-model --out <tmp>/m.gguf`` with ``extra`` (each a
+    string or ``f(ctx) -> str``); ``adapter(ctx)`` makes the folder to export (default: the
+    table's adapter); ``prepare(ctx)`` makes what is in the way."""
+
+    def build(ctx):
+        ad = adapter(ctx) if adapter else ctx["adapter"]
+        if prepare:
+            prepare(ctx)
+        more = [x(ctx) if callable(x) else x for x in extra]
+        return ["export", str(ad), "--to", "gguf-model", "--out", str(ctx["tmp"] / "m.gguf"), *more]
+
+    return build
+
+
+def _gpt2_model(ctx) -> Path:
+    """A tiny GPT-2 folder (an architecture llama.cpp's model files hold, but lorakit does not
+    write) with the table's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+
+    tok = AutoTokenizer.from_pretrained(ctx["model"])
+    d = ctx["tmp"] / "gpt2"
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _small_vocab_gguf(ctx) -> Path:
+    """A GGUF file whose vocabulary has 3 tokens (another model's)."""
+    import gguf
+
+    p = ctx["tmp"] / "other.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "c"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return p
+
+
+def _whitespace_tokenizer(ctx) -> Path:
+    """An adapter on a copy of the table's model whose tokenizer pre-tokenizes on
+    whitespace (no pre-tokenizer llama.cpp names), with no llama.cpp tree to convert it."""
+    ctx["setenv"]("LLAMA_CPP_SRC", "")
+    base = ctx["tmp"] / "ws-model"
+    base.mkdir()
+    for f in Path(ctx["model"]).iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    tj = json.loads((base / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "WhitespaceSplit"}
+    (base / "tokenizer.json").write_text(json.dumps(tj))
+    ad = _copy_adapter(ctx["adapter"], ctx["tmp"] / "ws-adapter")
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base)
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    return ad
+
+
+def _existing(name: str):
+    def make(ctx) -> Path:
+        p = ctx["tmp"] / name
+        p.write_text("already here\n")
+        return p
+
+    return make
+
+
 # (id, args builder, expected text in the one-line error)
 def _train(*extra):
     return lambda ctx: ["train", *tiny_run_args(ctx["model"], ctx["out"], *extra)]
@@ -659,6 +729,60 @@ CASES = [
         "eval of a run whose heldout.json is damaged",
         _copied_run(lambda d: (d / "heldout.json").write_text("{cut")),
         "cannot read",
+    ),
+    # model files for llama.cpp and Ollama (export --to gguf-model)
+    (
+        "gguf-model of an architecture lorakit does not write",
+        _model_gguf(adapter=_gpt2_model),
+        "lorakit writes GGUF model files for gemma, gemma2",
+    ),
+    (
+        "gguf-model --out is an existing file",
+        _model_gguf(prepare=_existing("m.gguf")),
+        "exists; choose another --out",
+    ),
+    (
+        "gguf-model --ollama beside an existing Modelfile",
+        _model_gguf("--ollama", prepare=_existing("Modelfile")),
+        "Modelfile exists",
+    ),
+    (
+        "gguf-model with --rank",
+        _model_gguf("--rank", "4"),
+        "--rank and --energy shape adapter exports",
+    ),
+    (
+        "--ollama for an adapter target",
+        lambda ctx: [
+            "export",
+            str(ctx["adapter"]),
+            "--to",
+            "gguf",
+            "--out",
+            str(ctx["tmp"] / "a.gguf"),
+            "--ollama",
+        ],
+        "--ollama and --vocab-from apply to --to gguf-model",
+    ),
+    (
+        "gguf-model --vocab-from a missing file",
+        _model_gguf("--vocab-from", "/nonexistent/base.gguf"),
+        "is not a GGUF file",
+    ),
+    (
+        "gguf-model --vocab-from a file that is not GGUF",
+        _model_gguf("--vocab-from", lambda ctx: str(_existing("base.gguf")(ctx))),
+        "cannot read the GGUF file",
+    ),
+    (
+        "gguf-model --vocab-from another model's GGUF",
+        _model_gguf("--vocab-from", lambda ctx: str(_small_vocab_gguf(ctx))),
+        "holds a vocabulary of 3 tokens but this model's embedding has",
+    ),
+    (
+        "gguf-model of a tokenizer lorakit cannot write",
+        _model_gguf(adapter=_whitespace_tokenizer),
+        "give a GGUF file of the base model with --vocab-from",
     ),
 ]
 

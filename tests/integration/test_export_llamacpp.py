@@ -27,7 +27,7 @@ import lorakit as lk
 from lorakit import models
 from lorakit.cli import main
 from lorakit.export import export_model
-from tests.conftest import train_steps
+from tests.conftest import load_llama_cpp, train_steps
 
 AGREEMENT = 0.9
 
@@ -107,32 +107,17 @@ def _base_gguf() -> Path:
 
 
 def _load(llama_cpp, base: Path, adapter: Path):
-    """llama.cpp's model with the adapter. On CPUs with AMX, llama.cpp's repacked AMX buffers
-    crashed in decode; loading without the CPU's extra buffer types avoids them, where this
-    binding exposes the switch."""
-    fields = {f[0] for f in getattr(llama_cpp.llama_model_params, "_fields_", [])}
-    if "use_extra_bufts" in fields:
-        default = llama_cpp.llama_model_default_params
-
-        def params():
-            p = default()
-            p.use_extra_bufts = False
-            return p
-
-        llama_cpp.llama_model_default_params = params
-    try:
-        return llama_cpp.Llama(
-            model_path=str(base),
-            lora_path=str(adapter),
-            n_ctx=1024,
-            n_threads=2,
-            seed=0,
-            verbose=False,
-            logits_all=False,
-        )
-    finally:
-        if "use_extra_bufts" in fields:
-            llama_cpp.llama_model_default_params = default
+    """llama.cpp's model with the adapter (tests/conftest.py ``load_llama_cpp``: without the
+    CPU's extra buffer types, whose AMX matmul crashed in decode)."""
+    return load_llama_cpp(
+        llama_cpp,
+        base,
+        lora_path=str(adapter),
+        n_ctx=1024,
+        n_threads=2,
+        seed=0,
+        logits_all=False,
+    )
 
 
 def agreement(llama_cpp, run: Path, adapter_gguf: Path) -> tuple[int, int, list[str]]:

@@ -16,9 +16,12 @@ import torch
 from .. import peft_format
 from ..config import METRIC_NAMES, RunConfig, config_reference, load_run_config, split_config_args
 from ..errors import LorakitError
-from ..export import OUTTYPES, TARGETS, export
+from ..export import MODEL_TARGET, TARGETS, export
 from ..export import describe as describe_export
 from ..files import check_output
+from ..gguf_export import LLAMA_QUANTIZE, export_gguf_model
+from ..gguf_export import describe as describe_model_export
+from ..gguf_model import OUTTYPES
 from ..registry import describe
 from ..training.evaluation import _device, generate_answers, measure, stop_token_ids
 from ..training.formats import render
@@ -345,9 +348,10 @@ def export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--to",
         required=True,
-        choices=list(TARGETS),
+        choices=[*TARGETS, MODEL_TARGET],
         help="lora: a PEFT LoRA adapter folder; vllm: the same, checked against "
-        "vLLM's rules; gguf: a llama.cpp LoRA adapter file",
+        "vLLM's rules; gguf: a llama.cpp LoRA adapter file; gguf-model: the adapter "
+        "merged into its base, as one GGUF model file for llama.cpp and Ollama",
     )
     p.add_argument("--out", required=True, help="the folder (lora, vllm) or .gguf file to write")
     size = p.add_mutually_exclusive_group()
@@ -364,7 +368,21 @@ def export_args(p: argparse.ArgumentParser) -> None:
         "smallest rank keeping this fraction of the update's spectrum, e.g. 0.999",
     )
     p.add_argument(
-        "--outtype", default="f32", choices=list(OUTTYPES), help="tensor type of a GGUF file"
+        "--outtype",
+        choices=[*OUTTYPES, *LLAMA_QUANTIZE],
+        help="tensor type of a GGUF file (default: f32 for gguf, f16 for gguf-model); "
+        "gguf: f32, f16, bf16, q8_0; gguf-model: also q5_1, q5_0, q4_1, q4_0, and the "
+        "K-quants (q4_k_m, ...), which llama.cpp's own quantizer writes (llama-cpp-python)",
+    )
+    p.add_argument(
+        "--ollama",
+        action="store_true",
+        help="gguf-model: also write an Ollama Modelfile beside the file",
+    )
+    p.add_argument(
+        "--vocab-from",
+        metavar="GGUF",
+        help="gguf-model: copy the tokenizer from this GGUF file of the base model",
     )
     p.add_argument(
         "--no-heldout",
@@ -403,6 +421,10 @@ def _heldout_evaluator(run_dir: Path):
 
 
 def run_export(args) -> int:
+    if args.to == MODEL_TARGET:
+        return _run_export_model(args)
+    if args.ollama or args.vocab_from is not None:
+        raise LorakitError("--ollama and --vocab-from apply to --to gguf-model")
     run_dir = _run_folder(args.adapter) if Path(args.adapter).is_dir() else None
     evaluate = None
     if run_dir is not None and not args.no_heldout and (run_dir / "heldout.json").is_file():
@@ -413,12 +435,31 @@ def run_export(args) -> int:
         args.to,
         args.rank,
         args.energy,
-        args.outtype,
+        args.outtype or "f32",
         args.model,
         evaluate=evaluate,
         trust_remote_code=args.trust_remote_code,
     )
     print(json.dumps(report.to_dict()) if args.json else "\n".join(describe_export(report)))
+    return 0
+
+
+def _run_export_model(args) -> int:
+    if args.rank is not None or args.energy is not None:
+        raise LorakitError(
+            "--rank and --energy shape adapter exports; --to gguf-model merges exactly"
+        )
+    report = export_gguf_model(
+        args.adapter,
+        args.out,
+        args.outtype or "f16",
+        args.model,
+        ollama=args.ollama,
+        vocab_from=args.vocab_from,
+        trust_remote_code=args.trust_remote_code,
+        log=_stderr,
+    )
+    print(json.dumps(report.to_dict()) if args.json else "\n".join(describe_model_export(report)))
     return 0
 
 
