@@ -93,7 +93,7 @@ def cost(root: Path, steps: int) -> None:
         )
 
 
-def quality(root: Path, dpo_steps: int, lr: float, beta: float) -> None:
+def quality(root: Path, dpo_steps: int, lr: float, beta: float, loss: str, weights: str) -> None:
     sft, merged, dpo = root / "sft", root / "sft-merged", root / "dpo"
     if not (sft / "summary.json").exists():
         lorakit("train", f"output_dir={sft}")
@@ -108,9 +108,14 @@ def quality(root: Path, dpo_steps: int, lr: float, beta: float) -> None:
         f"train.max_steps={dpo_steps}",
         f"train.lr={lr}",
         f"dpo.beta={beta}",
+        f"dpo.loss=[{loss}]",
+        f"dpo.loss_weights={f'[{weights}]' if weights else 'null'}",
     )
     s = summary(dpo)
-    print(f"# {cpu_model()}; SFT: the default run; DPO: {dpo_steps} steps, lr {lr}, beta {beta}")
+    print(
+        f"# {cpu_model()}; SFT: the default run; DPO: {dpo_steps} steps, lr {lr}, beta {beta}, "
+        f"loss [{loss}], weights [{weights or '1 each'}]"
+    )
     print("| held-out (arithmetic-pref test split) | SFT | SFT then DPO |")
     print("|---|---|---|")
     for key in ("pref_accuracy", "pref_margin", "exact_match", "valid_loss", "general_text_loss"):
@@ -126,6 +131,10 @@ def main() -> None:
     ap.add_argument("--dpo-steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument(
+        "--loss", default="sigmoid,sft", help="dpo.loss terms, comma-separated (sigmoid: DPO alone)"
+    )
+    ap.add_argument("--loss-weights", default="", help="dpo.loss_weights, comma-separated")
     ap.add_argument("--out", default=None, help="keep the quality runs here (default: temp)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,7 +142,7 @@ def main() -> None:
         if a.cost or not a.quality:
             cost(root, a.steps)
         if a.quality:
-            quality(root, a.dpo_steps, a.lr, a.beta)
+            quality(root, a.dpo_steps, a.lr, a.beta, a.loss, a.loss_weights)
 
 
 if __name__ == "__main__":

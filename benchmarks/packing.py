@@ -6,7 +6,8 @@ SmolLM2-135M, LoRA r=16 on every linear layer, batch 8, one epoch over the first
 rows of the built-in ``chat-lengths`` task (log-normal lengths: median ~150 tokens, 95th
 percentile ~700, as instruction data spreads; the script prints the measured spread),
 ``max_seq_len`` 1024, precision auto (bf16 where the CPU has it natively, else fp32). Every
-configuration trains on the same rows; ``true`` groups them into fewer, fuller steps. From
+configuration reads the same rows; ``true`` groups them into fewer, fuller steps (an epoch
+drops its last partial step in every mode: rows unpacked, packed sequences with ``true``). From
 each run's summary.json: steps, pad_fraction (padding tokens / tokens processed),
 real_tokens_per_s (the rows' own tokens per second of training), the training phase's peak
 resident memory, and their ratios to ``false``. DoRA and LongLoRA (S2-Attn, which ``auto``

@@ -518,16 +518,23 @@ class EvalConfig(_Strict):
     )
 
 
+DPOLoss = Literal["sigmoid", "ipo", "robust", "sft"]
+
+
 class DPOConfig(_Strict):
     """Preference tuning (train.objective: dpo), with TRL's DPOConfig names and defaults."""
 
     beta: float = Field(
         0.1, gt=0, description="how far from the reference the policy may move (DPO's β)"
     )
-    loss: Literal["sigmoid", "ipo", "robust"] = Field(
+    loss: DPOLoss | list[DPOLoss] = Field(
         "sigmoid",
         description="sigmoid: DPO's -log σ(βΔ); ipo: (Δ/len - 1/(2β))²; robust: label-smoothed "
-        "sigmoid for noisy preferences (TRL's loss_type)",
+        "sigmoid for noisy preferences; sft: the chosen completions' mean token NLL; a list "
+        "adds its losses, weighted by loss_weights (TRL's loss_type; [sigmoid, sft] is RPO)",
+    )
+    loss_weights: list[float] | None = Field(
+        None, description="one weight per loss of the list (TRL's loss_weights); null: 1 each"
     )
     label_smoothing: float = Field(
         0.0,
@@ -554,12 +561,28 @@ class DPOConfig(_Strict):
         True, description="train without dropout, so the policy and reference agree at step 0"
     )
 
+    @property
+    def terms(self) -> list[tuple[str, float]]:
+        """(loss, weight) of each term the DPO loss adds."""
+        names = [self.loss] if isinstance(self.loss, str) else self.loss
+        return list(zip(names, self.loss_weights or [1.0] * len(names)))
+
     @model_validator(mode="after")
-    def _smoothing(self) -> DPOConfig:
-        if self.label_smoothing and self.loss != "robust":
+    def _losses(self) -> DPOConfig:
+        names = [self.loss] if isinstance(self.loss, str) else self.loss
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"loss must name each loss once, not {names}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(names):
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} value(s) for {len(names)} loss(es) "
+                f"({', '.join(names)}): give one weight per loss"
+            )
+        if self.loss_weights is not None and any(w < 0 for w in self.loss_weights):
+            raise ValueError("loss_weights must not be negative")
+        if self.label_smoothing and "robust" not in names:
             raise ValueError(
                 f"label_smoothing applies to loss robust only (TRL ignores it for "
-                f"{self.loss}); set dpo.loss=robust or leave label_smoothing at 0"
+                f"{'/'.join(names)}); set dpo.loss=robust or leave label_smoothing at 0"
             )
         return self
 

@@ -413,6 +413,11 @@ CASES = [
     ),
     ("dpo settings without the dpo objective", _train("dpo.beta=0.2"), "train.objective is sft"),
     ("negative beta", _train("train.objective=dpo", "dpo.beta=-1"), "dpo.beta"),
+    (
+        "dpo loss weights not one per loss",
+        _train("train.objective=dpo", "dpo.loss=[sigmoid,sft]", "dpo.loss_weights=[1]"),
+        "give one weight per loss",
+    ),
     # packing (docs/packing.md)
     (
         "packing true with S2-Attn",

@@ -76,7 +76,13 @@ def _pairs(fmt: str) -> list[dict]:
 
 
 def _trainer(
-    model_dir: Path, out: Path, pairs: list[dict], loss: str, eps: float = 0.0, order="random"
+    model_dir: Path,
+    out: Path,
+    pairs: list[dict],
+    loss: str | list[str],
+    eps: float = 0.0,
+    order="random",
+    weights: list[float] | None = None,
 ):
     """TRL's DPOTrainer with a LoRA whose B is non-zero (seeded) before step 0; ``order``:
     ``random`` (lorakit's order, through data_seed) or ``sequential`` (pairs 0, 1 first)."""
@@ -102,7 +108,8 @@ def _trainer(
         train_sampling_strategy=order,
         gradient_checkpointing=False,
         beta=0.1,
-        loss_type=[loss],
+        loss_type=[loss] if isinstance(loss, str) else loss,
+        loss_weights=weights,
         label_smoothing=eps,
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -166,10 +173,20 @@ def test_pairs_become_the_token_ids_trl_makes(model_dir, tmp_path, fmt):
             assert labels[len(prompt) :] == list(theirs[f"{side}_ids"])
 
 
-@pytest.mark.parametrize("loss,eps", [("sigmoid", 0.0), ("ipo", 0.0), ("robust", 0.1)])
-def test_step_zero_loss_rewards_and_gradients_equal_trl(model_dir, tmp_path, loss, eps):
+@pytest.mark.parametrize(
+    "loss,eps,weights",
+    [
+        ("sigmoid", 0.0, None),
+        ("ipo", 0.0, None),
+        ("robust", 0.1, None),
+        (["sigmoid", "sft"], 0.0, [1.0, 0.5]),  # RPO: DPO plus the chosen answers' NLL
+    ],
+)
+def test_step_zero_loss_rewards_and_gradients_equal_trl(model_dir, tmp_path, loss, eps, weights):
     pairs = _pairs("conversational")
-    trainer, tok = _trainer(model_dir, tmp_path, pairs, loss, eps, order="sequential")
+    trainer, tok = _trainer(
+        model_dir, tmp_path, pairs, loss, eps, order="sequential", weights=weights
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     model = trainer.model
     model.train()
@@ -186,7 +203,13 @@ def test_step_zero_loss_rewards_and_gradients_equal_trl(model_dir, tmp_path, los
     # the first batch of TRL's sequential sampler: pairs 0 and 1
     encoded, _, _ = encode_pairs(Rows([dict(p) for p in pairs[:2]], [], "pairs"), tok, 1024)
     cfg = load_run_config(
-        None, ["train.objective=dpo", f"dpo.loss={loss}", f"dpo.label_smoothing={eps}"]
+        None,
+        [
+            "train.objective=dpo",
+            f"dpo.loss={loss if isinstance(loss, str) else '[' + ','.join(loss) + ']'}",
+            f"dpo.label_smoothing={eps}",
+            f"dpo.loss_weights={weights if weights else 'null'}",
+        ],
     )
     objective = DPOObjective(cfg.dpo)
     s, sums = objective.micro_loss(_Run(tok), ours, ours, encoded)

@@ -11,11 +11,17 @@ tokens, and ``Δ = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))``:
   divided by its completion's token count (as TRL computes it);
 - ``robust`` (Chowdhury et al. 2024, arXiv 2403.00409): ``(-(1-ε) log σ(βΔ) + ε log σ(-βΔ)) /
   (1-2ε)``, ε = ``dpo.label_smoothing``, the one loss of the three that reads it (as in TRL
-  1.16, where sigmoid and ipo ignore it; lorakit refuses it with them instead).
+  1.16, where sigmoid and ipo ignore it; lorakit refuses it with them instead);
+- ``sft``: the mean negative log-likelihood of the chosen completions' tokens. Added to a
+  preference loss (``dpo.loss: [sigmoid, sft]``, weighted by ``dpo.loss_weights``, as TRL
+  combines its ``loss_type`` list) it is RPO (Pang et al. 2024, "Iterative Reasoning
+  Preference Optimization", arXiv 2404.19733): it keeps the chosen answers likely while the
+  margin grows, where plain DPO can lower both (the built-in task's figures in README).
 
 The loss of a step is the mean over its pairs (the sum over each micro-batch divided by the
 global batch's pair count: See Note: the loss is normalized by the global token count, in
-loop.py), which is TRL's mean of micro-batch means when micro-batches hold as many pairs.
+loop.py), which is TRL's mean of micro-batch means when micro-batches hold as many pairs
+(``sft``'s token mean is taken per micro-batch, as TRL takes it, and counted once per pair).
 The implicit rewards ``β (log π - log π_ref)`` give the metrics TRL logs, under its names:
 ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies`` (chosen > rejected, strictly),
 ``rewards/margins``, ``logps/chosen``, ``logps/rejected``.
@@ -146,11 +152,16 @@ class DPOObjective:
         tokens = (batch["labels"] != -100).sum(1)
         c, r = policy[:n], policy[n:]
         rc, rr = ref[:n], ref[n:]
-        dc = self.cfg
-        losses = dpo_losses(
-            c, r, rc, rr, dc.beta, dc.loss, dc.label_smoothing, tokens[:n], tokens[n:]
-        )
-        return losses.sum(), pair_metric_sums(c, r, rc, rr, dc.beta)
+        dc, total = self.cfg, 0.0
+        for name, weight in dc.terms:
+            if name == "sft":  # TRL: the mean token NLL of the micro-batch's chosen completions
+                part = -c.sum() / tokens[:n].sum().clamp(min=1) * n
+            else:
+                part = dpo_losses(
+                    c, r, rc, rr, dc.beta, name, dc.label_smoothing, tokens[:n], tokens[n:]
+                ).sum()
+            total = total + weight * part
+        return total, pair_metric_sums(c, r, rc, rr, dc.beta)
 
 
 @torch.no_grad()
