@@ -12,7 +12,11 @@ memory's parameter bytes, with ratios to SFT.
 from the merged model, whose figures before (the SFT model) and after (the DPO model) are
 the held-out preference accuracy and margin and the exact match on the test questions.
 
-    python benchmarks/dpo.py [--cost] [--quality] [--dpo-steps 100] [--out runs/bench-dpo]
+The defaults are the README's RPO column (``dpo.loss: [sigmoid, sft]``, weights [1, 4], lr
+1e-4); ``--loss sigmoid --loss-weights '' --lr 5e-5`` is its plain DPO column.
+
+    python benchmarks/dpo.py [--cost] [--quality] [--dpo-steps 100] [--lr 1e-4]
+        [--beta 0.1] [--loss sigmoid,sft] [--loss-weights 1,4] [--out runs/bench-dpo]
 """
 
 from __future__ import annotations
@@ -129,12 +133,14 @@ def main() -> None:
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--steps", type=int, default=12, help="steps of each cost run")
     ap.add_argument("--dpo-steps", type=int, default=100)
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument(
         "--loss", default="sigmoid,sft", help="dpo.loss terms, comma-separated (sigmoid: DPO alone)"
     )
-    ap.add_argument("--loss-weights", default="", help="dpo.loss_weights, comma-separated")
+    ap.add_argument(
+        "--loss-weights", default="1,4", help="dpo.loss_weights, comma-separated ('': 1 each)"
+    )
     ap.add_argument("--out", default=None, help="keep the quality runs here (default: temp)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
