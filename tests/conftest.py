@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+from lorakit.training.tasks import get_task
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -122,6 +126,13 @@ def tiny_model_dir(tmp_path_factory, _smollm2_once):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+def task_rows_file(folder: Path, task: str, n: int) -> Path:
+    """The first ``n`` training rows of a built-in task as a JSONL file, as a user's data."""
+    p = folder / f"{task}.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in get_task(task).rows("train")[:n]))
+    return p
 
 
 def tiny_run_args(model_dir, out, *extra):

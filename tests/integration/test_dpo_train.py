@@ -17,18 +17,14 @@ from safetensors.torch import load_file
 from lorakit.cli import main
 from lorakit.training.dpo import METRICS, REFERENCE_FILE
 from lorakit.training.tasks import get_task
-from tests.conftest import ddp_launch, killed_run, tiny_run_args, train_cli
+from tests.conftest import ddp_launch, killed_run, task_rows_file, tiny_run_args, train_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    p.write_text(
-        "".join(json.dumps(r) + "\n" for r in get_task("arithmetic-pref").rows("train")[:48])
-    )
-    return p
+    return task_rows_file(tmp_path_factory.mktemp("pairs"), "arithmetic-pref", 48)
 
 
 def _args(model_dir, out, data: Path, *extra) -> list[str]:

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from lorakit.training.tasks import get_task
-from tests.conftest import killed_run, tiny_run_args, train_cli
+from tests.conftest import killed_run, task_rows_file, tiny_run_args, train_cli
 
 REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-5
@@ -22,10 +21,7 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def chat_file(tmp_path_factory) -> Path:
     """80 chat rows whose lengths spread as instruction data's (median ~150 tokens)."""
-    p = tmp_path_factory.mktemp("chat") / "chat.jsonl"
-    rows = get_task("chat-lengths").rows("train")[:80]
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return p
+    return task_rows_file(tmp_path_factory.mktemp("chat"), "chat-lengths", 80)
 
 
 def _args(model_dir, out, data: Path, *extra) -> list[str]:
